@@ -1,0 +1,221 @@
+"""The node's one typed settings object.
+
+Values come, highest priority first, from: keyword arguments (the CLI flags of
+``dicom-node serve``), ``DICOM_NODE_*`` environment variables (nested fields with
+``__``, e.g. ``DICOM_NODE_INTAKE__NON_CHEST=refuse``), the TOML file given with
+``--config``, and the defaults below. ``deploy/node.example.toml`` documents
+every field with its default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dicom_node.errors import ConfigError
+
+#: AE titles: 1-16 characters of the default repertoire, no backslash or controls (PS3.5 6.2).
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _check_ae_title(value: str, field: str) -> str:
+    stripped = value.strip()
+    if not _AE_TITLE.match(stripped):
+        raise ValueError(f"{field}: {value!r} is not a valid AE title (1-16 ASCII, no '\\')")
+    return stripped
+
+
+class IntakeRules(BaseModel):
+    """Which received instances are chest radiographs (rules are data, not code).
+
+    An instance is a candidate when its SOP Class is in ``sop_classes`` and its
+    Modality in ``modalities``. It is *chest* when Body Part Examined is one of
+    ``chest_body_parts`` or an Anatomic Region code is one of
+    ``chest_anatomic_codes``; *not chest* when either names something else;
+    otherwise a description attribute containing one of ``chest_keywords``
+    makes it chest, and with no evidence at all ``undetermined`` decides.
+    """
+
+    sop_classes: list[str] = Field(
+        default=[
+            CR_IMAGE_STORAGE,
+            DX_PRESENTATION_STORAGE,
+            DX_PROCESSING_STORAGE,
+            SC_IMAGE_STORAGE,
+        ],
+        description="SOP Class UIDs that can hold a chest radiograph.",
+    )
+    modalities: list[str] = Field(
+        default=["CR", "DX"], description="Accepted values of Modality (0008,0060)."
+    )
+    chest_body_parts: list[str] = Field(
+        default=["CHEST", "THORAX", "LUNG", "PORT CHEST", "CHEST_PA", "CHEST_AP", "TORAX"],
+        description="Body Part Examined (0018,0015) values that mean chest (case-insensitive).",
+    )
+    chest_anatomic_codes: list[str] = Field(
+        default=["51185008", "43799004", "39607008", "T-D3000", "T-D3400", "T-28000"],
+        description="Anatomic Region Sequence code values for thorax/chest/lung (SCT, SRT).",
+    )
+    chest_keywords: list[str] = Field(
+        default=["CHEST", "THORAX", "THORAC", "CXR", "LUNG", "PULMO", "TORAX", "TORACE", "POUMON"],
+        description="Words that mark a description attribute as chest (case-insensitive).",
+    )
+    description_attributes: list[str] = Field(
+        default=[
+            "StudyDescription",
+            "SeriesDescription",
+            "ProtocolName",
+            "RequestedProcedureDescription",
+            "PerformedProcedureStepDescription",
+        ],
+        description="Attributes searched for chest_keywords.",
+    )
+    non_chest: Literal["ignore", "refuse"] = Field(
+        default="ignore",
+        description="ignore: acknowledge and record as 'ignored'; refuse: answer 0xC220.",
+    )
+    undetermined: Literal["accept", "ignore", "refuse"] = Field(
+        default="accept",
+        description="What to do with a candidate that carries no body-part evidence at all.",
+    )
+
+
+class Settings(BaseSettings):
+    """Every setting of the node; see deploy/node.example.toml for a commented file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOM_NODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- network ---
+    ae_title: str = Field(default="DICOM_NODE", description="Our AE title (called AE).")
+    host: str = Field(default="127.0.0.1", description="Address the SCP binds to.")
+    port: int = Field(default=11112, ge=1, le=65535, description="TCP port of the SCP.")
+    allowed_calling_ae: list[str] = Field(
+        default=[], description="Calling AE titles allowed to associate. Empty: nobody."
+    )
+    accept_any_calling_ae: bool = Field(
+        default=False, description="Accept any calling AE title (opens the allow-list)."
+    )
+    allowed_peer_hosts: list[str] = Field(
+        default=[], description="If not empty, only these peer IP addresses may connect."
+    )
+    max_associations: int = Field(default=10, ge=1, description="Concurrent associations.")
+    max_pdu_size: int = Field(
+        default=131072, ge=0, description="Maximum PDU size we receive (0: unlimited)."
+    )
+    acse_timeout: float = Field(default=30.0, gt=0, description="ACSE timeout, seconds.")
+    dimse_timeout: float = Field(default=30.0, gt=0, description="DIMSE timeout, seconds.")
+    network_timeout: float = Field(default=60.0, gt=0, description="Idle network timeout, s.")
+    tls_certificate: Path | None = Field(default=None, description="PEM server certificate.")
+    tls_private_key: Path | None = Field(default=None, description="PEM private key.")
+    tls_ca_certificates: Path | None = Field(
+        default=None, description="PEM CA bundle; when set, client certificates are required."
+    )
+
+    # --- storage ---
+    data_dir: Path = Field(default=Path("var"), description="Holds the spool and the database.")
+    storage_dir: Path | None = Field(default=None, description="Spool; default data_dir/spool.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/dicom-node.db."
+    )
+    min_free_disk_mb: int = Field(
+        default=512, ge=0, description="Refuse with 0xA700 when less is free after the write."
+    )
+
+    # --- intake ---
+    max_pixels: int = Field(
+        default=60_000_000,
+        ge=1,
+        description="Pixel budget: Rows x Columns x frames x samples per instance.",
+    )
+    intake: IntakeRules = Field(default_factory=IntakeRules)
+
+    # --- job queue ---
+    max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails.")
+    lease_seconds: float = Field(default=300.0, gt=0, description="Worker lease on a job.")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value, "ae_title")
+
+    @field_validator("allowed_calling_ae")
+    @classmethod
+    def _calling(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v, "allowed_calling_ae") for v in values]
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir / "spool"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'dicom-node.db'}"
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key must be given together")
+        return self
+
+    @property
+    def spool_dir(self) -> Path:
+        """The spool directory (``storage_dir`` after defaults were applied)."""
+        assert self.storage_dir is not None
+        return self.storage_dir
+
+    @property
+    def db_url(self) -> str:
+        """The database URL after defaults were applied."""
+        assert self.database_url is not None
+        return self.database_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Read settings from ``config_file`` (TOML), the environment and ``overrides``.
+
+    ``overrides`` whose value is ``None`` are dropped, so unset CLI flags do not
+    mask the file or the environment.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+    if config_file is None:
+        return Settings(**given)  # type: ignore[arg-type]
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    loaded = _FileSettings(**given)  # type: ignore[arg-type]
+    return Settings.model_validate(loaded.model_dump())

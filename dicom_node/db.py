@@ -1,0 +1,162 @@
+"""Database engine and schema of the job store (SQLAlchemy 2 ORM).
+
+SQLite is the embedded default: WAL journal, ``synchronous=FULL`` (a committed
+job survives power loss, not only a process crash), a busy timeout, and every
+transaction opened with ``BEGIN IMMEDIATE`` so that writers queue on the lock
+instead of failing half-way through an upgrade from a read lock. The same
+schema runs on PostgreSQL (``database_url = "postgresql+psycopg://..."``).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    Enum,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A DateTime stored as UTC and always returned timezone-aware.
+
+    SQLite has no time zone type; without this, values come back naive.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class JobState(str, enum.Enum):
+    """Life cycle of a job: queued → running → done (or failed); ignored at intake."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    IGNORED = "ignored"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the job store schema."""
+
+
+class Job(Base):
+    """One received instance and everything the node does with it."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_jobs_instance_bytes"),
+        Index("ix_jobs_state_id", "state", "id"),
+        Index("ix_jobs_study", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=JobState.QUEUED,
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64), default=None)
+
+    #: Relative name in the spool; None when the instance was not kept (ignored).
+    spool_file: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: sha256 of the data set as received (the bytes after the File Meta group).
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    intake_reason: Mapped[str] = mapped_column(String(128), default="")
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+    label: Mapped[str | None] = mapped_column(String(32), default=None)
+    probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
+    model_version: Mapped[str | None] = mapped_column(String(128), default=None)
+    #: Minted once when the job is created, so a re-sent SR is the same object.
+    sr_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE instead of pysqlite's
+    # implicit deferred BEGIN (SQLAlchemy's documented pysqlite recipe).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = FULL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine for ``url``; for SQLite, create its directory and set the pragmas."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    )
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def create_schema(engine: Engine) -> None:
+    """Create missing tables (idempotent)."""
+    Base.metadata.create_all(engine)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
+    """A session factory whose objects stay readable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,302 @@
+"""The job store: durable queue of received instances, with atomic claims and leases.
+
+A worker claims up to *n* queued jobs in one statement: on SQLite a conditional
+``UPDATE … WHERE id IN (SELECT … WHERE state = 'queued') RETURNING`` inside a
+``BEGIN IMMEDIATE`` transaction, on PostgreSQL the sub-select takes
+``FOR UPDATE SKIP LOCKED``. A claim sets a lease; a job whose lease expired
+(its worker died) goes back to the queue with its attempt count, or fails once
+it has used ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from dicom_node.db import (
+    Job,
+    JobState,
+    create_schema,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
+from dicom_node.errors import JobStoreError
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the receive path knows about an instance when it records it."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer_address: str | None
+    sha256: str
+    size_bytes: int
+
+
+def new_worker_id() -> str:
+    """A lease owner id: ``host:pid:random``, so recovery can tell whose leases are dead."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class JobStore:
+    """Operations on the job table; every method is one short transaction."""
+
+    def __init__(self, url: str, max_attempts: int = 3) -> None:
+        self.engine = make_engine(url)
+        self.max_attempts = max_attempts
+        create_schema(self.engine)
+        self._sessions = make_sessionmaker(self.engine)
+        self._dialect = self.engine.dialect.name
+
+    def close(self) -> None:
+        """Release every connection."""
+        self.engine.dispose()
+
+    # --- receive path ---
+
+    def find_duplicate(self, sop_instance_uid: str, sha256: str) -> Job | None:
+        """The job of the same instance with the same bytes, if any."""
+        with self._sessions() as session:
+            return session.scalars(
+                select(Job).where(Job.sop_instance_uid == sop_instance_uid, Job.sha256 == sha256)
+            ).first()
+
+    def record(
+        self,
+        instance: ReceivedInstance,
+        spool_file: str | None,
+        state: JobState,
+        reason: str,
+    ) -> Job | None:
+        """Commit a new job row; return None when the same instance and bytes already exist.
+
+        The commit is durable (SQLite WAL with ``synchronous=FULL``) when this returns.
+        """
+        job = Job(
+            state=state,
+            sop_class_uid=instance.sop_class_uid,
+            sop_instance_uid=instance.sop_instance_uid,
+            series_instance_uid=instance.series_instance_uid,
+            study_instance_uid=instance.study_instance_uid,
+            transfer_syntax_uid=instance.transfer_syntax_uid,
+            calling_ae=instance.calling_ae,
+            peer_address=instance.peer_address,
+            spool_file=spool_file,
+            sha256=instance.sha256,
+            size_bytes=instance.size_bytes,
+            intake_reason=reason[:128],
+            sr_sop_instance_uid=generate_uid(),
+            finished_at=utcnow() if state is JobState.IGNORED else None,
+        )
+        try:
+            with self._sessions.begin() as session:
+                session.add(job)
+        except IntegrityError:
+            return None
+        return job
+
+    # --- workers ---
+
+    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        """Atomically move up to ``limit`` queued jobs to running under ``owner``'s lease."""
+        now = utcnow()
+        candidates = (
+            select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(limit)
+        )
+        if self._dialect == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        statement = (
+            update(Job)
+            .where(Job.id.in_(candidates.scalar_subquery()), Job.state == JobState.QUEUED)
+            .values(
+                state=JobState.RUNNING,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1,
+                updated_at=now,
+            )
+            .returning(Job)
+        )
+        with self._sessions.begin() as session:
+            jobs = list(session.scalars(statement.execution_options(synchronize_session=False)))
+        return sorted(jobs, key=lambda j: j.id)
+
+    def extend_lease(self, job_ids: Sequence[int], owner: str, lease_seconds: float) -> int:
+        """Renew the lease of jobs still held by ``owner``; return how many were renewed."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids), Job.lease_owner == owner,
+                       Job.state == JobState.RUNNING)
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+            )
+        return int(getattr(result, "rowcount", 0))
+
+    def complete(
+        self,
+        job_id: int,
+        owner: str,
+        label: str,
+        probabilities: dict[str, float],
+        model_version: str,
+    ) -> bool:
+        """Store the result of a job ``owner`` still holds; False if the lease was lost."""
+        now = utcnow()
+        return self._finish(
+            job_id,
+            owner,
+            state=JobState.DONE,
+            label=label,
+            probabilities=probabilities,
+            model_version=model_version,
+            finished_at=now,
+            last_error=None,
+        )
+
+    def fail(self, job_id: int, owner: str, error: str, retry: bool = True) -> JobState | None:
+        """Give a job back after an error: queued again, or failed after ``max_attempts``.
+
+        Returns the new state, or None if ``owner`` no longer held the job.
+        """
+        with self._sessions() as session:
+            job = session.get(Job, job_id)
+            attempts = job.attempts if job is not None else 0
+        state = JobState.QUEUED if retry and attempts < self.max_attempts else JobState.FAILED
+        done = self._finish(
+            job_id,
+            owner,
+            state=state,
+            last_error=error[:2000],
+            finished_at=utcnow() if state is JobState.FAILED else None,
+        )
+        return state if done else None
+
+    def _finish(self, job_id: int, owner: str, **values: Any) -> bool:
+        now = utcnow()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
+                .values(lease_owner=None, lease_expires_at=None, updated_at=now, **values)
+            )
+        return int(getattr(result, "rowcount", 0)) == 1
+
+    # --- recovery ---
+
+    def reap_expired_leases(self, now: datetime | None = None) -> tuple[int, int]:
+        """Requeue running jobs whose lease expired; fail those out of attempts.
+
+        Returns ``(requeued, failed)``.
+        """
+        now = now or utcnow()
+        expired = (Job.state == JobState.RUNNING) & (Job.lease_expires_at < now)
+        return self._release(expired, now, "lease expired")
+
+    def recover_dead_local_workers(self) -> tuple[int, int]:
+        """Release jobs leased by processes on this host that no longer run.
+
+        Called at start-up: a node killed mid-inference gets its jobs back at
+        once instead of waiting for the lease to expire.
+        """
+        host = socket.gethostname()
+        with self._sessions() as session:
+            owners = session.scalars(
+                select(Job.lease_owner).where(Job.state == JobState.RUNNING).distinct()
+            ).all()
+        dead = []
+        for owner in owners:
+            parts = (owner or "").split(":")
+            if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+                if not _pid_alive(int(parts[1])) or int(parts[1]) == os.getpid():
+                    dead.append(owner)
+        if not dead:
+            return (0, 0)
+        condition = (Job.state == JobState.RUNNING) & Job.lease_owner.in_(dead)
+        return self._release(condition, utcnow(), "worker process died")
+
+    def _release(self, condition: Any, now: datetime, reason: str) -> tuple[int, int]:
+        with self._sessions.begin() as session:
+            failed = session.execute(
+                update(Job)
+                .where(condition, Job.attempts >= self.max_attempts)
+                .values(state=JobState.FAILED, lease_owner=None, lease_expires_at=None,
+                        last_error=f"{reason} after {self.max_attempts} attempt(s)",
+                        finished_at=now, updated_at=now)
+            )
+            requeued = session.execute(
+                update(Job)
+                .where(condition)
+                .values(state=JobState.QUEUED, lease_owner=None, lease_expires_at=None,
+                        last_error=reason, updated_at=now)
+            )
+        counts = (int(getattr(requeued, "rowcount", 0)), int(getattr(failed, "rowcount", 0)))
+        if any(counts):
+            LOGGER.warning("%s: %d job(s) requeued, %d failed", reason, *counts)
+        return counts
+
+    def spool_files(self) -> set[str]:
+        """Every spool file name referenced by a job."""
+        with self._sessions() as session:
+            return {
+                name for name in session.scalars(
+                    select(Job.spool_file).where(Job.spool_file.is_not(None))
+                )
+                if name is not None
+            }
+
+    # --- queries ---
+
+    def get(self, job_id: int) -> Job | None:
+        """One job by id."""
+        with self._sessions() as session:
+            return session.get(Job, job_id)
+
+    def list(self, state: JobState | None = None, limit: int = 100) -> list[Job]:
+        """The newest jobs first, optionally of one state."""
+        query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(Job.state == state)
+        with self._sessions() as session:
+            return list(session.scalars(query))
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per state."""
+        with self._sessions() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        return {state.value: int(n) for state, n in rows}
+
+
+def require(job: Job | None, job_id: int) -> Job:
+    """``job`` or a :class:`JobStoreError` naming ``job_id``."""
+    if job is None:
+        raise JobStoreError(f"no job with id {job_id}")
+    return job

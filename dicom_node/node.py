@@ -1,0 +1,84 @@
+"""The node as one process: recover, then receive until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from types import FrameType
+
+from dicom_node.config import Settings
+from dicom_node.jobs import JobStore
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What start-up recovery found (also logged)."""
+
+    partial_files: int
+    orphan_files: int
+    requeued_jobs: int
+    failed_jobs: int
+    missing_files: int
+
+
+class Node:
+    """Job store, spool and SCP wired together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(settings.db_url, max_attempts=settings.max_attempts)
+        self.spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 2**20)
+        self.scp = StorageSCP(settings, self.store, self.spool)
+        self._stop = threading.Event()
+
+    def recover(self) -> RecoveryReport:
+        """Bring disk and database back in line after a crash (before serving).
+
+        ``.part`` files are removed; spool files without a job row (renamed, but
+        the row never committed, so never acknowledged) are quarantined; jobs
+        leased by dead local workers are requeued.
+        """
+        partial = self.spool.remove_partials()
+        known = self.store.spool_files()
+        on_disk = set(self.spool.files())
+        orphans = self.spool.quarantine(sorted(on_disk - known))
+        missing = len(known - on_disk)
+        if missing:
+            LOGGER.error("%d job(s) reference a spool file that is missing", missing)
+        requeued, failed = self.store.recover_dead_local_workers()
+        report = RecoveryReport(partial, orphans, requeued, failed, missing)
+        LOGGER.info("recovery: %s", report)
+        return report
+
+    def start(self) -> None:
+        """Recover, then start the SCP in background threads."""
+        self.recover()
+        self.scp.start()
+
+    def stop(self) -> None:
+        """Stop the SCP and release the database."""
+        self.scp.stop()
+        self.store.close()
+        LOGGER.info("stopped")
+
+    def run(self) -> None:
+        """Start and block until SIGTERM or SIGINT."""
+        def _request_stop(signum: int, _frame: FrameType | None) -> None:
+            LOGGER.info("signal %d received, stopping", signum)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, _request_stop)
+        signal.signal(signal.SIGINT, _request_stop)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()

@@ -1,0 +1,284 @@
+"""The Storage SCP: association policy and the C-STORE handler.
+
+The handler answers one question, as pynetdicom intends: which status to send.
+It validates (full decode, intake rules, pixel budget), persists (spool: temp
+file, fsync, rename, fsync dir), enqueues (job row committed) and only then
+returns 0x0000. Every failure becomes a specific status; nothing escapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import intake
+from dicom_node.config import Settings
+from dicom_node.db import JobState
+from dicom_node.errors import DatasetMismatch, IntakeError, Status, UndecodableDataset
+from dicom_node.jobs import JobStore, ReceivedInstance
+from dicom_node.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+#: Transfer syntaxes we accept. Deflated is absent on purpose: pydicom inflates
+#: without a bound, so a deflate bomb would exhaust memory (it is refused at
+#: negotiation instead).
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+assert DeflatedExplicitVRLittleEndian not in TRANSFER_SYNTAXES
+
+#: pynetdicom treats an empty calling-AE list as "accept anyone"; our default is
+#: the opposite. An AE title is at most 16 characters, so this value matches none.
+_MATCHES_NO_AE = "<deny: no calling AE allowed>"
+
+# Identifiers (patient name, ID, dates) must never reach the log: pynetdicom
+# logs C-STORE identifiers unless told not to, and pydicom's value validation
+# quotes the offending value (a malformed Patient Name, say) in its warnings.
+# The node checks what it relies on itself (UIDs, image attributes).
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
+class NodeAE(AE):
+    """An AE whose empty calling-AE allow-list means *deny all*, not *accept all*."""
+
+    def __init__(self, ae_title: str, allowed_calling: list[str], accept_any: bool) -> None:
+        self._deny_all = not accept_any and not allowed_calling
+        super().__init__(ae_title=ae_title)
+        self.require_calling_aet = [] if accept_any else allowed_calling
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        if getattr(self, "_deny_all", False):
+            return [_MATCHES_NO_AE]
+        return list(self._require_calling_aet)
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one C-STORE request (for logs and tests)."""
+
+    status: int
+    job_id: int | None = None
+    duplicate: bool = False
+
+
+class StorageService:
+    """The receive path behind the C-STORE handler."""
+
+    def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+
+    def handle_store(self, event: Event) -> Dataset:
+        """``evt.EVT_C_STORE`` handler: never raises, always returns a status data set."""
+        try:
+            outcome = self._store(event)
+            return _status(outcome.status)
+        except IntakeError as exc:
+            LOGGER.warning("C-STORE refused (0x%04X): %s", exc.status, exc.comment)
+            return _status(exc.status, exc.comment)
+        except Exception:
+            LOGGER.exception("C-STORE failed unexpectedly")
+            return _status(Status.INTERNAL_ERROR, "internal error")
+
+    def _store(self, event: Event) -> StoreOutcome:
+        raw = event.encoded_dataset(include_meta=False)
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+        except Exception as exc:
+            raise UndecodableDataset(f"data set cannot be parsed: {type(exc).__name__}") from exc
+        intake.decode_elements(ds)
+        instance = self._describe(event, ds, raw)
+
+        duplicate = self.store.find_duplicate(instance.sop_instance_uid, instance.sha256)
+        if duplicate is not None:
+            LOGGER.info("duplicate of job %d acknowledged, not queued again", duplicate.id)
+            return StoreOutcome(Status.SUCCESS, duplicate.id, duplicate=True)
+
+        decision = intake.decide(ds, self.settings.intake)
+        if decision.disposition is intake.Disposition.IGNORE:
+            job = self.store.record(instance, None, JobState.IGNORED, decision.reason)
+            LOGGER.info("instance ignored (%s)", decision.reason)
+            return StoreOutcome(Status.SUCCESS, job.id if job else None, duplicate=job is None)
+
+        intake.decode_pixels(ds, self.settings.max_pixels)
+        spooled = self.spool.write([_file_meta_bytes(event.file_meta), raw])
+        try:
+            job = self.store.record(instance, spooled.name, JobState.QUEUED, decision.reason)
+        except Exception:
+            self.spool.remove(spooled.name)
+            LOGGER.exception("job row could not be committed; instance refused")
+            raise IntakeError("job store unavailable", Status.OUT_OF_RESOURCES) from None
+        if job is None:  # the same instance arrived concurrently on another association
+            self.spool.remove(spooled.name)
+            return StoreOutcome(Status.SUCCESS, None, duplicate=True)
+        LOGGER.info("job %d queued from %s (%d bytes)", job.id, instance.calling_ae,
+                    spooled.size)
+        return StoreOutcome(Status.SUCCESS, job.id)
+
+    def _describe(self, event: Event, ds: Dataset, raw: bytes) -> ReceivedInstance:
+        request = event.request
+        sop_instance = intake.check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class = intake.check_uid(ds.get("SOPClassUID"), "SOPClassUID")
+        if sop_instance != str(request.AffectedSOPInstanceUID).strip("\x00 "):
+            raise DatasetMismatch("SOP Instance UID differs from the C-STORE request")
+        if sop_class != str(request.AffectedSOPClassUID).strip("\x00 "):
+            raise DatasetMismatch("SOP Class UID differs from the C-STORE request")
+        return ReceivedInstance(
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            series_instance_uid=intake.check_uid(ds.get("SeriesInstanceUID"),
+                                                 "SeriesInstanceUID"),
+            study_instance_uid=intake.check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            calling_ae=str(event.assoc.requestor.ae_title).strip(),
+            peer_address=str(event.assoc.requestor.address),
+            sha256=hashlib.sha256(raw).hexdigest(),
+            size_bytes=len(raw),
+        )
+
+
+def _file_meta_bytes(file_meta: Dataset) -> bytes:
+    """Zeroed preamble, ``DICM`` and the File Meta group (PS3.10 7.1)."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment and code != Status.SUCCESS:
+        status.ErrorComment = comment[:64]
+    return status
+
+
+def _handle_echo(event: Event) -> int:
+    return Status.SUCCESS
+
+
+def build_ae(settings: Settings) -> NodeAE:
+    """The AE with our presentation contexts, timeouts and limits."""
+    ae = NodeAE(settings.ae_title, settings.allowed_calling_ae, settings.accept_any_calling_ae)
+    ae.require_called_aet = True
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.add_supported_context(Verification)
+    # Every storage class is accepted at negotiation, so an auto-router sending
+    # a whole study never fails; the intake rules decide what is kept.
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    return ae
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server TLS context (TLS 1.2+); client certificates required when a CA is set."""
+    if settings.tls_certificate is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+    if settings.tls_ca_certificates is not None:
+        context.load_verify_locations(settings.tls_ca_certificates)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class StorageSCP:
+    """The running server: start, stop, and the services behind it."""
+
+    def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
+        self.settings = settings
+        self.service = StorageService(settings, store, spool)
+        self.ae = build_ae(settings)
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> ThreadedAssociationServer:
+        """Bind and serve in background threads; return the server."""
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self.service.handle_store),
+            (evt.EVT_C_ECHO, _handle_echo),
+        ]
+        server = self.ae.start_server(
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=tls_context(self.settings),
+        )
+        assert server is not None
+        allowed = set(self.settings.allowed_peer_hosts)
+        if allowed:
+            # socketserver's hook: a refused peer is disconnected before any PDU is read.
+            server.verify_request = (  # type: ignore[method-assign]
+                lambda _request, address: address[0] in allowed
+            )
+        self._server = server
+        LOGGER.info("listening on %s:%d as %s", self.settings.host, server.server_address[1],
+                    self.settings.ae_title)
+        return server
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting, abort open associations, join the server threads."""
+        with self._lock:
+            self.ae.shutdown()
+            self._server = None

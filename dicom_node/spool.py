@@ -1,0 +1,157 @@
+"""The spool: received instances written durably under names we generate.
+
+A file is written to ``<spool>/.tmp/<random>.part``, fsynced, renamed to
+``<spool>/<xx>/<random>.dcm`` and the directory fsynced, so a crash leaves
+either a complete file under its final name or a ``.part`` file that recovery
+removes. No name is ever derived from received data (UIDs, Patient ID): the
+random part is a UUID4. Files are written 0640 and start with a zeroed
+preamble, so a received PE/ELF preamble (CVE-2019-11687) is never stored.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.errors import OutOfResources
+
+LOGGER = logging.getLogger(__name__)
+
+_TMP = ".tmp"
+_QUARANTINE = ".quarantine"
+_SUFFIX = ".dcm"
+_FILE_MODE = 0o640
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    """A file now durable in the spool; ``name`` is relative to the spool root."""
+
+    name: str
+    size: int
+
+
+class Spool:
+    """Durable, crash-safe storage of received files."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self._tmp = root / _TMP
+        self._tmp.mkdir(parents=True, exist_ok=True, mode=0o750)
+        _fsync_dir(root)
+
+    def path(self, name: str) -> Path:
+        """Absolute path of a spooled file; ``name`` must be one this spool generated."""
+        candidate = (self.root / name).resolve()
+        if self.root.resolve() not in candidate.parents or not name.endswith(_SUFFIX):
+            raise ValueError("not a spool file name")
+        return candidate
+
+    def write(self, chunks: Sequence[bytes]) -> SpooledFile:
+        """Write ``chunks`` as one new file; return once it is durable under its final name.
+
+        Raises :class:`OutOfResources` when the disk is (or would be) too full or
+        the file system refuses the write; nothing is left behind in that case.
+        """
+        size = sum(len(c) for c in chunks)
+        self._check_free_space(size)
+        token = uuid.uuid4().hex
+        tmp = self._tmp / f"{token}.part"
+        shard = self.root / token[:2]
+        final = shard / f"{token}{_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+            try:
+                _write_all(fd, chunks)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not shard.is_dir():
+                shard.mkdir(mode=0o750, exist_ok=True)
+                _fsync_dir(self.root)
+            os.rename(tmp, final)
+            _fsync_dir(shard)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            _unlink_quietly(final)
+            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+            LOGGER.error("spool write failed: %s", os.strerror(exc.errno or 0))
+            raise OutOfResources(f"cannot store instance: {reason}") from exc
+        return SpooledFile(name=f"{token[:2]}/{token}{_SUFFIX}", size=size)
+
+    def remove(self, name: str) -> None:
+        """Delete a spooled file (used when its job row could not be committed)."""
+        _unlink_quietly(self.path(name))
+
+    def _check_free_space(self, size: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free - size < self.min_free_bytes:
+            LOGGER.warning("refusing instance: %d MB free, minimum %d MB",
+                           free // 2**20, self.min_free_bytes // 2**20)
+            raise OutOfResources("not enough free disk space")
+
+    def files(self) -> Iterator[str]:
+        """Every spooled file name, relative to the root."""
+        for shard in sorted(self.root.iterdir()):
+            if shard.name.startswith(".") or not shard.is_dir():
+                continue
+            for entry in sorted(shard.iterdir()):
+                if entry.suffix == _SUFFIX:
+                    yield f"{shard.name}/{entry.name}"
+
+    def remove_partials(self) -> int:
+        """Remove ``.part`` files left by a crash mid-write; return how many."""
+        count = 0
+        for entry in self._tmp.iterdir():
+            _unlink_quietly(entry)
+            count += 1
+        if count:
+            LOGGER.warning("removed %d partial file(s) left by an interrupted write", count)
+        return count
+
+    def quarantine(self, names: Iterator[str] | list[str]) -> int:
+        """Move files that have no job row out of the spool; return how many.
+
+        Such a file was renamed but its row never committed, so the sender was
+        never acknowledged; it is kept aside for inspection, not processed.
+        """
+        target = self.root / _QUARANTINE
+        count = 0
+        for name in names:
+            target.mkdir(mode=0o750, exist_ok=True)
+            os.replace(self.path(name), target / Path(name).name)
+            count += 1
+        if count:
+            _fsync_dir(target)
+            LOGGER.warning("quarantined %d spool file(s) without a job row", count)
+        return count
+
+
+def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,123 @@
+"""Shared fixtures: a real node process on a free loopback port, DCMTK peers, data paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dicom_factory import SHARED_CXR, SHARED_DICOM  # noqa: E402
+
+CALLING_AE = "STORESCU"
+NODE_AE = "DICOM_NODE"
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+                  ) -> None:
+    """Wait (bounded) until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def require_tool(name: str) -> str:
+    """Path of a Debian tool; skip locally when missing, fail in CI (make test installs it)."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (`make test` installs the Debian packages)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+class NodeProcess:
+    """``dicom-node serve`` as a real child process on a free loopback port."""
+
+    def __init__(self, data_dir: Path, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.extra_args = extra_args or ["--allow-calling-ae", CALLING_AE]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = data_dir.parent / f"{data_dir.name}-node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        log.close()
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> int:
+        """SIGTERM, bounded wait, then SIGKILL; return the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=15)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=15)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    """A started node that accepts calling AE ``STORESCU``."""
+    process = NodeProcess(tmp_path / "var").start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def shared_dicom() -> Path:
+    if not SHARED_DICOM.is_dir():
+        pytest.skip("../shared/data/dicom is absent (a fresh clone has no shared data)")
+    return SHARED_DICOM
+
+
+@pytest.fixture
+def shared_cxr() -> Path:
+    if not SHARED_CXR.is_dir():
+        pytest.skip("../shared/data/cxr-dev is absent (a fresh clone has no shared data)")
+    return SHARED_CXR

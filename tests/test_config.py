@@ -1,0 +1,85 @@
+"""Settings: defaults, TOML file, environment overrides, flags, the example file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dicom_node.config import Settings, load_settings
+from dicom_node.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "node.example.toml"
+
+
+def test_defaults_are_secure_and_local() -> None:
+    settings = Settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 11112
+    assert settings.allowed_calling_ae == []
+    assert settings.accept_any_calling_ae is False
+    assert settings.spool_dir == Path("var") / "spool"
+    assert settings.db_url == "sqlite:///var/dicom-node.db"
+
+
+def test_toml_file_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        'ae_title = "FROMFILE"\nport = 4000\nallowed_calling_ae = ["PACS1"]\n'
+        '[intake]\nnon_chest = "refuse"\n'
+    )
+    settings = load_settings(config)
+    assert (settings.ae_title, settings.port, settings.allowed_calling_ae) == (
+        "FROMFILE", 4000, ["PACS1"])
+    assert settings.intake.non_chest == "refuse"
+
+    monkeypatch.setenv("DICOM_NODE_PORT", "5000")
+    monkeypatch.setenv("DICOM_NODE_INTAKE__UNDETERMINED", "ignore")
+    settings = load_settings(config)
+    assert settings.port == 5000
+    assert settings.intake.undetermined == "ignore"
+    assert settings.intake.non_chest == "refuse"
+
+    settings = load_settings(config, port=6000, ae_title=None)
+    assert settings.port == 6000
+    assert settings.ae_title == "FROMFILE"
+
+
+def test_data_dir_moves_database_and_spool(tmp_path: Path) -> None:
+    settings = load_settings(None, data_dir=tmp_path)
+    assert settings.spool_dir == tmp_path / "spool"
+    assert settings.db_url == f"sqlite:///{tmp_path / 'dicom-node.db'}"
+
+
+@pytest.mark.parametrize("title", ["", "A" * 17, "BAD\\AE"])
+def test_invalid_ae_title_is_refused_with_field_name(title: str) -> None:
+    with pytest.raises(ValidationError, match="ae_title"):
+        Settings(ae_title=title)
+
+
+def test_unknown_field_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("ae_titel = 'TYPO'\n")
+    with pytest.raises(ValidationError, match="ae_titel"):
+        load_settings(config)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(Path("/nonexistent/node.toml"))
+
+
+def test_tls_needs_key_and_certificate(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="together"):
+        Settings(tls_certificate=tmp_path / "cert.pem")
+
+
+def test_example_file_is_valid_and_documents_every_field() -> None:
+    text = EXAMPLE.read_text()
+    settings = load_settings(EXAMPLE)
+    assert settings.ae_title == "DICOM_NODE"
+    for name in Settings.model_fields:
+        assert f"{name} =" in text or f"# {name} =" in text or f"[{name}]" in text, name
+    for name in type(settings.intake).model_fields:
+        assert f"{name} =" in text, name

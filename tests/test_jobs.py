@@ -1,0 +1,171 @@
+"""The job store: durable rows, duplicates, atomic claims, leases and recovery."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from dicom_node.db import JobState, utcnow
+from dicom_node.jobs import JobStore, ReceivedInstance, new_worker_id
+
+
+def instance(n: int, payload: bytes | None = None) -> ReceivedInstance:
+    data = payload if payload is not None else f"instance {n}".encode()
+    return ReceivedInstance(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        sop_instance_uid=f"1.2.3.{n}",
+        series_instance_uid="1.2.3.100",
+        study_instance_uid="1.2.3.1000",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae="STORESCU",
+        peer_address="127.0.0.1",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+    )
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+@pytest.fixture
+def store(url: str) -> JobStore:
+    return JobStore(url, max_attempts=2)
+
+
+def fill(store: JobStore, n: int) -> None:
+    for i in range(n):
+        assert store.record(instance(i), f"ab/{i:032x}.dcm", JobState.QUEUED, "test")
+
+
+def test_sqlite_is_wal_and_synchronous_full(store: JobStore) -> None:
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+
+
+def test_record_mints_sr_uid_once_and_refuses_same_bytes(store: JobStore) -> None:
+    job = store.record(instance(1), "ab/1.dcm", JobState.QUEUED, "chest")
+    assert job is not None and job.state is JobState.QUEUED
+    assert job.sr_sop_instance_uid.startswith("1.2.826.0.1.3680043.")
+    assert store.record(instance(1), "cd/2.dcm", JobState.QUEUED, "chest") is None
+    assert store.find_duplicate("1.2.3.1", instance(1).sha256).id == job.id  # type: ignore[union-attr]
+    changed = store.record(instance(1, b"corrected"), "ef/3.dcm", JobState.QUEUED, "chest")
+    assert changed is not None and changed.sr_sop_instance_uid != job.sr_sop_instance_uid
+
+
+def test_claim_takes_oldest_and_sets_lease(store: JobStore) -> None:
+    fill(store, 5)
+    jobs = store.claim("w1", limit=3, lease_seconds=60)
+    assert [j.id for j in jobs] == [1, 2, 3]
+    assert all(j.state is JobState.RUNNING and j.attempts == 1 for j in jobs)
+    assert all(j.lease_expires_at and j.lease_expires_at > utcnow() for j in jobs)
+    assert [j.id for j in store.claim("w2", limit=10, lease_seconds=60)] == [4, 5]
+    assert store.claim("w3", limit=10, lease_seconds=60) == []
+
+
+def test_racing_workers_never_share_a_job(url: str) -> None:
+    JobStore(url)  # schema
+    fill(JobStore(url), 200)
+    claimed: dict[str, list[int]] = {}
+
+    def worker(name: str) -> None:
+        own = JobStore(url)  # own engine, like another process
+        got: list[int] = []
+        while batch := own.claim(name, limit=3, lease_seconds=60):
+            got.extend(j.id for j in batch)
+        claimed[name] = got
+        own.close()
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    all_ids = [i for ids in claimed.values() for i in ids]
+    assert sorted(all_ids) == list(range(1, 201))
+
+
+def test_complete_and_fail_need_the_lease(store: JobStore) -> None:
+    fill(store, 2)
+    a, b = store.claim("w1", limit=2, lease_seconds=60)
+    assert not store.complete(a.id, "intruder", "normal", {"normal": 1.0}, "v1")
+    assert store.complete(a.id, "w1", "normal", {"normal": 0.9, "pneumonia": 0.05,
+                                                  "covid": 0.05}, "v1")
+    done = store.get(a.id)
+    assert done is not None and done.state is JobState.DONE and done.label == "normal"
+    assert done.probabilities == {"normal": 0.9, "pneumonia": 0.05, "covid": 0.05}
+    assert store.fail(b.id, "w1", "boom") is JobState.QUEUED
+    (again,) = store.claim("w1", limit=1, lease_seconds=60)
+    assert again.id == b.id and again.attempts == 2
+    assert store.fail(b.id, "w1", "boom again") is JobState.FAILED
+    failed = store.get(b.id)
+    assert failed is not None and failed.last_error == "boom again" and failed.finished_at
+
+
+def test_expired_lease_requeues_then_fails_after_max_attempts(store: JobStore) -> None:
+    fill(store, 1)
+    store.claim("w1", limit=1, lease_seconds=1)
+    later = utcnow() + timedelta(seconds=5)
+    assert store.reap_expired_leases(later) == (1, 0)
+    job = store.get(1)
+    assert job is not None and job.state is JobState.QUEUED and job.attempts == 1
+    store.claim("w1", limit=1, lease_seconds=1)
+    assert store.reap_expired_leases(later + timedelta(seconds=5)) == (0, 1)
+    job = store.get(1)
+    assert job is not None and job.state is JobState.FAILED
+    assert "lease expired" in (job.last_error or "")
+
+
+def test_extend_lease_only_for_owner(store: JobStore) -> None:
+    fill(store, 1)
+    store.claim("w1", limit=1, lease_seconds=1)
+    assert store.extend_lease([1], "w2", 600) == 0
+    assert store.extend_lease([1], "w1", 600) == 1
+    assert store.reap_expired_leases(utcnow() + timedelta(seconds=60)) == (0, 0)
+
+
+def test_jobs_of_a_dead_local_process_are_recovered(store: JobStore, url: str) -> None:
+    fill(store, 3)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    owner = new_worker_id().split(":")
+    dead_owner = f"{owner[0]}:{dead.stdout.strip()}:deadbeef"
+    store.claim(dead_owner, limit=2, lease_seconds=3600)
+    store.claim(f"otherhost:1:cafe", limit=1, lease_seconds=3600)
+    assert store.recover_dead_local_workers() == (2, 0)
+    assert store.counts() == {"queued": 2, "running": 1}
+
+
+def test_concurrent_writers_do_not_fail(url: str) -> None:
+    JobStore(url)
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        own = JobStore(url)
+        try:
+            for i in range(25):
+                own.record(instance(k * 1000 + i), f"ab/{k}-{i}.dcm", JobState.QUEUED, "t")
+        except BaseException as exc:  # pragma: no cover - the assertion reports it
+            errors.append(exc)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    store = JobStore(url)
+    assert store.counts() == {"queued": 200}
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA integrity_check")).scalar() == "ok"
