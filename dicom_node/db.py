@@ -29,7 +29,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -61,7 +61,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """Life cycle of a job: queued → running → done (or failed); ignored at intake."""
 
     QUEUED = "queued"
@@ -87,7 +87,8 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     state: Mapped[JobState] = mapped_column(
-        Enum(JobState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        Enum(JobState, native_enum=False, length=16,
+             values_callable=lambda members: [m.value for m in members]),
         default=JobState.QUEUED,
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -157,6 +158,6 @@ def create_schema(engine: Engine) -> None:
     Base.metadata.create_all(engine)
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """A session factory whose objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -35,7 +35,7 @@ _UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 MAX_SEQUENCE_DEPTH = 32
 
 
-class Disposition(str, Enum):
+class Disposition(StrEnum):
     """What the node does with a decoded instance."""
 
     QUEUE = "queue"

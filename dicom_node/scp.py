@@ -13,17 +13,17 @@ import logging
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
-from pydicom.dataset import Dataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -34,9 +34,10 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import intake
@@ -87,7 +88,7 @@ class NodeAE(AE):
         super().__init__(ae_title=ae_title)
         self.require_calling_aet = [] if accept_any else allowed_calling
 
-    @property  # type: ignore[override]
+    @property
     def require_calling_aet(self) -> list[str]:
         if getattr(self, "_deny_all", False):
             return [_MATCHES_NO_AE]
@@ -164,7 +165,7 @@ class StorageService:
         return StoreOutcome(Status.SUCCESS, job.id)
 
     def _describe(self, event: Event, ds: Dataset, raw: bytes) -> ReceivedInstance:
-        request = event.request
+        request = cast(C_STORE, event.request)
         sop_instance = intake.check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
         sop_class = intake.check_uid(ds.get("SOPClassUID"), "SOPClassUID")
         if sop_instance != str(request.AffectedSOPInstanceUID).strip("\x00 "):
@@ -185,7 +186,7 @@ class StorageService:
         )
 
 
-def _file_meta_bytes(file_meta: Dataset) -> bytes:
+def _file_meta_bytes(file_meta: FileMetaDataset) -> bytes:
     """Zeroed preamble, ``DICM`` and the File Meta group (PS3.10 7.1)."""
     buffer = DicomBytesIO()
     buffer.is_little_endian = True
@@ -220,6 +221,7 @@ def build_ae(settings: Settings) -> NodeAE:
     # Every storage class is accepted at negotiation, so an auto-router sending
     # a whole study never fails; the intake rules decide what is kept.
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     return ae
 
@@ -263,9 +265,13 @@ class StorageSCP:
         allowed = set(self.settings.allowed_peer_hosts)
         if allowed:
             # socketserver's hook: a refused peer is disconnected before any PDU is read.
-            server.verify_request = (  # type: ignore[method-assign]
-                lambda _request, address: address[0] in allowed
-            )
+            def verify_request(request: Any, client_address: Any) -> bool:
+                if client_address[0] in allowed:
+                    return True
+                LOGGER.warning("connection from a host not in allowed_peer_hosts refused")
+                return False
+
+            server.verify_request = verify_request  # type: ignore[method-assign]
         self._server = server
         LOGGER.info("listening on %s:%d as %s", self.settings.host, server.server_address[1],
                     self.settings.ae_title)

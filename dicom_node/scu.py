@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def send(
 ) -> list[SendResult]:
     """C-STORE each file over one association; one result per file, in order."""
     datasets: list[tuple[Path, Dataset | None, str]] = []
+    ds: Dataset | None
     contexts: set[tuple[str, str]] = set()
     for path in files:
         try:
@@ -86,9 +87,9 @@ def send(
         except Exception as exc:
             datasets.append((path, None, f"cannot read: {type(exc).__name__}"))
             continue
-        syntax = UID(ds.file_meta.TransferSyntaxUID)
-        contexts.add((str(ds.SOPClassUID), str(syntax)))
-        if not syntax.is_compressed:
+        transfer_syntax = UID(ds.file_meta.TransferSyntaxUID)
+        contexts.add((str(ds.SOPClassUID), str(transfer_syntax)))
+        if not transfer_syntax.is_compressed:
             contexts.add((str(ds.SOPClassUID), str(ExplicitVRLittleEndian)))
         datasets.append((path, ds, ""))
 

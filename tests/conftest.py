@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dicom_factory import SHARED_CXR, SHARED_DICOM  # noqa: E402
+from dicom_factory import SHARED_CXR, SHARED_DICOM
 
 CALLING_AE = "STORESCU"
 NODE_AE = "DICOM_NODE"

@@ -9,7 +9,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dicom_factory import CT, SC, chest_image, ct_head, jpeg2000, nested_sequences
 from dicom_node import intake
 from dicom_node.config import IntakeRules
 from dicom_node.errors import (
@@ -19,6 +18,8 @@ from dicom_node.errors import (
     UndecodableDataset,
 )
 from dicom_node.intake import Disposition
+
+from dicom_factory import CT, SC, chest_image, ct_head, jpeg2000, nested_sequences
 
 RULES = IntakeRules()
 

@@ -140,7 +140,7 @@ def test_jobs_of_a_dead_local_process_are_recovered(store: JobStore, url: str) -
     owner = new_worker_id().split(":")
     dead_owner = f"{owner[0]}:{dead.stdout.strip()}:deadbeef"
     store.claim(dead_owner, limit=2, lease_seconds=3600)
-    store.claim(f"otherhost:1:cafe", limit=1, lease_seconds=3600)
+    store.claim("otherhost:1:cafe", limit=1, lease_seconds=3600)
     assert store.recover_dead_local_workers() == (2, 0)
     assert store.counts() == {"queued": 2, "running": 1}
 

@@ -18,6 +18,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import OperationalError
 
+from dicom_node.config import Settings
+from dicom_node.db import JobState
+from dicom_node.errors import Status
+from dicom_node.node import Node
+
 from conftest import CALLING_AE, NODE_AE, free_port
 from dicom_factory import (
     chest_image,
@@ -29,10 +34,6 @@ from dicom_factory import (
     part10_bytes,
     rle,
 )
-from dicom_node.config import Settings
-from dicom_node.db import JobState
-from dicom_node.errors import Status
-from dicom_node.node import Node
 
 NodeFactory = Callable[..., Node]
 

@@ -1,0 +1,54 @@
+# dicom-node: `make run` starts the node, `make test` installs everything the
+# tests need (Debian packages included) and runs the whole suite. Run as root on
+# a fresh Debian machine with Python 3.11; both create the virtualenv in .venv.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Peers and validators the tests run for real.
+DEBIAN_TEST_PACKAGES ?= dcmtk openssl
+# `make run` allows DCMTK's default calling AE title so `storescu` works out of
+# the box on loopback; the node's own default (no flag) denies every AE title.
+RUN_ARGS ?= --allow-calling-ae STORESCU
+PYTEST_ARGS ?=
+
+.PHONY: run test install install-test debian-test-packages lint bench bench-quick clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv && \
+	  $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+
+debian-test-packages:
+	@missing=""; for p in $(DEBIAN_TEST_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+run: install
+	$(BIN)/dicom-node serve $(RUN_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check dicom_node model training tests bench
+	$(BIN)/mypy
+
+test: debian-test-packages lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install debian-test-packages
+	$(BIN)/python bench/receive.py
+
+bench-quick: install debian-test-packages
+	$(BIN)/python bench/receive.py --quick
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
