@@ -33,6 +33,9 @@ ConfigOption = Annotated[
 DataDirOption = Annotated[
     Path | None, typer.Option("--data-dir", help="Holds the database and spool by default.")
 ]
+CalledAEOption = Annotated[str, typer.Option("--called-ae", "-aec", help="The peer's AE title.")]
+CallingAEOption = Annotated[str, typer.Option("--calling-ae", "-aet", help="Our AE title.")]
+TimeoutOption = Annotated[float, typer.Option(help="Network and DIMSE timeout, seconds.")]
 
 
 def _setup_logging(level: str) -> None:
@@ -96,9 +99,9 @@ def serve(
 def echo(
     host: str,
     port: int,
-    called_ae: Annotated[str, typer.Option("--called-ae", "-aec")] = "DICOM_NODE",
-    calling_ae: Annotated[str, typer.Option("--calling-ae", "-aet")] = "DICOM_NODE_SCU",
-    timeout: Annotated[float, typer.Option(help="Seconds.")] = 30.0,
+    called_ae: CalledAEOption = "DICOM_NODE",
+    calling_ae: CallingAEOption = "DICOM_NODE_SCU",
+    timeout: TimeoutOption = 30.0,
 ) -> None:
     """Send C-ECHO to a DICOM node (Verification SCU)."""
     from dicom_node import scu
@@ -118,9 +121,9 @@ def send(
     host: str,
     port: int,
     files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False)],
-    called_ae: Annotated[str, typer.Option("--called-ae", "-aec")] = "DICOM_NODE",
-    calling_ae: Annotated[str, typer.Option("--calling-ae", "-aet")] = "DICOM_NODE_SCU",
-    timeout: Annotated[float, typer.Option(help="Seconds.")] = 30.0,
+    called_ae: CalledAEOption = "DICOM_NODE",
+    calling_ae: CallingAEOption = "DICOM_NODE_SCU",
+    timeout: TimeoutOption = 30.0,
 ) -> None:
     """Send DICOM files with C-STORE (Storage SCU); exit 1 if any was not stored."""
     from dicom_node import scu

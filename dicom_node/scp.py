@@ -12,6 +12,7 @@ import hashlib
 import logging
 import ssl
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -45,7 +46,7 @@ from dicom_node.config import Settings
 from dicom_node.db import JobState
 from dicom_node.errors import DatasetMismatch, IntakeError, Status, UndecodableDataset
 from dicom_node.jobs import JobStore, ReceivedInstance
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, SpooledFile
 
 LOGGER = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class StorageService:
         self.settings = settings
         self.store = store
         self.spool = spool
+        self._io = ThreadPoolExecutor(max_workers=settings.max_associations,
+                                      thread_name_prefix="spool")
 
     def handle_store(self, event: Event) -> Dataset:
         """``evt.EVT_C_STORE`` handler: never raises, always returns a status data set."""
@@ -136,23 +139,44 @@ class StorageService:
         except Exception as exc:
             raise UndecodableDataset(f"data set cannot be parsed: {type(exc).__name__}") from exc
         intake.decode_elements(ds)
-        instance = self._describe(event, ds, raw)
+        uids = _identify(event, ds)
+        decision = intake.decide(ds, self.settings.intake)
+        queue = decision.disposition is intake.Disposition.QUEUE
 
-        duplicate = self.store.find_duplicate(instance.sop_instance_uid, instance.sha256)
+        # The spool write (page-cache copy and fsync, GIL released) overlaps the
+        # hash, the duplicate lookup and the pixel decode; nothing is
+        # acknowledged before all of them succeeded.
+        pending = (self._io.submit(self.spool.write, [_file_meta_bytes(event.file_meta), raw])
+                   if queue else None)
+        try:
+            instance = ReceivedInstance(
+                **uids,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                peer_address=str(event.assoc.requestor.address),
+                sha256=hashlib.sha256(raw).hexdigest(),
+                size_bytes=len(raw),
+            )
+            duplicate = self.store.find_duplicate(instance.sop_instance_uid, instance.sha256)
+            if duplicate is None and queue:
+                intake.decode_pixels(ds, self.settings.max_pixels)
+        except BaseException:
+            self._discard(pending)
+            raise
         if duplicate is not None:
+            self._discard(pending)
             LOGGER.info("duplicate of job %d acknowledged, not queued again", duplicate.id)
             return StoreOutcome(Status.SUCCESS, duplicate.id, duplicate=True)
-
-        decision = intake.decide(ds, self.settings.intake)
-        if decision.disposition is intake.Disposition.IGNORE:
+        if pending is None:
             job = self.store.record(instance, None, JobState.IGNORED, decision.reason)
             LOGGER.info("instance ignored (%s)", decision.reason)
             return StoreOutcome(Status.SUCCESS, job.id if job else None, duplicate=job is None)
+        return self._enqueue(instance, pending.result(), decision.reason)
 
-        intake.decode_pixels(ds, self.settings.max_pixels)
-        spooled = self.spool.write([_file_meta_bytes(event.file_meta), raw])
+    def _enqueue(self, instance: ReceivedInstance, spooled: SpooledFile, reason: str
+                 ) -> StoreOutcome:
         try:
-            job = self.store.record(instance, spooled.name, JobState.QUEUED, decision.reason)
+            job = self.store.record(instance, spooled.name, JobState.QUEUED, reason)
         except Exception:
             self.spool.remove(spooled.name)
             LOGGER.exception("job row could not be committed; instance refused")
@@ -164,26 +188,36 @@ class StorageService:
                     spooled.size)
         return StoreOutcome(Status.SUCCESS, job.id)
 
-    def _describe(self, event: Event, ds: Dataset, raw: bytes) -> ReceivedInstance:
-        request = cast(C_STORE, event.request)
-        sop_instance = intake.check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        sop_class = intake.check_uid(ds.get("SOPClassUID"), "SOPClassUID")
-        if sop_instance != str(request.AffectedSOPInstanceUID).strip("\x00 "):
-            raise DatasetMismatch("SOP Instance UID differs from the C-STORE request")
-        if sop_class != str(request.AffectedSOPClassUID).strip("\x00 "):
-            raise DatasetMismatch("SOP Class UID differs from the C-STORE request")
-        return ReceivedInstance(
-            sop_class_uid=sop_class,
-            sop_instance_uid=sop_instance,
-            series_instance_uid=intake.check_uid(ds.get("SeriesInstanceUID"),
-                                                 "SeriesInstanceUID"),
-            study_instance_uid=intake.check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            calling_ae=str(event.assoc.requestor.ae_title).strip(),
-            peer_address=str(event.assoc.requestor.address),
-            sha256=hashlib.sha256(raw).hexdigest(),
-            size_bytes=len(raw),
-        )
+    def _discard(self, pending: Future[SpooledFile] | None) -> None:
+        """Wait for a spool write that is no longer wanted and delete what it wrote."""
+        if pending is None:
+            return
+        try:
+            spooled = pending.result()
+        except Exception:
+            return  # the write failed and cleaned up after itself
+        self.spool.remove(spooled.name)
+
+    def close(self) -> None:
+        """Wait for spool writes in flight."""
+        self._io.shutdown(wait=True)
+
+
+def _identify(event: Event, ds: Dataset) -> dict[str, str]:
+    """The instance's UIDs, validated, and consistent with the C-STORE request."""
+    request = cast(C_STORE, event.request)
+    sop_instance = intake.check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+    sop_class = intake.check_uid(ds.get("SOPClassUID"), "SOPClassUID")
+    if sop_instance != str(request.AffectedSOPInstanceUID).strip("\x00 "):
+        raise DatasetMismatch("SOP Instance UID differs from the C-STORE request")
+    if sop_class != str(request.AffectedSOPClassUID).strip("\x00 "):
+        raise DatasetMismatch("SOP Class UID differs from the C-STORE request")
+    return {
+        "sop_class_uid": sop_class,
+        "sop_instance_uid": sop_instance,
+        "series_instance_uid": intake.check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        "study_instance_uid": intake.check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+    }
 
 
 def _file_meta_bytes(file_meta: FileMetaDataset) -> bytes:
@@ -287,4 +321,5 @@ class StorageSCP:
         """Stop accepting, abort open associations, join the server threads."""
         with self._lock:
             self.ae.shutdown()
+            self.service.close()
             self._server = None
