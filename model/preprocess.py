@@ -1,0 +1,160 @@
+"""DICOM or image file -> float32 H x W x 3 in [0, 1], the way the network was trained.
+
+The paper's pipeline fed 8-bit grayscale PNGs to Keras with ``rescale=1/255``
+and the authors evaluated with ``cv2.resize`` (bilinear) to 300x300, the gray
+image replicated on three channels. For DICOM we first reproduce that 8-bit
+image: decode (compressed syntaxes through pylibjpeg/openjpeg/pyjpegls), the
+Modality LUT, the VOI LUT or the first window (a min-max fallback when there is
+none), MONOCHROME1 inverted, scaled to 0..255. PNG/JPEG files take the same
+8-bit path from the start, so the same pixels give the same tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ImplicitVRLittleEndian
+
+Interpolation = Literal["bilinear", "nearest"]
+#: The authors' evaluation resized with cv2.resize's default, bilinear.
+DEFAULT_INTERPOLATION: Interpolation = "bilinear"
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+class PreprocessError(ValueError):
+    """The file cannot be turned into a network input; the message says why."""
+
+
+def load(path: Path, size: int, interpolation: Interpolation = DEFAULT_INTERPOLATION
+         ) -> NDArray[np.float32]:
+    """Read a DICOM or image file and return the network input (size x size x 3, [0, 1])."""
+    return to_tensor(read_gray8(path), size, interpolation)
+
+
+def read_gray8(path: Path) -> NDArray[np.uint8]:
+    """The 8-bit grayscale image the network's training data were made of."""
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return image_gray8(path)
+    try:
+        ds = dcmread(path, force=True)
+    except Exception as exc:
+        raise PreprocessError(f"{path.name}: not DICOM and not an image file") from exc
+    return dicom_gray8(ds)
+
+
+def image_gray8(path: Path) -> NDArray[np.uint8]:
+    """A PNG/JPEG as 8-bit gray (RGB is converted with ITU-R 601 luma, as cv2 does)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("I;16", "I;16B", "I"):
+                data = np.asarray(img, dtype=np.float64)
+                return _stretch(data)
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+    except OSError as exc:
+        raise PreprocessError(f"{path.name}: cannot read image: {exc}") from exc
+
+
+def dicom_gray8(ds: Dataset) -> NDArray[np.uint8]:
+    """Decode a DICOM image and map it to 8-bit gray as displayed (PS3.3 C.11)."""
+    if "PixelData" not in ds:
+        raise PreprocessError("DICOM file without Pixel Data")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        # A bare data set (no Part 10 header) is Implicit VR Little Endian by default.
+        ds.file_meta = meta if meta is not None else Dataset()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise PreprocessError(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(ds.get("SamplesPerPixel", 1)) == 3 or pixels.ndim == 3:
+        rgb = np.asarray(pixels, dtype=np.float64)
+        gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+
+    values = apply_modality_lut(pixels, ds)
+    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    if has_voi:
+        values = apply_voi_lut(values, ds, index=0)
+        low, high = _voi_output_range(ds, values)
+        out = (np.asarray(values, dtype=np.float64) - low) / max(high - low, 1e-9) * 255.0
+        out = np.clip(out, 0.0, 255.0)
+    elif int(ds.get("BitsStored", 8)) <= 8 and int(ds.get("PixelRepresentation", 0)) == 0 \
+            and "RescaleSlope" not in ds:
+        out = np.asarray(values, dtype=np.float64)  # already the 8-bit image
+    else:
+        out = _stretch(np.asarray(values, dtype=np.float64)).astype(np.float64)
+    if photometric == "MONOCHROME1":
+        out = 255.0 - out
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _voi_output_range(ds: Dataset, values: NDArray[np.generic]) -> tuple[float, float]:
+    """The output range of the VOI transform: the LUT's bit depth, or pydicom's window range."""
+    if "VOILUTSequence" in ds and "WindowCenter" not in ds:
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2])
+        return 0.0, float(2**bits - 1)
+    bits = int(ds.get("BitsStored", 16))
+    if int(ds.get("PixelRepresentation", 0)) == 1 and "RescaleSlope" not in ds:
+        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        # pydicom windows modality values into the stored range's width starting at 0
+        return 0.0, float(2**bits - 1)
+    return 0.0, float(2**bits - 1)
+
+
+def _stretch(data: NDArray[np.float64]) -> NDArray[np.uint8]:
+    """Min-max to 0..255: the fallback when the file carries no window."""
+    low, high = float(np.min(data)), float(np.max(data))
+    if high <= low:
+        return np.zeros(data.shape, dtype=np.uint8)
+    return np.clip(np.rint((data - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+
+
+def resize_gray8(image: NDArray[np.uint8], size: int,
+                 interpolation: Interpolation = DEFAULT_INTERPOLATION) -> NDArray[np.uint8]:
+    """Resize to size x size, aspect ratio not kept, as the paper did.
+
+    ``bilinear`` follows cv2.resize's INTER_LINEAR (half-pixel centres, no
+    anti-aliasing), which the authors evaluated with; ``nearest`` follows
+    Keras' ``load_img`` default, which their training generator used.
+    """
+    h, w = image.shape
+    if interpolation == "nearest":
+        return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST))
+    ys, y0, y1 = _taps(h, size)
+    xs, x0, x1 = _taps(w, size)
+    src = image.astype(np.float32)
+    top = src[y0][:, x0] * (1 - xs) + src[y0][:, x1] * xs
+    bottom = src[y1][:, x0] * (1 - xs) + src[y1][:, x1] * xs
+    out = top * (1 - ys[:, None]) + bottom * ys[:, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _taps(n_in: int, n_out: int) -> tuple[NDArray[np.float32], NDArray[np.intp], NDArray[np.intp]]:
+    scale = n_in / n_out
+    centre = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    centre = np.clip(centre, 0, n_in - 1)
+    i0 = np.floor(centre).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return (centre - i0).astype(np.float32), i0, i1
+
+
+def to_tensor(gray8: NDArray[np.uint8], size: int,
+              interpolation: Interpolation = DEFAULT_INTERPOLATION) -> NDArray[np.float32]:
+    """8-bit gray -> size x size x 3 float32 in [0, 1] (rescale 1/255, gray on 3 channels)."""
+    if gray8.ndim != 2:
+        raise PreprocessError(f"expected a 2-D gray image, got shape {gray8.shape}")
+    resized = resize_gray8(gray8, size, interpolation).astype(np.float32) / 255.0
+    return np.repeat(resized[:, :, None], 3, axis=2)
