@@ -44,11 +44,13 @@ lint: install-test
 test: debian-test-packages lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: install debian-test-packages
+bench: install-test debian-test-packages
 	$(BIN)/python bench/receive.py
+	$(BIN)/python bench/inference.py
 
-bench-quick: install debian-test-packages
+bench-quick: install-test debian-test-packages
 	$(BIN)/python bench/receive.py --quick
+	$(BIN)/python bench/inference.py --quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -148,6 +148,19 @@ class Settings(BaseSettings):
     )
     intake: IntakeRules = Field(default_factory=IntakeRules)
 
+    # --- model and inference ---
+    model_dir: Path | None = Field(
+        default=None, description="Installed models and the 'active' link; default data_dir/models."
+    )
+    inference_backend: Literal["keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16"] = (
+        Field(default="keras-fp32", description="Inference backend (see model/engine.py).")
+    )
+    inference_device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="auto: a GPU when the backend sees one, else the CPU."
+    )
+    inference_threads: int = Field(default=0, ge=0, description="CPU threads (0: all cores).")
+    batch_size: int = Field(default=16, ge=1, description="Largest inference batch.")
+
     # --- job queue ---
     max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails.")
     lease_seconds: float = Field(default=300.0, gt=0, description="Worker lease on a job.")
@@ -168,6 +181,8 @@ class Settings(BaseSettings):
     def _derive_paths(self) -> Settings:
         if self.storage_dir is None:
             self.storage_dir = self.data_dir / "spool"
+        if self.model_dir is None:
+            self.model_dir = self.data_dir / "models"
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'dicom-node.db'}"
         if (self.tls_certificate is None) != (self.tls_private_key is None):
@@ -179,6 +194,12 @@ class Settings(BaseSettings):
         """The spool directory (``storage_dir`` after defaults were applied)."""
         assert self.storage_dir is not None
         return self.storage_dir
+
+    @property
+    def models_path(self) -> Path:
+        """Where models are installed (``model_dir`` after defaults were applied)."""
+        assert self.model_dir is not None
+        return self.model_dir
 
     @property
     def db_url(self) -> str:

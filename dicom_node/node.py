@@ -60,7 +60,26 @@ class Node:
     def start(self) -> None:
         """Recover, then start the SCP in background threads."""
         self.recover()
+        self._report_model()
         self.scp.start()
+
+    def _report_model(self) -> None:
+        # Reads the card only: TensorFlow is not loaded by the receive path.
+        from model import card
+
+        artifact = card.active(self.settings.models_path)
+        if artifact is None:
+            LOGGER.warning("no model installed: instances are received and queued; "
+                           "install one with `dicom-node model install DIR`")
+            return
+        try:
+            active = card.read_card(artifact)
+        except (OSError, ValueError) as exc:
+            LOGGER.error("active model unreadable: %s", exc)
+            return
+        LOGGER.info("active model: %s %s (%s, %dpx)%s", active.name, active.display_version,
+                    active.architecture, active.input_size,
+                    "" if active.trained else " -- UNTRAINED, for demos only")
 
     def stop(self) -> None:
         """Stop the SCP and release the database."""

@@ -182,4 +182,5 @@ def active(models_dir: Path) -> Path | None:
 
 def describe(card: ModelCard) -> dict[str, Any]:
     """A JSON-friendly summary for ``dicom-node model show``."""
-    return json.loads(card.model_dump_json())
+    described: dict[str, Any] = json.loads(card.model_dump_json())
+    return described

@@ -61,6 +61,17 @@ def configure_threads(threads: int) -> None:
         LOGGER.debug("thread settings not applied: %s", exc)
 
 
+def bf16_supported() -> bool:
+    """Whether OpenVINO's CPU plugin can compute in bf16 on this machine."""
+    try:
+        import openvino as ov
+
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:
+        return False
+    return "BF16" in capabilities
+
+
 def gpu_available() -> bool:
     """Whether the Keras backend sees a GPU."""
     import keras
@@ -184,9 +195,12 @@ class Engine:
         xml = self._openvino_ir(fp32)
         core = ov.Core()
         precision = "bf16" if self.backend == "openvino-bf16" else "f32"
+        if precision == "bf16" and not bf16_supported():
+            LOGGER.warning("openvino-bf16: this CPU has no BF16 support (no AVX-512 BF16/AMX); "
+                           "OpenVINO computes in fp32, at fp32 speed")
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": str(self._threads)}
-        calls = {}
+        calls: dict[int, Callable[[NDArray[np.float32]], NDArray[np.float32]]] = {}
         for batch in sorted({1, self.batch_size}):
             ov_model = core.read_model(xml)
             ov_model.reshape([batch, self.input_size, self.input_size, 3])

@@ -18,8 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
 from pydicom.uid import ImplicitVRLittleEndian
 
 Interpolation = Literal["bilinear", "nearest"]
@@ -68,7 +68,7 @@ def dicom_gray8(ds: Dataset) -> NDArray[np.uint8]:
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         # A bare data set (no Part 10 header) is Implicit VR Little Endian by default.
-        ds.file_meta = meta if meta is not None else Dataset()
+        ds.file_meta = meta if meta is not None else FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     try:
         pixels = ds.pixel_array

@@ -121,3 +121,16 @@ def shared_cxr() -> Path:
     if not SHARED_CXR.is_dir():
         pytest.skip("../shared/data/cxr-dev is absent (a fresh clone has no shared data)")
     return SHARED_CXR
+
+
+@pytest.fixture(scope="session")
+def small_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained concatenated network at 96x96, saved as an artifact (built once)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from model import card, network
+
+    out = tmp_path_factory.mktemp("artifact") / "concat96"
+    built = network.build("concatenated", 96, seed=7)
+    card.save_artifact(built, out, {"version": "0.0.1", "architecture": "concatenated",
+                                    "input_size": 96, "trained": False})
+    return out

@@ -1,0 +1,80 @@
+"""The inference engine: fixed batch shapes, backends, parity, integrity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from model import engine
+from model.card import ModelIntegrityError
+
+pytestmark = pytest.mark.slow
+
+
+def images(n: int, size: int = 96, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, size, size, 3), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def fp32(small_artifact: Path) -> engine.Engine:
+    loaded = engine.Engine(small_artifact, batch_size=4, device="cpu")
+    loaded.warmup()
+    return loaded
+
+
+def test_predict_gives_probabilities_for_any_count(fp32: engine.Engine) -> None:
+    for n in (1, 3, 4, 9):
+        out = fp32.predict(images(n))
+        assert out.shape == (n, 3) and out.dtype == np.float32
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+        assert (out >= 0).all()
+    assert fp32.predict(np.zeros((0, 96, 96, 3), dtype=np.float32)).shape == (0, 3)
+
+
+def test_result_does_not_depend_on_batch_company(fp32: engine.Engine) -> None:
+    batch = images(6)
+    together = fp32.predict(batch)
+    alone = np.concatenate([fp32.predict(batch[i:i + 1]) for i in range(6)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_matches_keras_reference(fp32: engine.Engine, small_artifact: Path) -> None:
+    reference = keras.models.load_model(small_artifact / "model.keras", compile=False)
+    x = images(3, seed=4)
+    np.testing.assert_allclose(fp32.predict(x), reference(x, training=False), atol=1e-6)
+
+
+def test_wrong_input_shape_is_refused(fp32: engine.Engine) -> None:
+    with pytest.raises(ValueError, match="expected"):
+        fp32.predict(images(1, size=64))
+
+
+def test_no_gpu_here_means_cpu(fp32: engine.Engine, small_artifact: Path) -> None:
+    assert fp32.device == "cpu"
+    if not engine.gpu_available():
+        with pytest.raises(RuntimeError, match="no GPU"):
+            engine.Engine(small_artifact, device="gpu")
+
+
+@pytest.mark.parametrize(("backend", "tolerance"), [("openvino-fp32", 1e-5),
+                                                    ("keras-bf16", 2e-2),
+                                                    ("openvino-bf16", 2e-2)])
+def test_backend_parity(fp32: engine.Engine, small_artifact: Path, tmp_path: Path,
+                        backend: engine.Backend, tolerance: float) -> None:
+    other = engine.Engine(small_artifact, backend=backend, batch_size=4, cache_dir=tmp_path)
+    result = engine.parity(fp32, other, images(5, seed=9))
+    assert result.max_abs_diff <= tolerance
+    assert result.top1_agreement >= 0.8
+
+
+def test_tampered_artifact_is_not_loaded(small_artifact: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "bad"
+    shutil.copytree(small_artifact, copy)
+    (copy / "model.keras").write_bytes(b"not a model")
+    with pytest.raises(ModelIntegrityError):
+        engine.Engine(copy)

@@ -1,0 +1,138 @@
+"""DICOM/PNG -> network input: decoding, LUTs, inversion, resizing, both paths agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_voi_lut
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from model import preprocess
+
+from dicom_factory import SC, chest_image, cr_monochrome1, dx_16bit, jpeg2000, jpeg_ls, rle, save
+
+
+def test_bilinear_matches_half_pixel_centres() -> None:
+    image = np.array([[0, 100, 200, 250]] * 2, dtype=np.uint8)
+    assert preprocess.resize_gray8(image, 2)[0].tolist() == [50, 225]
+    up = preprocess.resize_gray8(np.array([[0, 200], [0, 200]], dtype=np.uint8), 4)
+    assert up[0].tolist() == [0, 50, 150, 200]
+
+
+def test_nearest_matches_keras_load_img() -> None:
+    image = np.arange(16, dtype=np.uint8).reshape(4, 4) * 10
+    expected = np.asarray(Image.fromarray(image).resize((2, 2), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(preprocess.resize_gray8(image, 2, "nearest"), expected)
+
+
+def test_tensor_shape_range_and_channels() -> None:
+    gray = np.linspace(0, 255, 50 * 40).reshape(50, 40).astype(np.uint8)
+    x = preprocess.to_tensor(gray, 32)
+    assert x.shape == (32, 32, 3) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert (x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all()
+
+
+def test_orientation_is_kept() -> None:
+    ds = chest_image(rows=60, columns=40, window=None, bits_stored=8)
+    gray = preprocess.dicom_gray8(ds)
+    assert gray.shape == (60, 40)
+    assert gray[:, -5:].mean() > gray[:, :5].mean()  # brighter to the right, as generated
+    assert gray[-5:].mean() > gray[:5].mean()  # and towards the bottom
+
+
+def test_window_is_applied_then_scaled_to_8_bits() -> None:
+    ds = dx_16bit(rows=64, columns=64)
+    windowed = apply_voi_lut(ds.pixel_array, ds, index=0).astype(np.float64)
+    expected = np.clip(np.rint(windowed / (2**14 - 1) * 255), 0, 255)
+    np.testing.assert_array_equal(preprocess.dicom_gray8(ds), expected.astype(np.uint8))
+
+
+def test_monochrome1_is_inverted() -> None:
+    mono1 = cr_monochrome1(rows=64, columns=64)
+    mono2 = cr_monochrome1(rows=64, columns=64)
+    mono2.PhotometricInterpretation = "MONOCHROME2"
+    np.testing.assert_array_equal(preprocess.dicom_gray8(mono1),
+                                  255 - preprocess.dicom_gray8(mono2))
+
+
+def test_missing_window_falls_back_to_min_max() -> None:
+    ds = chest_image(rows=32, columns=32, bits_stored=12, window=None)
+    gray = preprocess.dicom_gray8(ds)
+    assert gray.min() == 0 and gray.max() == 255
+
+
+@pytest.mark.parametrize("codec", [jpeg2000, rle, jpeg_ls], ids=lambda f: f.__name__)
+def test_lossless_codecs_give_the_uncompressed_result(codec: object) -> None:
+    compressed = codec(rows=64, columns=48, seed=5)  # type: ignore[operator]
+    native = chest_image(rows=64, columns=48, seed=5)
+    np.testing.assert_array_equal(preprocess.dicom_gray8(compressed),
+                                  preprocess.dicom_gray8(native))
+
+
+def _wrap_png_as_dicom(png: Path, out: Path) -> Path:
+    pixels = np.asarray(Image.open(png).convert("L"))
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = SC, generate_uid()
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SC
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return save(ds, out)
+
+
+def test_png_and_dicom_paths_agree(shared_cxr: Path, tmp_path: Path) -> None:
+    for png in sorted(shared_cxr.glob("*.png"))[:3]:
+        dcm = _wrap_png_as_dicom(png, tmp_path / f"{png.stem}.dcm")
+        np.testing.assert_array_equal(preprocess.load(png, 300), preprocess.load(dcm, 300))
+
+
+def test_16bit_dicom_and_its_8bit_png_agree(tmp_path: Path) -> None:
+    ds = dx_16bit(rows=128, columns=100)
+    png = tmp_path / "windowed.png"
+    Image.fromarray(preprocess.dicom_gray8(ds)).save(png)
+    dcm = save(ds, tmp_path / "dx.dcm")
+    np.testing.assert_array_equal(preprocess.load(png, 96), preprocess.load(dcm, 96))
+
+
+def test_real_dicoms(shared_dicom: Path) -> None:
+    for path in sorted(shared_dicom.glob("*.dcm")):
+        x = preprocess.load(path, 300)
+        assert x.shape == (300, 300, 3) and x.dtype == np.float32
+        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.std()) > 0.05
+
+
+def test_real_monochrome1_without_header_is_inverted(shared_dicom: Path) -> None:
+    path = shared_dicom / "cxr_cr_mono1_10bit_no_meta.dcm"
+    raw = dcmread(path, force=True)
+    assert raw.PhotometricInterpretation == "MONOCHROME1"
+    gray = preprocess.read_gray8(path)
+    assert gray.shape == (raw.Rows, raw.Columns)
+    # The lungs (dense low attenuation, high raw values in MONOCHROME1) must come out dark:
+    # the displayed image anti-correlates with the stored values.
+    raw.file_meta = FileMetaDataset()
+    raw.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    stored = raw.pixel_array.astype(np.float64).ravel()
+    assert np.corrcoef(stored, gray.astype(np.float64).ravel())[0, 1] < -0.5
+
+
+def test_real_jpeg_baseline_decodes(shared_dicom: Path) -> None:
+    gray = preprocess.read_gray8(shared_dicom / "cxr_cr_sc_jpeg_baseline_mono2.dcm")
+    assert gray.shape == (1024, 1024) and gray.std() > 20
+
+
+def test_not_an_image_is_reported(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("hello")
+    with pytest.raises(preprocess.PreprocessError):
+        preprocess.load(bogus, 96)
