@@ -77,8 +77,13 @@ def serve(
         typer.Option("--accept-any-calling-ae/--no-accept-any-calling-ae",
                      help="Accept any calling AE title."),
     ] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", exists=True, file_okay=False,
+        help="Install and activate this model artifact before serving.")] = None,
+    destination: Annotated[list[str] | None, typer.Option(
+        "--destination", help="Send every SR to AET@HOST:PORT (repeatable).")] = None,
 ) -> None:
-    """Run the node: receive chest radiographs and queue them for classification."""
+    """Run the node: receive chest radiographs, classify them, send the SRs back."""
     from dicom_node.node import Node
 
     settings = _settings(
@@ -89,8 +94,17 @@ def serve(
         data_dir=data_dir,
         allowed_calling_ae=allow_calling_ae or None,
         accept_any_calling_ae=accept_any_calling_ae,
+        destinations=destination or None,
     )
     _setup_logging(settings.log_level)
+    if model is not None:
+        from model import card
+
+        try:
+            card.install(model, settings.models_path)
+        except (card.ModelIntegrityError, FileNotFoundError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
     if not settings.accept_any_calling_ae and not settings.allowed_calling_ae:
         LOGGER.warning("no calling AE title is allowed: every association will be rejected "
                        "(set allowed_calling_ae or --allow-calling-ae)")
@@ -144,7 +158,7 @@ def send(
     raise typer.Exit(0 if all(r.ok for r in results) else 1)
 
 
-def _job_dict(job: Job) -> dict[str, Any]:
+def _job_dict(job: Job, deliveries: list[Any] | None = None) -> dict[str, Any]:
     return {
         "id": job.id,
         "state": job.state.value,
@@ -167,6 +181,14 @@ def _job_dict(job: Job) -> dict[str, Any]:
         "probabilities": job.probabilities,
         "model_version": job.model_version,
         "sr_sop_instance_uid": job.sr_sop_instance_uid,
+        "sr_series_instance_uid": job.sr_series_instance_uid,
+        "deliveries": [
+            {"destination": d.destination, "state": d.state.value, "attempts": d.attempts,
+             "last_status": d.last_status, "last_error": d.last_error,
+             "next_attempt_at": d.next_attempt_at.isoformat(),
+             "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None}
+            for d in deliveries or []
+        ],
     }
 
 
@@ -189,15 +211,19 @@ def jobs_list(
     store = _store(config, data_dir)
     try:
         jobs = store.list(state=state, limit=limit)
+        deliveries = store.deliveries([j.id for j in jobs])
     finally:
         store.close()
     if as_json:
-        typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=2))
+        typer.echo(json.dumps([_job_dict(j, deliveries[j.id]) for j in jobs], indent=2))
         return
-    table = Table("id", "state", "received (UTC)", "calling AE", "attempts", "label", "reason")
+    table = Table("id", "state", "received (UTC)", "calling AE", "attempts", "label",
+                  "SR deliveries", "reason")
     for job in jobs:
+        sent = ", ".join(f"{d.destination.split('@')[0]}:{d.state.value}"
+                         for d in deliveries[job.id])
         table.add_row(str(job.id), job.state.value, job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                      job.calling_ae, str(job.attempts), job.label or "",
+                      job.calling_ae, str(job.attempts), job.label or "", sent,
                       job.last_error or job.intake_reason)
     Console().print(table)
 
@@ -212,12 +238,33 @@ def jobs_show(
     store = _store(config, data_dir)
     try:
         job = store.get(job_id)
+        deliveries = store.deliveries([job_id])[job_id]
     finally:
         store.close()
     if job is None:
         typer.echo(f"error: no job with id {job_id}", err=True)
         raise typer.Exit(1)
-    typer.echo(json.dumps(_job_dict(job), indent=2))
+    typer.echo(json.dumps(_job_dict(job, deliveries), indent=2))
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: int,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Requeue a job's dead SR deliveries (or the job itself, if it failed)."""
+    store = _store(config, data_dir)
+    try:
+        deliveries = store.retry_dead_deliveries(job_id)
+        job = store.requeue_failed_job(job_id)
+    finally:
+        store.close()
+    if not deliveries and not job:
+        typer.echo(f"error: job {job_id} has no dead delivery and did not fail", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"job {job_id}: {deliveries} delivery(ies) requeued"
+               + ("; job requeued" if job else ""))
 
 
 def _quiet_tensorflow() -> None:

@@ -161,6 +161,35 @@ class Settings(BaseSettings):
     inference_threads: int = Field(default=0, ge=0, description="CPU threads (0: all cores).")
     batch_size: int = Field(default=16, ge=1, description="Largest inference batch.")
 
+    max_batch_delay_ms: int = Field(
+        default=200, ge=0, description="How long the worker waits to fill a batch."
+    )
+
+    # --- delivery of the SR ---
+    destinations: list[str] = Field(
+        default=[], description="Where every SR is sent: 'AET@HOST:PORT' entries."
+    )
+    return_to_calling_ae: bool = Field(
+        default=False, description="Also send the SR back to the AE that sent the image."
+    )
+    calling_ae_ports: dict[str, int] = Field(
+        default={}, description="Port of each calling AE's Storage SCP, for the return trip."
+    )
+    delivery_calling_ae: str = Field(default="DICOM_NODE", description="Our AE title as SCU.")
+    delivery_timeout: float = Field(
+        default=30.0, gt=0, description="ACSE, DIMSE and network timeout when sending, s."
+    )
+    delivery_max_attempts: int = Field(default=10, ge=1, description="Attempts before 'dead'.")
+    retry_base_seconds: float = Field(default=10.0, gt=0, description="First retry delay.")
+    retry_multiplier: float = Field(default=2.0, ge=1, description="Backoff factor.")
+    retry_max_seconds: float = Field(default=600.0, gt=0, description="Longest retry delay.")
+    retry_on_warning: bool = Field(
+        default=False, description="Retry when the destination answers with a warning."
+    )
+    dispatch_interval_seconds: float = Field(
+        default=2.0, gt=0, description="How often due deliveries are looked for."
+    )
+
     # --- job queue ---
     max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails.")
     lease_seconds: float = Field(default=300.0, gt=0, description="Worker lease on a job.")
@@ -171,6 +200,18 @@ class Settings(BaseSettings):
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "ae_title")
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, values: list[str]) -> list[str]:
+        from dicom_node.deliver import Destination
+
+        return [str(Destination.parse(v)) for v in values]
+
+    @field_validator("delivery_calling_ae")
+    @classmethod
+    def _delivery_ae(cls, value: str) -> str:
+        return _check_ae_title(value, "delivery_calling_ae")
 
     @field_validator("allowed_calling_ae")
     @classmethod

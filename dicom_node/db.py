@@ -19,6 +19,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Enum,
+    ForeignKey,
     Index,
     Integer,
     String,
@@ -71,6 +72,14 @@ class JobState(enum.StrEnum):
     IGNORED = "ignored"
 
 
+class DeliveryState(enum.StrEnum):
+    """Life cycle of one SR sent to one destination: pending → done, or dead."""
+
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
+
+
 class Base(DeclarativeBase):
     """Declarative base of the job store schema."""
 
@@ -120,6 +129,36 @@ class Job(Base):
     model_version: Mapped[str | None] = mapped_column(String(128), default=None)
     #: Minted once when the job is created, so a re-sent SR is the same object.
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sr_series_instance_uid: Mapped[str] = mapped_column(String(64))
+    #: The SR file in the spool, written once per successful classification.
+    sr_file: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class Delivery(Base):
+    """One SR to send to one destination, with its retry state."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", name="uq_delivery_job_destination"),
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    #: ``AET@host:port``
+    destination: Mapped[str] = mapped_column(String(128))
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(DeliveryState, native_enum=False, length=16,
+             values_callable=lambda members: [m.value for m in members]),
+        default=DeliveryState.PENDING,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -24,6 +24,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_node.db import (
+    Delivery,
+    DeliveryState,
     Job,
     JobState,
     create_schema,
@@ -114,6 +116,7 @@ class JobStore:
             size_bytes=instance.size_bytes,
             intake_reason=reason[:128],
             sr_sop_instance_uid=generate_uid(),
+            sr_series_instance_uid=generate_uid(),
             finished_at=utcnow() if state is JobState.IGNORED else None,
         )
         try:
@@ -182,6 +185,33 @@ class JobStore:
             last_error=None,
         )
 
+    def complete_with_deliveries(
+        self,
+        job_id: int,
+        owner: str,
+        result: dict[str, Any],
+        destinations: Sequence[str],
+    ) -> bool:
+        """Store the result and queue one delivery per destination, in one transaction.
+
+        ``result`` holds ``label``, ``probabilities``, ``model_version`` and ``sr_file``.
+        Returns False (and changes nothing) if ``owner`` no longer holds the job.
+        """
+        now = utcnow()
+        with self._sessions.begin() as session:
+            updated = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
+                .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None,
+                        finished_at=now, updated_at=now, last_error=None, **result)
+            )
+            if int(getattr(updated, "rowcount", 0)) != 1:
+                return False
+            for destination in dict.fromkeys(destinations):
+                session.add(Delivery(job_id=job_id, destination=destination,
+                                     next_attempt_at=now))
+        return True
+
     def fail(self, job_id: int, owner: str, error: str, retry: bool = True) -> JobState | None:
         """Give a job back after an error: queued again, or failed after ``max_attempts``.
 
@@ -209,6 +239,96 @@ class JobStore:
                 .values(lease_owner=None, lease_expires_at=None, updated_at=now, **values)
             )
         return int(getattr(result, "rowcount", 0)) == 1
+
+    # --- deliveries ---
+
+    def claim_due_deliveries(self, limit: int, hold_seconds: float,
+                             now: datetime | None = None) -> list[tuple[Delivery, Job]]:
+        """Due pending deliveries with their jobs; each is held ``hold_seconds``.
+
+        Holding (moving ``next_attempt_at`` forward) keeps a second dispatcher
+        from sending the same SR at once; if this process dies mid-send, the
+        delivery simply becomes due again.
+        """
+        now = now or utcnow()
+        due = (select(Delivery.id)
+               .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+               .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
+        if self._dialect == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        with self._sessions.begin() as session:
+            held = list(session.scalars(
+                update(Delivery)
+                .where(Delivery.id.in_(due.scalar_subquery()),
+                       Delivery.state == DeliveryState.PENDING)
+                .values(next_attempt_at=now + timedelta(seconds=hold_seconds), updated_at=now)
+                .returning(Delivery)
+                .execution_options(synchronize_session=False)
+            ))
+            jobs = {j.id: j for j in session.scalars(
+                select(Job).where(Job.id.in_([d.job_id for d in held])))}
+        return [(d, jobs[d.job_id]) for d in sorted(held, key=lambda d: d.id)]
+
+    def delivery_done(self, delivery_id: int, status: int) -> None:
+        """The destination stored the SR."""
+        now = utcnow()
+        self._update_delivery(delivery_id, state=DeliveryState.DONE, last_status=status,
+                              delivered_at=now, last_error=None,
+                              attempts=Delivery.attempts + 1)
+
+    def delivery_failed(self, delivery_id: int, status: int | None, error: str,
+                        retry_at: datetime | None) -> None:
+        """An attempt failed: pending again at ``retry_at``, or dead when it is None."""
+        values: dict[str, Any] = {"last_status": status, "last_error": error[:2000],
+                                  "attempts": Delivery.attempts + 1}
+        if retry_at is None:
+            values["state"] = DeliveryState.DEAD
+        else:
+            values["next_attempt_at"] = retry_at
+        self._update_delivery(delivery_id, **values)
+
+    def _update_delivery(self, delivery_id: int, **values: Any) -> None:
+        with self._sessions.begin() as session:
+            session.execute(update(Delivery).where(Delivery.id == delivery_id)
+                            .values(updated_at=utcnow(), **values))
+
+    def retry_dead_deliveries(self, job_id: int) -> int:
+        """Requeue the dead deliveries of a job (``dicom-node jobs retry``); return how many."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Delivery)
+                .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.DEAD)
+                .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
+                        updated_at=now)
+            )
+        return int(getattr(result, "rowcount", 0))
+
+    def requeue_failed_job(self, job_id: int) -> bool:
+        """Give a failed job a fresh set of attempts."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job).where(Job.id == job_id, Job.state == JobState.FAILED)
+                .values(state=JobState.QUEUED, attempts=0, finished_at=None, updated_at=now)
+            )
+        return int(getattr(result, "rowcount", 0)) == 1
+
+    def deliveries(self, job_ids: Sequence[int]) -> dict[int, list[Delivery]]:
+        """Deliveries per job id."""
+        found: dict[int, list[Delivery]] = {i: [] for i in job_ids}
+        with self._sessions() as session:
+            for delivery in session.scalars(
+                    select(Delivery).where(Delivery.job_id.in_(job_ids)).order_by(Delivery.id)):
+                found[delivery.job_id].append(delivery)
+        return found
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Number of deliveries per state."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+        return {state.value: int(n) for state, n in rows}
 
     # --- recovery ---
 

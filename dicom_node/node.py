@@ -10,8 +10,10 @@ from types import FrameType
 
 from dicom_node.config import Settings
 from dicom_node.jobs import JobStore
+from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
+from dicom_node.worker import Worker
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ class Node:
         self.store = JobStore(settings.db_url, max_attempts=settings.max_attempts)
         self.spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 2**20)
         self.scp = StorageSCP(settings, self.store, self.spool)
+        self.scheduler = Scheduler(settings, self.store, self.spool)
+        self.worker = Worker(settings, self.store, self.spool,
+                             on_results=self.scheduler.dispatch_now)
         self._stop = threading.Event()
 
     def recover(self) -> RecoveryReport:
@@ -57,11 +62,14 @@ class Node:
         LOGGER.info("recovery: %s", report)
         return report
 
-    def start(self) -> None:
-        """Recover, then start the SCP in background threads."""
+    def start(self, with_worker: bool = True) -> None:
+        """Recover, then start the SCP, the scheduler and (optionally) the worker."""
         self.recover()
         self._report_model()
         self.scp.start()
+        self.scheduler.start()
+        if with_worker:
+            self.worker.start()
 
     def _report_model(self) -> None:
         # Reads the card only: TensorFlow is not loaded by the receive path.
@@ -82,8 +90,12 @@ class Node:
                     "" if active.trained else " -- UNTRAINED, for demos only")
 
     def stop(self) -> None:
-        """Stop the SCP and release the database."""
+        """Stop receiving, let the current batch finish, stop the scheduler, close the DB."""
         self.scp.stop()
+        if self.worker.is_alive():
+            self.worker.stop()
+            self.worker.join(timeout=120)
+        self.scheduler.stop()
         self.store.close()
         LOGGER.info("stopped")
 

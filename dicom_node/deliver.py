@@ -1,0 +1,127 @@
+"""Delivery of SRs to Storage SCPs (C-STORE SCU) with classified statuses and backoff.
+
+Status classes (PS3.4 B.2.3): success, and warnings 0x0001/0xBxxx unless
+``retry_on_warning``, mean stored; 0xA7xx (out of resources), no association,
+an abort or a timeout mean try again later; every other failure (0xA9xx,
+0xCxxx, a refused SOP Class) is permanent and the delivery is dead with the
+reason. A retry re-sends the same SR file, so the PACS sees one object.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE, _config
+
+from dicom_node.db import utcnow
+
+LOGGER = logging.getLogger(__name__)
+
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+_DESTINATION = re.compile(r"^(?P<ae>[\x20-\x5b\x5d-\x7e]{1,16})@(?P<host>[A-Za-z0-9.\-:\[\]]+)"
+                          r":(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A Storage SCP: AE title, host, port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AET@HOST:PORT``."""
+        match = _DESTINATION.match(text.strip())
+        if not match or not 0 < int(match["port"]) < 65536:
+            raise ValueError(f"destination {text!r} is not AET@HOST:PORT")
+        return cls(match["ae"].strip(), match["host"].strip("[]"), int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Outcome(StrEnum):
+    """What to do with a delivery after an attempt."""
+
+    DONE = "done"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The result of one send."""
+
+    outcome: Outcome
+    status: int | None
+    detail: str
+
+
+def classify(status: int, retry_on_warning: bool = False) -> Outcome:
+    """Map a C-STORE response status to what the delivery does next."""
+    if status == 0x0000:
+        return Outcome.DONE
+    if status == 0x0001 or status & 0xF000 == 0xB000:
+        return Outcome.RETRY if retry_on_warning else Outcome.DONE
+    if status & 0xFF00 == 0xA700:
+        return Outcome.RETRY
+    return Outcome.DEAD
+
+
+def backoff(attempts: int, base: float, multiplier: float, cap: float) -> float:
+    """Seconds before the next try after ``attempts`` failed ones (>= 1)."""
+    return float(min(cap, base * multiplier ** max(attempts - 1, 0)))
+
+
+def next_attempt(attempts: int, base: float, multiplier: float, cap: float,
+                 now: datetime | None = None) -> datetime:
+    """When the next try is due."""
+    return (now or utcnow()) + timedelta(seconds=backoff(attempts, base, multiplier, cap))
+
+
+def send(destination: Destination, sr_path: Path, calling_ae: str, timeout: float,
+         retry_on_warning: bool = False) -> Attempt:
+    """One C-STORE of the SR file to ``destination``; never raises."""
+    try:
+        sr = dcmread(sr_path)
+    except Exception as exc:
+        return Attempt(Outcome.DEAD, None, f"SR file unreadable: {type(exc).__name__}")
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context(sr.SOPClassUID, sr.file_meta.TransferSyntaxUID)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except Exception as exc:
+        return Attempt(Outcome.RETRY, None, f"cannot connect: {type(exc).__name__}")
+    if assoc.is_rejected:
+        return Attempt(Outcome.RETRY, None, "association rejected")
+    if not assoc.is_established:
+        return Attempt(Outcome.RETRY, None, "association not established (down or aborted)")
+    try:
+        if not assoc.accepted_contexts:
+            return Attempt(Outcome.DEAD, None, "destination does not accept this SR class")
+        response = assoc.send_c_store(sr)
+        if "Status" not in response:
+            return Attempt(Outcome.RETRY, None, "no response: aborted or timed out")
+        status = int(response.Status)
+        detail = str(response.get("ErrorComment", ""))[:200]
+        return Attempt(classify(status, retry_on_warning), status, detail)
+    except Exception as exc:
+        return Attempt(Outcome.RETRY, None, f"send failed: {type(exc).__name__}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        elif not assoc.is_aborted:
+            assoc.abort()
+        ae.shutdown()

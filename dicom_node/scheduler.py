@@ -1,0 +1,104 @@
+"""Periodic work, driven by APScheduler: delivery dispatch and lease reaping.
+
+APScheduler runs *when*; the job store holds *what* (its own job store would
+drop a job that was running when the process died). Each periodic job has
+``max_instances=1`` and ``coalesce=True`` so runs never overlap or pile up, and
+``misfire_grace_time=None`` so a late run still happens; the dispatcher reads
+what is due from the database, so nothing due is skipped after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node.config import Settings
+from dicom_node.db import utcnow
+from dicom_node.deliver import Destination, Outcome, next_attempt, send
+from dicom_node.jobs import JobStore
+from dicom_node.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+DISPATCH_JOB = "dispatch-deliveries"
+REAP_JOB = "reap-leases"
+_BATCH = 32
+
+
+class Dispatcher:
+    """Sends due SR deliveries and records each outcome."""
+
+    def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+
+    def run_once(self, now: datetime | None = None) -> int:
+        """Send every due delivery once; return how many were attempted."""
+        # A delivery is held for longer than one attempt can take, so a second
+        # dispatcher never sends it at the same time.
+        hold = 4 * self.settings.delivery_timeout + 30
+        attempted = 0
+        while due := self.store.claim_due_deliveries(_BATCH, hold, now):
+            for delivery, job in due:
+                self._attempt(delivery.id, delivery.destination, delivery.attempts,
+                              job.sr_file, job.id)
+                attempted += 1
+            if len(due) < _BATCH:
+                break
+        return attempted
+
+    def _attempt(self, delivery_id: int, destination: str, attempts: int,
+                 sr_file: str | None, job_id: int) -> None:
+        s = self.settings
+        if sr_file is None:
+            self.store.delivery_failed(delivery_id, None, "job has no SR", None)
+            return
+        result = send(Destination.parse(destination), self.spool.root / sr_file,
+                      s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning)
+        if result.outcome is Outcome.DONE:
+            self.store.delivery_done(delivery_id, result.status or 0)
+            LOGGER.info("job %d: SR stored at %s (0x%04X)", job_id, destination,
+                        result.status or 0)
+            return
+        tries = attempts + 1
+        if result.outcome is Outcome.RETRY and tries < s.delivery_max_attempts:
+            retry_at = next_attempt(tries, s.retry_base_seconds, s.retry_multiplier,
+                                    s.retry_max_seconds)
+            self.store.delivery_failed(delivery_id, result.status, result.detail, retry_at)
+            LOGGER.warning("job %d: SR to %s failed (%s), retry %d at %s", job_id, destination,
+                           result.detail, tries, retry_at.strftime("%H:%M:%S"))
+            return
+        self.store.delivery_failed(delivery_id, result.status, result.detail, None)
+        LOGGER.error("job %d: SR to %s is dead after %d attempt(s): %s", job_id, destination,
+                     tries, result.detail)
+
+
+class Scheduler:
+    """The node's APScheduler: dispatch deliveries, reap expired leases."""
+
+    def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
+        self.dispatcher = Dispatcher(settings, store, spool)
+        self.store = store
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._scheduler.add_job(self.dispatcher.run_once, "interval",
+                                seconds=settings.dispatch_interval_seconds, id=DISPATCH_JOB,
+                                max_instances=1, coalesce=True, misfire_grace_time=None,
+                                next_run_time=datetime.now(tz=utcnow().tzinfo))
+        self._scheduler.add_job(store.reap_expired_leases, "interval", seconds=30, id=REAP_JOB,
+                                max_instances=1, coalesce=True, misfire_grace_time=None)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def dispatch_now(self) -> None:
+        """Run the dispatcher as soon as possible (new SRs are waiting)."""
+        try:
+            self._scheduler.modify_job(DISPATCH_JOB, next_run_time=datetime.now(tz=utcnow().tzinfo))
+        except Exception:  # the scheduler is shutting down
+            LOGGER.debug("dispatch_now ignored", exc_info=True)
+
+    def stop(self) -> None:
+        self._scheduler.shutdown(wait=True)

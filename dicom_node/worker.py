@@ -1,0 +1,237 @@
+"""The inference worker: claim a batch, preprocess, one forward pass, SRs and deliveries.
+
+The worker claims up to ``batch_size`` queued jobs (a lease each), waiting at
+most ``max_batch_delay_ms`` for the batch to fill; decodes them in a thread
+pool through :mod:`model.preprocess`; runs one batched forward pass; writes
+each SR durably; then stores the result and queues the deliveries in one
+transaction per job. An input that cannot be decoded fails its job with the
+reason (retried until ``max_attempts``) while the rest of the batch goes on.
+Without a model, jobs simply wait. A newly installed model is picked up
+between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.config import Settings
+from dicom_node.db import Job
+from dicom_node.deliver import Destination
+from dicom_node.jobs import JobStore, new_worker_id
+from dicom_node.report import Classification, build_sr
+from dicom_node.spool import Spool
+from model import card as model_card
+from model.classes import CLASS_KEYS
+
+LOGGER = logging.getLogger(__name__)
+
+SR_DIR = "sr"
+
+
+@dataclass
+class Prepared:
+    """One claimed job, decoded and ready for the network."""
+
+    job: Job
+    source: Dataset
+    tensor: NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class BatchTimings:
+    """Seconds spent in each stage of one batch (for logs and the e2e bench)."""
+
+    jobs: int
+    queue_wait: float
+    preprocess: float
+    inference: float
+    report: float
+
+
+class Worker(threading.Thread):
+    """Runs batches until stopped; one per process is enough (batching uses the cores)."""
+
+    def __init__(self, settings: Settings, store: JobStore, spool: Spool,
+                 on_results: Callable[[], None] | None = None) -> None:
+        super().__init__(name="inference-worker", daemon=True)
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+        self.owner = new_worker_id()
+        self._on_results = on_results
+        self._stop_event = threading.Event()
+        self._engine: Any = None
+        self._engine_path: Path | None = None
+        self._pool = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2),
+                                        thread_name_prefix="preprocess")
+        self._sr_dir = spool.root / SR_DIR
+        self._sr_dir.mkdir(mode=0o750, exist_ok=True)
+        self.last_timings: BatchTimings | None = None
+        self.model_loaded = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current batch."""
+        self._stop_event.set()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                done = self.step()
+            except Exception:
+                LOGGER.exception("worker step failed; retrying shortly")
+                done = 0
+            if not done:
+                self._stop_event.wait(0.05 if self._engine is not None else 1.0)
+        self._pool.shutdown(wait=True)
+
+    # --- model ---
+
+    def engine(self) -> Any:
+        """The engine for the active model, (re)loaded when the active model changes."""
+        active = model_card.active(self.settings.models_path)
+        if active is None:
+            return None
+        if active != self._engine_path:
+            from model.engine import Engine
+
+            LOGGER.info("loading model %s", active.name)
+            self._engine = Engine(active, backend=self.settings.inference_backend,
+                                  device=self.settings.inference_device,
+                                  batch_size=self.settings.batch_size,
+                                  threads=self.settings.inference_threads)
+            self._engine.warmup()
+            self._engine_path = active
+            self.model_loaded.set()
+        return self._engine
+
+    # --- one batch ---
+
+    def step(self) -> int:
+        """Claim and finish one batch; return how many jobs it held (0: nothing to do)."""
+        engine = self.engine()
+        if engine is None:
+            return 0
+        jobs = self._claim_batch()
+        if not jobs:
+            return 0
+        started = time.perf_counter()
+        queue_wait = max((time.time() - j.created_at.timestamp() for j in jobs), default=0.0)
+        prepared = self._prepare(jobs, engine)
+        decoded = time.perf_counter()
+        if prepared:
+            probabilities = engine.predict(np.stack([p.tensor for p in prepared]))
+        inferred = time.perf_counter()
+        for item, row in zip(prepared, probabilities if prepared else [], strict=True):
+            self._finish(item, row, engine.card)
+        finished = time.perf_counter()
+        self.last_timings = BatchTimings(len(jobs), queue_wait, decoded - started,
+                                         inferred - decoded, finished - inferred)
+        LOGGER.info("batch of %d: preprocess %.0f ms, inference %.0f ms, SR %.0f ms",
+                    len(jobs), 1000 * (decoded - started), 1000 * (inferred - decoded),
+                    1000 * (finished - inferred))
+        if prepared and self._on_results is not None:
+            self._on_results()
+        return len(jobs)
+
+    def _claim_batch(self) -> list[Job]:
+        size = self.settings.batch_size
+        lease = self.settings.lease_seconds
+        jobs = self.store.claim(self.owner, size, lease)
+        if not jobs:
+            return []
+        deadline = time.monotonic() + self.settings.max_batch_delay_ms / 1000
+        while len(jobs) < size and time.monotonic() < deadline:
+            if self._stop_event.wait(0.02):
+                break
+            jobs += self.store.claim(self.owner, size - len(jobs), lease)
+        return jobs
+
+    def _prepare(self, jobs: list[Job], engine: Any) -> list[Prepared]:
+        def load(job: Job) -> Prepared:
+            from model import preprocess
+
+            if job.spool_file is None:
+                raise FileNotFoundError("job has no spool file")
+            source = dcmread(self.spool.path(job.spool_file))
+            gray = preprocess.dicom_gray8(source)
+            tensor = preprocess.to_tensor(gray, engine.input_size, engine.card.interpolation)
+            return Prepared(job, source, tensor)
+
+        prepared = []
+        futures = [(job, self._pool.submit(load, job)) for job in jobs]
+        for job, future in futures:
+            try:
+                prepared.append(future.result())
+            except Exception as exc:
+                state = self.store.fail(job.id, self.owner, f"preprocessing failed: {exc}")
+                LOGGER.warning("job %d: preprocessing failed (%s); now %s", job.id,
+                               type(exc).__name__, state.value if state else "not ours")
+        return prepared
+
+    def _finish(self, item: Prepared, row: NDArray[np.float32],
+                card: model_card.ModelCard) -> None:
+        job = item.job
+        probabilities = {key: float(p) for key, p in zip(CLASS_KEYS, row, strict=True)}
+        label = CLASS_KEYS[int(np.argmax(row))]
+        try:
+            with warnings.catch_warnings():
+                # highdicom's warnings quote attribute values (patient names): keep them
+                # out of the log.
+                warnings.simplefilter("ignore")
+                sr = build_sr(item.source, Classification(label, probabilities), card,
+                              job.sr_sop_instance_uid, job.sr_series_instance_uid,
+                              card.device_uid)
+            sr_name = self._write_sr(job.id, sr)
+        except Exception as exc:
+            self.store.fail(job.id, self.owner, f"SR could not be built: {exc}")
+            LOGGER.warning("job %d: SR could not be built (%s)", job.id, type(exc).__name__)
+            return
+        result = {"label": label, "probabilities": probabilities,
+                  "model_version": f"{card.name} {card.display_version}", "sr_file": sr_name}
+        if not self.store.complete_with_deliveries(job.id, self.owner, result,
+                                                   self._destinations(job)):
+            LOGGER.warning("job %d: lease lost before the result was stored", job.id)
+            return
+        LOGGER.info("job %d: %s (%s)", job.id, label,
+                    ", ".join(f"{k} {v:.3f}" for k, v in probabilities.items()))
+
+    def _write_sr(self, job_id: int, sr: Dataset) -> str:
+        """Write the SR durably as ``sr/job-<id>.dcm`` (our id, never a received string)."""
+        name = f"{SR_DIR}/job-{job_id}.dcm"
+        final = self.spool.root / name
+        tmp = final.with_suffix(".part")
+        sr.save_as(tmp, enforce_file_format=True)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        fd = os.open(self._sr_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return name
+
+    def _destinations(self, job: Job) -> list[str]:
+        destinations = list(self.settings.destinations)
+        if self.settings.return_to_calling_ae and job.peer_address:
+            port = self.settings.calling_ae_ports.get(job.calling_ae)
+            if port:
+                destinations.append(str(Destination(job.calling_ae, job.peer_address, port)))
+        return destinations

@@ -1,0 +1,143 @@
+"""The worker end to end in-process: queue -> batch -> SR -> delivery to a real SCP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from dicom_node.config import Settings
+from dicom_node.db import DeliveryState, JobState
+from dicom_node.node import Node
+from model import card
+
+from conftest import free_port
+from dicom_factory import chest_image, cr_monochrome1, dx_16bit
+from test_scp import store
+
+pytestmark = pytest.mark.slow
+
+
+class FakePACS:
+    """A pynetdicom Storage SCP that keeps what it receives and answers ``status``."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[Dataset] = []
+        self.status = 0x0000
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self._ae = ae
+
+    def _store(self, event: Any) -> int:
+        if self.status == 0:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append(ds)
+        return self.status
+
+    def stop(self) -> None:
+        self._ae.shutdown()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise TimeoutError("condition not met in time")
+
+
+@pytest.fixture
+def pacs() -> Iterator[FakePACS]:
+    peer = FakePACS()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, pacs: FakePACS) -> Iterator[Node]:
+    settings = Settings(data_dir=tmp_path / "var", port=free_port(),
+                        allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
+                        destinations=[f"PACS@127.0.0.1:{pacs.port}"], max_attempts=2,
+                        batch_size=4, max_batch_delay_ms=300, retry_base_seconds=0.5,
+                        retry_max_seconds=1, delivery_timeout=5, dispatch_interval_seconds=0.3)
+    running = Node(settings)
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_jobs_wait_for_a_model_then_flow_to_the_pacs(node: Node, pacs: FakePACS,
+                                                     small_artifact: Path) -> None:
+    sources = [dx_16bit(), cr_monochrome1(), chest_image()]
+    assert store(node, sources) == [0, 0, 0]
+    time.sleep(1.5)
+    assert node.store.counts() == {"queued": 3}  # no model: nothing runs, nothing is lost
+
+    card.install(small_artifact, node.settings.models_path)
+    wait_until(lambda: len(pacs.received) == 3)
+    wait_until(lambda: node.store.delivery_counts() == {"done": 3})
+    jobs = node.store.list()
+    assert {j.state for j in jobs} == {JobState.DONE}
+    by_source = {j.sop_instance_uid: j for j in jobs}
+    for sr in pacs.received:
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0] \
+            .ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        job = by_source[evidence]
+        assert sr.SOPInstanceUID == job.sr_sop_instance_uid
+        assert sr.StudyInstanceUID == job.study_instance_uid
+        assert job.label in ("covid", "normal", "pneumonia")
+        assert sum(job.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert node.worker.last_timings is not None
+
+
+def test_poison_input_fails_and_the_queue_drains(node: Node, pacs: FakePACS,
+                                                 small_artifact: Path) -> None:
+    good, bad = chest_image(), chest_image()
+    assert store(node, [good, bad]) == [0, 0]
+    poisoned = next(j for j in node.store.list() if j.sop_instance_uid == bad.SOPInstanceUID)
+    node.spool.path(poisoned.spool_file).write_bytes(b"\0" * 300)  # disk corruption
+    card.install(small_artifact, node.settings.models_path)
+    wait_until(lambda: node.store.counts().get("failed") == 1
+               and node.store.counts().get("done") == 1)
+    failed = node.store.get(poisoned.id)
+    assert failed is not None and failed.attempts == 2
+    assert "preprocessing failed" in (failed.last_error or "")
+    wait_until(lambda: len(pacs.received) == 1)
+
+
+def test_permanent_refusal_is_dead_then_retry_on_request(node: Node, pacs: FakePACS,
+                                                         small_artifact: Path) -> None:
+    pacs.status = 0xA900
+    card.install(small_artifact, node.settings.models_path)
+    assert store(node, [chest_image()]) == [0]
+    wait_until(lambda: node.store.delivery_counts() == {"dead": 1})
+    (job,) = node.store.list()
+    (delivery,) = node.store.deliveries([job.id])[job.id]
+    assert delivery.state is DeliveryState.DEAD and delivery.last_status == 0xA900
+    assert delivery.attempts == 1
+    pacs.status = 0x0000
+    assert node.store.retry_dead_deliveries(job.id) == 1
+    wait_until(lambda: len(pacs.received) == 1)
+
+
+def test_out_of_resources_is_retried_with_the_same_sr(node: Node, pacs: FakePACS,
+                                                      small_artifact: Path) -> None:
+    pacs.status = 0xA700
+    card.install(small_artifact, node.settings.models_path)
+    assert store(node, [chest_image()]) == [0]
+    wait_until(lambda: any(d.attempts >= 2 for ds in node.store.deliveries(
+        [j.id for j in node.store.list()]).values() for d in ds))
+    pacs.status = 0x0000
+    wait_until(lambda: len(pacs.received) == 1)
+    (job,) = node.store.list()
+    assert pacs.received[0].SOPInstanceUID == job.sr_sop_instance_uid
