@@ -51,6 +51,10 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(
         logging.DEBUG if level == "DEBUG" else logging.WARNING
     )
+    # A dispatch run skipped because one is already running is expected, not a warning.
+    logging.getLogger("apscheduler").setLevel(
+        logging.DEBUG if level == "DEBUG" else logging.ERROR
+    )
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ _TMP = ".tmp"
 _QUARANTINE = ".quarantine"
 _SUFFIX = ".dcm"
 _FILE_MODE = 0o640
+_SHARD = re.compile(r"^[0-9a-f]{2}$")
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,13 @@ class Spool:
             raise OutOfResources("not enough free disk space")
 
     def files(self) -> Iterator[str]:
-        """Every spooled file name, relative to the root."""
+        """Every received file in the spool, relative to the root.
+
+        Only the two-hex-digit shard directories hold received files; other
+        directories (the worker's ``sr/``) are not the receive path's business.
+        """
         for shard in sorted(self.root.iterdir()):
-            if shard.name.startswith(".") or not shard.is_dir():
+            if not _SHARD.match(shard.name) or not shard.is_dir():
                 continue
             for entry in sorted(shard.iterdir()):
                 if entry.suffix == _SUFFIX:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import urllib.request
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     JPEG2000Lossless,
@@ -73,3 +78,97 @@ def storescu(port: int, files: list[Path], calling: str = CALLING_AE, called: st
 def send_each(port: int, files: list[Path], **kw: object) -> list[StorescuRun]:
     """One storescu run per file, each proposing the file's own transfer syntax."""
     return [storescu(port, [f], extra=propose_flag(f), **kw) for f in files]  # type: ignore[arg-type]
+
+
+class Storescp:
+    """DCMTK storescp as a (possibly faulty) PACS: ``faults`` are its switches."""
+
+    def __init__(self, folder: Path, port: int, faults: list[str] | None = None,
+                 ae_title: str = "PACS") -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.proc = subprocess.Popen(
+            [require_tool("storescp"), "-aet", ae_title, "-od", str(folder), *(faults or []),
+             str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        from conftest import wait_for_port
+
+        wait_for_port(port, proc=self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+    def received_uids(self) -> list[str]:
+        """SOP Instance UIDs of every complete file received (one entry per file)."""
+        return self.received_in(self.folder)
+
+    @staticmethod
+    def received_in(folder: Path) -> list[str]:
+        """SOP Instance UIDs of the readable DICOM files in ``folder``."""
+        uids = []
+        for path in sorted(folder.iterdir()):
+            try:
+                uids.append(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+            except Exception:
+                continue
+        return uids
+
+
+class Orthanc:
+    """Debian's Orthanc on free ports, remote access off, talked to over 127.0.0.1 only.
+
+    Orthanc 1.10 cannot choose its bind address; with RemoteAccessAllowed false
+    its REST API refuses non-loopback clients, and the tests never send it
+    anything from elsewhere.
+    """
+
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC") -> None:
+        from conftest import free_port, wait_for_port
+
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.ae_title = ae_title
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "dicom-node-tests", "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"), "Plugins": [],
+            "HttpServerEnabled": True, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomServerEnabled": True, "DicomAet": ae_title, "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True, "DicomModalities": {}, "OverwriteInstances": False,
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.log = (folder / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen([require_tool("Orthanc"), str(folder / "orthanc.json")],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.http_port, proc=self.proc)
+        wait_for_port(self.dicom_port, proc=self.proc)
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
+                                    timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body[:1] in (b"[", b"{") else body
+
+    def instances(self) -> list[Dataset]:
+        """Every stored instance, parsed (header and content)."""
+        return [dcmread(BytesIO(self.get(f"/instances/{i}/file")), stop_before_pixels=True)
+                for i in self.get("/instances")]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+        self.log.close()

@@ -68,3 +68,13 @@ def test_partials_removed_and_orphans_quarantined(tmp_path: Path) -> None:
     assert spool.quarantine([orphan]) == 1
     assert list(spool.files()) == [kept]
     assert (tmp_path / "spool" / ".quarantine" / Path(orphan).name).read_bytes() == b"orphan"
+
+
+def test_other_directories_are_not_received_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    kept = spool.write([b"image"]).name
+    (tmp_path / "spool" / "sr").mkdir()
+    (tmp_path / "spool" / "sr" / "job-1.dcm").write_bytes(b"report")
+    assert list(spool.files()) == [kept]
+    assert spool.quarantine(sorted(set(spool.files()) - {kept})) == 0
+    assert (tmp_path / "spool" / "sr" / "job-1.dcm").exists()

@@ -1,0 +1,172 @@
+"""End to end with real peers: storescu -> node -> SR -> Orthanc or a faulty storescp."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dicom_node.db import DeliveryState, JobState
+from dicom_node.jobs import JobStore
+
+from conftest import NodeProcess, free_port
+from dicom_factory import chest_image, cr_monochrome1, dx_16bit, save
+from peers import Orthanc, Storescp, send_each, storescu
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FAST_RETRY = {
+    "DICOM_NODE_RETRY_BASE_SECONDS": "0.5", "DICOM_NODE_RETRY_MAX_SECONDS": "1",
+    "DICOM_NODE_DELIVERY_TIMEOUT": "3", "DICOM_NODE_DISPATCH_INTERVAL_SECONDS": "0.3",
+    "DICOM_NODE_DELIVERY_MAX_ATTEMPTS": "1000", "DICOM_NODE_MAX_BATCH_DELAY_MS": "100",
+    "DICOM_NODE_LOG_LEVEL": "INFO",
+}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 180, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"timed out waiting for {what or condition}")
+
+
+def start_node(tmp_path: Path, artifact: Path, destination: str, name: str = "var"
+               ) -> NodeProcess:
+    return NodeProcess(tmp_path / name, extra_args=[
+        "--allow-calling-ae", "STORESCU", "--model", str(artifact),
+        "--destination", destination], env=FAST_RETRY).start()
+
+
+def store_of(node: NodeProcess) -> JobStore:
+    return JobStore(f"sqlite:///{node.data_dir / 'dicom-node.db'}")
+
+
+def all_delivered(node: NodeProcess, count: int) -> bool:
+    store = store_of(node)
+    try:
+        jobs = store.list()
+        deliveries = store.deliveries([j.id for j in jobs])
+    finally:
+        store.close()
+    return (len(jobs) == count and all(j.state is JobState.DONE for j in jobs)
+            and all(len(deliveries[j.id]) == 1 and deliveries[j.id][0].state
+                    is DeliveryState.DONE for j in jobs))
+
+
+def test_orthanc_receives_one_sr_per_image_in_the_right_study(
+        tmp_path: Path, small_artifact: Path, shared_dicom: Path) -> None:
+    orthanc = Orthanc(tmp_path / "orthanc")
+    node = start_node(tmp_path, small_artifact,
+                      f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}")
+    try:
+        files = sorted(shared_dicom.glob("*.dcm"))
+        assert all(r.all_success for r in send_each(orthanc.dicom_port, files,
+                                                    called=orthanc.ae_title))
+        assert all(r.all_success for r in send_each(node.port, files))
+        wait_until(lambda: all_delivered(node, 3), what="3 SRs delivered")
+        stored = orthanc.instances()
+        images = {str(d.SOPInstanceUID): d for d in stored if d.Modality != "SR"}
+        reports = [d for d in stored if d.Modality == "SR"]
+        assert len(images) == 3 and len(reports) == 3
+        store = store_of(node)
+        jobs = {j.sop_instance_uid: j for j in store.list()}
+        store.close()
+        for sr in reports:
+            evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+            referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+            source = images[str(referenced.ReferencedSOPInstanceUID)]
+            assert sr.StudyInstanceUID == source.StudyInstanceUID
+            assert evidence.StudyInstanceUID == source.StudyInstanceUID
+            job = jobs[str(source.SOPInstanceUID)]
+            assert sr.SOPInstanceUID == job.sr_sop_instance_uid
+            codes = {"covid": "840539006", "normal": "17621005", "pneumonia": "233604007"}
+            assert codes[str(job.label)] in str(sr.ContentSequence)
+        studies = orthanc.get("/studies")
+        assert len(studies) == 3  # the SRs joined the images' studies, no new study
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
+                                                   small_artifact: Path) -> None:
+    port = free_port()
+    node = start_node(tmp_path, small_artifact, f"PACS@127.0.0.1:{port}")
+    files = [save(ds, tmp_path / f"{i}.dcm") for i, ds in
+             enumerate([dx_16bit(), cr_monochrome1(), chest_image()])]
+    try:
+        assert storescu(node.port, files).all_success
+
+        def attempts() -> int:
+            store = store_of(node)
+            try:
+                found = store.deliveries([j.id for j in store.list()])
+            finally:
+                store.close()
+            return min((d.attempts for ds in found.values() for d in ds), default=0) \
+                if sum(len(ds) for ds in found.values()) == 3 else 0
+
+        seen = 0
+        for i, faults in enumerate([["--refuse"], ["--abort-after"],
+                                    ["--sleep-during", "6"]]):
+            faulty = Storescp(tmp_path / f"faulty{i}", port, faults)
+            wait_until(lambda s=seen: attempts() > s, what=f"a retry against {faults}")
+            seen = attempts()
+            faulty.stop()
+        healthy = Storescp(tmp_path / "healthy", port)
+        try:
+            wait_until(lambda: all_delivered(node, 3), what="all delivered")
+        finally:
+            healthy.stop()
+        store = store_of(node)
+        expected = {j.sr_sop_instance_uid for j in store.list()}
+        store.close()
+        # A faulty PACS may keep what it received before aborting; the retry then
+        # re-sends the same object (same SOP Instance UID), never a second one.
+        received = healthy.received_uids() + [
+            uid for i in range(3) for uid in Storescp.received_in(tmp_path / f"faulty{i}")]
+        assert set(received) == expected
+        assert "retry" in node.log
+    finally:
+        node.stop()
+
+
+def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
+                                                    small_artifact: Path) -> None:
+    port = free_port()
+    node = start_node(tmp_path, small_artifact, f"PACS@127.0.0.1:{port}")
+    files = [save(chest_image(seed=i, rows=400, columns=400), tmp_path / f"{i}.dcm")
+             for i in range(8)]
+    try:
+        assert storescu(node.port, files).all_success
+
+        def some(state: JobState) -> bool:
+            store = store_of(node)
+            try:
+                return store.counts().get(state.value, 0) > 0
+            finally:
+                store.close()
+
+        wait_until(lambda: some(JobState.RUNNING) or some(JobState.DONE), what="a batch")
+        node.kill9()  # mid-inference or just after: the PACS is down, so deliveries pend
+        node.start()
+        wait_until(lambda: not some(JobState.QUEUED) and not some(JobState.RUNNING),
+                   what="all jobs done after restart")
+        node.kill9()  # now with deliveries pending (the PACS is still down)
+        pacs = Storescp(tmp_path / "pacs", port)
+        try:
+            node.start()
+            wait_until(lambda: all_delivered(node, 8), what="all delivered after restart")
+        finally:
+            pacs.stop()
+        store = store_of(node)
+        expected = {j.sr_sop_instance_uid for j in store.list()}
+        store.close()
+        assert len(expected) == 8
+        assert set(pacs.received_uids()) == expected
+    finally:
+        node.stop()
