@@ -12,7 +12,7 @@ DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc openssl
 RUN_ARGS ?= --allow-calling-ae STORESCU
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test debian-test-packages lint bench bench-quick clean
+.PHONY: run test demo install install-test debian-test-packages lint bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); apt-get update && \
@@ -36,6 +36,12 @@ debian-test-packages:
 
 run: install
 	$(BIN)/dicom-node serve $(RUN_ARGS)
+
+# Starts a PACS (Orthanc when installed), the node with MODEL (default: an
+# untrained demo model), sends the sample DICOMs and prints the results.
+MODEL ?=
+demo: install
+	$(BIN)/python deploy/demo.py $(if $(MODEL),--model $(MODEL))
 
 lint: install-test
 	$(BIN)/ruff check dicom_node model training tests bench

@@ -1,0 +1,23 @@
+"""`make demo` runs: PACS, node, samples, results, and it says when the model is untrained."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DEMO = Path(__file__).resolve().parents[2] / "deploy" / "demo.py"
+
+
+def test_demo_with_a_given_model(small_artifact: Path) -> None:
+    result = subprocess.run([sys.executable, str(DEMO), "--model", str(small_artifact)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "UNTRAINED" in out
+    rows = [line for line in out.splitlines() if line.startswith("job ")]
+    assert len(rows) == 3 and all("(done)" in row and "covid=" in row for row in rows)
