@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=16, ge=1, description="Largest inference batch.")
 
     max_batch_delay_ms: int = Field(
-        default=200, ge=0, description="How long the worker waits to fill a batch."
+        default=50, ge=0, description="How long the worker waits to fill a batch."
     )
 
     # --- delivery of the SR ---

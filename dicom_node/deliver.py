@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
 
 from dicom_node.db import utcnow
@@ -91,37 +93,79 @@ def next_attempt(attempts: int, base: float, multiplier: float, cap: float,
 
 def send(destination: Destination, sr_path: Path, calling_ae: str, timeout: float,
          retry_on_warning: bool = False) -> Attempt:
-    """One C-STORE of the SR file to ``destination``; never raises."""
-    try:
-        sr = dcmread(sr_path)
-    except Exception as exc:
-        return Attempt(Outcome.DEAD, None, f"SR file unreadable: {type(exc).__name__}")
+    """One C-STORE of one SR file to ``destination``; never raises."""
+    return send_many(destination, [sr_path], calling_ae, timeout, retry_on_warning)[0]
+
+
+def send_many(destination: Destination, sr_paths: list[Path], calling_ae: str, timeout: float,
+              retry_on_warning: bool = False) -> list[Attempt]:
+    """C-STORE each SR file over one association; one :class:`Attempt` per file, in order.
+
+    Never raises: a file that cannot be read is dead, a connection problem makes
+    every remaining file a retry.
+    """
+    datasets: list[Any] = []
+    for path in sr_paths:
+        try:
+            datasets.append(dcmread(path))
+        except Exception as exc:
+            datasets.append(Attempt(Outcome.DEAD, None,
+                                    f"SR file unreadable: {type(exc).__name__}"))
+    readable = [ds for ds in datasets if not isinstance(ds, Attempt)]
+    if not readable:
+        return datasets
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    ae.add_requested_context(sr.SOPClassUID, sr.file_meta.TransferSyntaxUID)
+    for context in {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                    for ds in readable}:
+        ae.add_requested_context(*context)
+    try:
+        return _send_over(ae, destination, datasets, retry_on_warning)
+    finally:
+        ae.shutdown()
+
+
+def _send_over(ae: AE, destination: Destination, datasets: list[Any],
+               retry_on_warning: bool) -> list[Attempt]:
+    def everyone(outcome: Outcome, detail: str) -> list[Attempt]:
+        return [ds if isinstance(ds, Attempt) else Attempt(outcome, None, detail)
+                for ds in datasets]
+
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     except Exception as exc:
-        return Attempt(Outcome.RETRY, None, f"cannot connect: {type(exc).__name__}")
+        return everyone(Outcome.RETRY, f"cannot connect: {type(exc).__name__}")
     if assoc.is_rejected:
-        return Attempt(Outcome.RETRY, None, "association rejected")
+        return everyone(Outcome.RETRY, "association rejected")
     if not assoc.is_established:
-        return Attempt(Outcome.RETRY, None, "association not established (down or aborted)")
+        return everyone(Outcome.RETRY, "association not established (down or aborted)")
+    results: list[Attempt] = []
     try:
-        if not assoc.accepted_contexts:
-            return Attempt(Outcome.DEAD, None, "destination does not accept this SR class")
-        response = assoc.send_c_store(sr)
-        if "Status" not in response:
-            return Attempt(Outcome.RETRY, None, "no response: aborted or timed out")
-        status = int(response.Status)
-        detail = str(response.get("ErrorComment", ""))[:200]
-        return Attempt(classify(status, retry_on_warning), status, detail)
-    except Exception as exc:
-        return Attempt(Outcome.RETRY, None, f"send failed: {type(exc).__name__}")
+        for ds in datasets:
+            if isinstance(ds, Attempt):
+                results.append(ds)
+            elif not assoc.is_established:
+                results.append(Attempt(Outcome.RETRY, None, "association lost"))
+            else:
+                results.append(_store_one(assoc, ds, retry_on_warning))
     finally:
         if assoc.is_established:
             assoc.release()
         elif not assoc.is_aborted:
             assoc.abort()
-        ae.shutdown()
+    return results
+
+
+def _store_one(assoc: Any, ds: Dataset, retry_on_warning: bool) -> Attempt:
+    try:
+        response = assoc.send_c_store(ds)
+    except ValueError as exc:  # no accepted presentation context for this SR
+        return Attempt(Outcome.DEAD, None, f"destination does not accept the SR: {exc}"[:200])
+    except Exception as exc:
+        return Attempt(Outcome.RETRY, None, f"send failed: {type(exc).__name__}")
+    if "Status" not in response:
+        return Attempt(Outcome.RETRY, None, "no response: aborted or timed out")
+    status = int(response.Status)
+    detail = str(response.get("ErrorComment", ""))[:200]
+    return Attempt(classify(status, retry_on_warning), status, detail)

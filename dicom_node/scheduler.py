@@ -15,8 +15,8 @@ from datetime import datetime
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import Settings
-from dicom_node.db import utcnow
-from dicom_node.deliver import Destination, Outcome, next_attempt, send
+from dicom_node.db import Delivery, Job, utcnow
+from dicom_node.deliver import Attempt, Destination, Outcome, next_attempt, send_many
 from dicom_node.jobs import JobStore
 from dicom_node.spool import Spool
 
@@ -42,22 +42,34 @@ class Dispatcher:
         hold = 4 * self.settings.delivery_timeout + 30
         attempted = 0
         while due := self.store.claim_due_deliveries(_BATCH, hold, now):
+            by_destination: dict[str, list[tuple[Delivery, Job]]] = {}
             for delivery, job in due:
-                self._attempt(delivery.id, delivery.destination, delivery.attempts,
-                              job.sr_file, job.id)
-                attempted += 1
+                by_destination.setdefault(delivery.destination, []).append((delivery, job))
+            for destination, items in by_destination.items():
+                self._send_all(destination, items)
+                attempted += len(items)
             if len(due) < _BATCH:
                 break
         return attempted
 
-    def _attempt(self, delivery_id: int, destination: str, attempts: int,
-                 sr_file: str | None, job_id: int) -> None:
+    def _send_all(self, destination: str, items: list[tuple[Delivery, Job]]) -> None:
+        """One association to ``destination`` for all of its due SRs."""
         s = self.settings
-        if sr_file is None:
-            self.store.delivery_failed(delivery_id, None, "job has no SR", None)
+        ready = [(d, j) for d, j in items if j.sr_file is not None]
+        for delivery, job in items:
+            if job.sr_file is None:
+                self.store.delivery_failed(delivery.id, None, "job has no SR", None)
+        if not ready:
             return
-        result = send(Destination.parse(destination), self.spool.root / sr_file,
-                      s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning)
+        attempts = send_many(Destination.parse(destination),
+                             [self.spool.root / str(j.sr_file) for _, j in ready],
+                             s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning)
+        for (delivery, job), result in zip(ready, attempts, strict=True):
+            self._record(delivery.id, destination, delivery.attempts, job.id, result)
+
+    def _record(self, delivery_id: int, destination: str, attempts: int, job_id: int,
+                result: Attempt) -> None:
+        s = self.settings
         if result.outcome is Outcome.DONE:
             self.store.delivery_done(delivery_id, result.status or 0)
             LOGGER.info("job %d: SR stored at %s (0x%04X)", job_id, destination,

@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,10 @@ class Worker(threading.Thread):
         self._engine_path: Path | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2),
                                         thread_name_prefix="preprocess")
+        # SRs of batch k are built (pure Python) while batch k+1 runs in the network
+        # (native code, GIL released); at most one batch is ever waiting to finish.
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="report")
+        self._finishing: Future[None] | None = None
         self._sr_dir = spool.root / SR_DIR
         self._sr_dir.mkdir(mode=0o750, exist_ok=True)
         self.last_timings: BatchTimings | None = None
@@ -95,8 +99,20 @@ class Worker(threading.Thread):
                 LOGGER.exception("worker step failed; retrying shortly")
                 done = 0
             if not done:
+                self._drain()
                 self._stop_event.wait(0.05 if self._engine is not None else 1.0)
+        self._drain()
+        self._finisher.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+
+    def _drain(self) -> None:
+        """Wait for the batch being finished, if any."""
+        if self._finishing is not None:
+            try:
+                self._finishing.result()
+            except Exception:
+                LOGGER.exception("finishing a batch failed; its jobs will be retried")
+            self._finishing = None
 
     # --- model ---
 
@@ -132,20 +148,29 @@ class Worker(threading.Thread):
         queue_wait = max((time.time() - j.created_at.timestamp() for j in jobs), default=0.0)
         prepared = self._prepare(jobs, engine)
         decoded = time.perf_counter()
-        if prepared:
-            probabilities = engine.predict(np.stack([p.tensor for p in prepared]))
+        if not prepared:
+            return len(jobs)
+        probabilities = engine.predict(np.stack([p.tensor for p in prepared]))
         inferred = time.perf_counter()
-        for item, row in zip(prepared, probabilities if prepared else [], strict=True):
-            self._finish(item, row, engine.card)
-        finished = time.perf_counter()
-        self.last_timings = BatchTimings(len(jobs), queue_wait, decoded - started,
-                                         inferred - decoded, finished - inferred)
-        LOGGER.info("batch of %d: preprocess %.0f ms, inference %.0f ms, SR %.0f ms",
-                    len(jobs), 1000 * (decoded - started), 1000 * (inferred - decoded),
-                    1000 * (finished - inferred))
-        if prepared and self._on_results is not None:
-            self._on_results()
+        self._drain()
+        self._finishing = self._finisher.submit(
+            self._finish_batch, prepared, probabilities, engine.card,
+            (len(jobs), queue_wait, decoded - started, inferred - decoded))
         return len(jobs)
+
+    def _finish_batch(self, prepared: list[Prepared], probabilities: NDArray[np.float32],
+                      card: model_card.ModelCard, timings: tuple[int, float, float, float]
+                      ) -> None:
+        started = time.perf_counter()
+        for item, row in zip(prepared, probabilities, strict=True):
+            self._finish(item, row, card)
+        report = time.perf_counter() - started
+        count, queue_wait, preprocess, inference = timings
+        self.last_timings = BatchTimings(count, queue_wait, preprocess, inference, report)
+        LOGGER.info("batch of %d: preprocess %.0f ms, inference %.0f ms, SR %.0f ms",
+                    count, 1000 * preprocess, 1000 * inference, 1000 * report)
+        if self._on_results is not None:
+            self._on_results()
 
     def _claim_batch(self) -> list[Job]:
         size = self.settings.batch_size

@@ -47,6 +47,12 @@ def test_matches_keras_reference(fp32: engine.Engine, small_artifact: Path) -> N
     np.testing.assert_allclose(fp32.predict(x), reference(x, training=False), atol=1e-6)
 
 
+def test_batch_shapes_are_powers_of_two_and_the_maximum() -> None:
+    assert engine.batch_shapes(16) == (1, 2, 4, 8, 16)
+    assert engine.batch_shapes(12) == (1, 2, 4, 8, 12)
+    assert engine.batch_shapes(1) == (1,)
+
+
 def test_wrong_input_shape_is_refused(fp32: engine.Engine) -> None:
     with pytest.raises(ValueError, match="expected"):
         fp32.predict(images(1, size=64))
