@@ -139,11 +139,11 @@ def build_sr(
             finding_type=_class_concept(cls.key),
             algorithm_id=algorithm,
             source_images=[source_image],
+            # The group's algorithm identification (TID 1501) covers its measurement.
             measurements=[Measurement(
                 name=codes.DCM.Probability,
                 value=round(float(result.probabilities[cls.key]), 6),
                 unit=codes.UCUM.NoUnits,
-                algorithm_id=algorithm,
             )],
         ))
     report = MeasurementReport(
