@@ -19,7 +19,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -40,25 +39,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dicom_node.loopback import free_port, wait_for_port  # noqa: E402
+
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 _BATCH = re.compile(r"batch of (\d+): preprocess (\d+) ms, inference (\d+) ms, SR (\d+) ms")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(port)
 
 
 class TimingPACS:

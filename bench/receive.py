@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -33,26 +32,15 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_node.loopback import free_port, wait_for_port
+
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 CALLING = "STORESCU"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
 
 
 def make_images(folder: Path, count: int, rows: int = 2500, columns: int = 2048) -> list[Path]:

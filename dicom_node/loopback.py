@@ -1,0 +1,32 @@
+"""Loopback helpers for the demo, the benchmarks and the tests: free ports, waiting for a peer."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0,
+                  proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait (bounded) until something accepts TCP connections on 127.0.0.1:``port``.
+
+    Raises RuntimeError if ``proc`` exits first, TimeoutError after ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
