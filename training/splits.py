@@ -1,0 +1,279 @@
+"""Patient-level folds and the paper's phase-balanced training phases (section 2.2).
+
+The paper trained each fold in ``phases`` (8) phases; every phase holds all the
+fold's training COVID-19 images, the pneumonia images of the first source (the
+covid-chestxray-dataset, "common" to every phase), ``unique_pneumonia`` (200)
+and ``unique_normal`` (250) images seen in no other phase -- 633 images.
+
+Folds are made at the patient level (no patient in both training and test).
+The validation set used to pick checkpoints is drawn from patients outside the
+test set (``protocol = "clean"``, the default); ``protocol = "paper"`` instead
+reproduces the authors' choice, a subset of the test images (all test COVID-19,
+300 normal, 300 pneumonia), for comparison only. Splits are written as CSV
+files (``filename,class``, the authors' format, plus patient and source) so a
+run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from training.sources import Record
+
+Protocol = Literal["clean", "paper"]
+PAPER_LABELS = {"covid": "COVID-19", "normal": "normal", "pneumonia": "pneumonia"}
+
+
+@dataclass
+class Fold:
+    """One fold: its training phases, its checkpoint-selection set and its test set."""
+
+    phases: list[list[Record]]
+    validation: list[Record]
+    test: list[Record]
+
+
+def _patient_key(record: Record) -> tuple[str, str]:
+    return (record.source, record.patient_id)
+
+
+def patient_folds(records: Sequence[Record], folds: int, seed: int) -> list[list[Record]]:
+    """Split ``records`` into ``folds`` test sets, never splitting a patient.
+
+    Patients are dealt label by label (by their first image's label), largest
+    first, to the fold that has the fewest of that label, so each class is
+    spread evenly.
+    """
+    if folds < 2:
+        raise ValueError("folds must be at least 2")
+    by_patient: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for record in records:
+        by_patient[_patient_key(record)].append(record)
+    rng = random.Random(seed)  # noqa: S311 - reproducible shuffling, not security
+    patients = sorted(by_patient)
+    rng.shuffle(patients)
+    patients.sort(key=lambda p: -len(by_patient[p]))
+    out: list[list[Record]] = [[] for _ in range(folds)]
+    counts = [Counter[str]() for _ in range(folds)]
+    for patient in patients:
+        label = by_patient[patient][0].label
+        target = min(range(folds), key=lambda k: (counts[k][label], sum(counts[k].values())))
+        out[target].extend(by_patient[patient])
+        for record in by_patient[patient]:
+            counts[target][record.label] += 1
+    return out
+
+
+def phase_balanced(
+    train: Sequence[Record],
+    phases: int = 8,
+    unique_pneumonia: int = 200,
+    unique_normal: int = 250,
+    common_source: str | None = None,
+    seed: int = 0,
+) -> tuple[list[list[Record]], list[Record]]:
+    """The paper's phases from a fold's training pool; returns (phases, unused records).
+
+    ``common_source`` (default: the source of the first COVID-19 record) supplies
+    the pneumonia images that every phase repeats.
+    """
+    covid = [r for r in train if r.label == "covid"]
+    if common_source is None:
+        common_source = covid[0].source if covid else None
+    common = [r for r in train if r.label == "pneumonia" and r.source == common_source]
+    rng = random.Random(seed)  # noqa: S311 - reproducible shuffling, not security
+    pneumonia = _patients([r for r in train
+                           if r.label == "pneumonia" and r.source != common_source], rng)
+    normal = _patients([r for r in train if r.label == "normal"], rng)
+    available_p = sum(len(g) for g in pneumonia)
+    available_n = sum(len(g) for g in normal)
+    if available_p < phases * unique_pneumonia or available_n < phases * unique_normal:
+        raise ValueError(
+            f"{phases} phases need {phases * unique_pneumonia} pneumonia and "
+            f"{phases * unique_normal} normal images beyond the common ones; the training "
+            f"pool has {available_p} and {available_n}")
+    out = []
+    for _ in range(phases):
+        taken_p, pneumonia = _take(pneumonia, unique_pneumonia)
+        taken_n, normal = _take(normal, unique_normal)
+        out.append(covid + common + taken_p + taken_n)
+    unused = [r for group in pneumonia + normal for r in group]
+    return out, unused
+
+
+def _patients(records: list[Record], rng: random.Random) -> list[list[Record]]:
+    """Records grouped by patient, groups in a seeded random order."""
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for record in records:
+        groups[_patient_key(record)].append(record)
+    order = sorted(groups)
+    rng.shuffle(order)
+    return [groups[key] for key in order]
+
+
+def _take(groups: list[list[Record]], quota: int) -> tuple[list[Record], list[list[Record]]]:
+    """Whole patients, first fit, until exactly ``quota`` images (or none fit any more).
+
+    A patient's images always stay together, so no patient is split between a
+    phase and the test set.
+    """
+    taken: list[Record] = []
+    left: list[list[Record]] = []
+    for group in groups:
+        if len(taken) + len(group) <= quota:
+            taken.extend(group)
+        else:
+            left.append(group)
+    return taken, left
+
+
+def make_folds(
+    records: Sequence[Record],
+    folds: int = 5,
+    phases: int = 8,
+    unique_pneumonia: int = 200,
+    unique_normal: int = 250,
+    validation_per_class: int = 100,
+    validation_covid_fraction: float = 0.15,
+    protocol: Protocol = "clean",
+    seed: int = 0,
+) -> list[Fold]:
+    """Every fold of the paper's scheme over ``records``.
+
+    A fold's test set is its patients' images plus the training pool's images
+    that no phase and no validation uses (the authors tested on everything they
+    did not train on). ``clean`` validation never touches a test patient: about
+    ``validation_covid_fraction`` of the pool's COVID-19 patients are held out
+    of training (every phase uses all the rest), plus up to
+    ``validation_per_class`` normal and pneumonia images from patients the
+    phases leave over. ``paper`` validation is a subset of the test set.
+    """
+    test_sets = patient_folds(records, folds, seed)
+    result = []
+    for k, test in enumerate(test_sets):
+        test_patients = {_patient_key(r) for r in test}
+        pool = [r for r in records if _patient_key(r) not in test_patients]
+        held_covid: list[Record] = []
+        if protocol == "clean":
+            held_covid, pool = _hold_out_covid(pool, validation_covid_fraction, seed + k)
+        fold_phases, unused = phase_balanced(pool, phases, unique_pneumonia, unique_normal,
+                                             seed=seed + k)
+        if protocol == "paper":
+            validation, rest = _paper_validation(test, seed + k), unused
+        else:
+            validation, rest = _clean_validation(unused, validation_per_class, seed + k)
+            validation = held_covid + validation
+        result.append(Fold(fold_phases, validation, test + rest))
+    return result
+
+
+def _hold_out_covid(pool: list[Record], fraction: float, seed: int
+                    ) -> tuple[list[Record], list[Record]]:
+    patients = sorted({_patient_key(r) for r in pool if r.label == "covid"})
+    random.Random(seed).shuffle(patients)  # noqa: S311
+    held = set(patients[:round(len(patients) * fraction)])
+    return ([r for r in pool if _patient_key(r) in held],
+            [r for r in pool if _patient_key(r) not in held])
+
+
+def _clean_validation(unused: list[Record], per_class: int, seed: int
+                      ) -> tuple[list[Record], list[Record]]:
+    rng = random.Random(seed)  # noqa: S311
+    by_patient: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for record in unused:
+        by_patient[_patient_key(record)].append(record)
+    patients = sorted(by_patient)
+    rng.shuffle(patients)
+    taken: Counter[str] = Counter()
+    validation: list[Record] = []
+    rest: list[Record] = []
+    for patient in patients:
+        images = by_patient[patient]
+        label = images[0].label
+        if taken[label] < per_class:
+            validation.extend(images)
+            taken[label] += len(images)
+        else:
+            rest.extend(images)
+    return validation, rest
+
+
+def _paper_validation(test: list[Record], seed: int) -> list[Record]:
+    rng = random.Random(seed)  # noqa: S311
+    shuffled = list(test)
+    rng.shuffle(shuffled)
+    quota = {"covid": len(test), "normal": 300, "pneumonia": 300}
+    taken: Counter[str] = Counter()
+    chosen = []
+    for record in shuffled:
+        if taken[record.label] < quota[record.label]:
+            chosen.append(record)
+            taken[record.label] += 1
+    return chosen
+
+
+# --- files ---
+
+def write_records(path: Path, records: Sequence[Record]) -> None:
+    """``filename,class,patient_id,source`` (the authors' two columns first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "class", "patient_id", "source"])
+        for r in records:
+            writer.writerow([str(r.path), PAPER_LABELS[r.label], r.patient_id, r.source])
+
+
+def write_folds(out: Path, folds: Sequence[Fold]) -> None:
+    """``out/fold<k>/train<p>.csv``, ``validation.csv``, ``test.csv`` (k, p from 1)."""
+    for k, fold in enumerate(folds, start=1):
+        for p, phase in enumerate(fold.phases, start=1):
+            write_records(out / f"fold{k}" / f"train{p}.csv", phase)
+        write_records(out / f"fold{k}" / "validation.csv", fold.validation)
+        write_records(out / f"fold{k}" / "test.csv", fold.test)
+
+
+@dataclass(frozen=True)
+class PhaseComposition:
+    """What one of the authors' phase files holds."""
+
+    covid: int
+    common_pneumonia: int
+    unique_pneumonia: int
+    normal: int
+
+
+def check_paper_fold(fold_dir: Path, phases: int = 8) -> list[PhaseComposition]:
+    """Read the authors' ``train1..8.csv`` of one fold and check the paper's composition.
+
+    Every phase must repeat the same COVID-19 set and the same common pneumonia
+    set; its other pneumonia and its normal images must appear in no other phase.
+    Raises ValueError naming the file that breaks the rule.
+    """
+    rows = []
+    for p in range(1, phases + 1):
+        with (fold_dir / f"train{p}.csv").open(newline="") as f:
+            rows.append([(r["filename"], r["class"]) for r in csv.DictReader(f)])
+    covid = [frozenset(n for n, c in phase if c == "COVID-19") for phase in rows]
+    pneumonia = [{n for n, c in phase if c == "pneumonia"} for phase in rows]
+    normal = [{n for n, c in phase if c == "normal"} for phase in rows]
+    if len(set(covid)) != 1:
+        raise ValueError(f"{fold_dir.name}: phases do not share one COVID-19 set")
+    common = set.intersection(*pneumonia)
+    seen_p: set[str] = set()
+    seen_n: set[str] = set()
+    result = []
+    for p, (pn, nm) in enumerate(zip(pneumonia, normal, strict=True), start=1):
+        unique = pn - common
+        if unique & seen_p or nm & seen_n:
+            raise ValueError(f"{fold_dir.name}/train{p}.csv repeats an image of another phase")
+        seen_p |= unique
+        seen_n |= nm
+        result.append(PhaseComposition(len(covid[0]), len(common), len(unique), len(nm)))
+    return result
