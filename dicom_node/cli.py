@@ -451,6 +451,67 @@ def predict(
 
 
 @app.command()
+def prepare(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the split files.")],
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", help="KIND:PATH, KIND one of covid-chestxray, rsna, folder, csv "
+        "(repeatable; the first source's pneumonia images are the paper's 'common' ones).",
+    )] = None,
+    folds: Annotated[int, typer.Option("--folds")] = 5,
+    phases: Annotated[int, typer.Option("--phases")] = 8,
+    unique_pneumonia: Annotated[int, typer.Option("--unique-pneumonia")] = 200,
+    unique_normal: Annotated[int, typer.Option("--unique-normal")] = 250,
+    protocol: Annotated[str, typer.Option(
+        "--protocol", help="clean (validation never touches the test set) or paper.")
+    ] = "clean",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    check_paper: Annotated[Path | None, typer.Option(
+        "--check-paper", exists=True, file_okay=False,
+        help="Check the authors' fold*/train*.csv in this folder instead.")] = None,
+) -> None:
+    """Read datasets and write patient-level folds of phase-balanced training phases."""
+    from training import sources as readers
+    from training import splits
+
+    if check_paper is not None:
+        for fold in sorted(check_paper.glob("fold*")):
+            try:
+                compositions = splits.check_paper_fold(fold, phases)
+            except (ValueError, OSError, KeyError) as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from exc
+            shapes = sorted({(c.covid, c.common_pneumonia, c.unique_pneumonia, c.normal)
+                             for c in compositions})
+            typer.echo(f"{fold.name}: {len(compositions)} phases, COVID-19/common pneumonia/"
+                       f"unique pneumonia/normal = {shapes}")
+        return
+    kinds = {"covid-chestxray": readers.covid_chestxray, "rsna": readers.rsna,
+             "folder": readers.folder_per_class, "csv": readers.csv_list}
+    records = []
+    for item in source or []:
+        kind, _, path = item.partition(":")
+        if kind not in kinds or not path:
+            typer.echo(f"error: --source {item!r}: expected KIND:PATH with KIND in "
+                       f"{sorted(kinds)}", err=True)
+            raise typer.Exit(2)
+        records += list(kinds[kind](Path(path)))  # type: ignore[operator]
+    if not records:
+        typer.echo("error: no records (give --source KIND:PATH)", err=True)
+        raise typer.Exit(2)
+    try:
+        made = splits.make_folds(records, folds, phases, unique_pneumonia, unique_normal,
+                                 protocol=protocol, seed=seed)  # type: ignore[arg-type]
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    splits.write_folds(out, made)
+    for k, made_fold in enumerate(made, start=1):
+        typer.echo(f"fold{k}: {len(made_fold.phases)} phases of {len(made_fold.phases[0])} "
+                   f"images, validation {len(made_fold.validation)}, test {len(made_fold.test)}")
+    typer.echo(f"written to {out}")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

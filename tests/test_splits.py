@@ -131,3 +131,24 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path: Path) -> None:
     assert first != other
     assert "fold1/train1.csv" in first and "fold3/test.csv" in first
     assert first["fold1/train1.csv"].splitlines()[0] == "filename,class,patient_id,source"
+
+
+def test_prepare_command_writes_folds_and_checks_the_papers(tmp_path: Path,
+                                                            shared_cxr: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "splits"
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "prepare", "--source", f"csv:{shared_cxr}/labels.csv",
+         "--folds", "3", "--phases", "2", "--unique-pneumonia", "10", "--unique-normal", "12",
+         "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (out / "fold3" / "train2.csv").is_file() and (out / "fold1" / "test.csv").is_file()
+    if PAPER_SPLITS.is_dir():
+        checked = subprocess.run(
+            [sys.executable, "-m", "dicom_node", "prepare", "--out", str(tmp_path / "x"),
+             "--check-paper", str(PAPER_SPLITS)], capture_output=True, text=True, timeout=120)
+        assert checked.returncode == 0, checked.stderr
+        assert "fold3: 8 phases, COVID-19/common pneumonia/unique pneumonia/normal = " \
+               "[(150, 34, 200, 250)]" in checked.stdout
