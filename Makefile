@@ -12,7 +12,7 @@ DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc openssl
 RUN_ARGS ?= --allow-calling-ae STORESCU
 PYTEST_ARGS ?=
 
-.PHONY: run test demo install install-test debian-test-packages lint bench bench-quick clean
+.PHONY: run test demo demo-model install install-test debian-test-packages lint bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); apt-get update && \
@@ -42,6 +42,14 @@ run: install
 MODEL ?=
 demo: install
 	$(BIN)/python deploy/demo.py $(if $(MODEL),--model $(MODEL))
+
+# Trains the demo model from a folder of labelled images (the shared dev set by
+# default) at 128 px, 2 phases of 2 epochs -- minutes on a CPU -- and installs it.
+DATA ?= ../shared/data/cxr-dev
+demo-model: install
+	$(BIN)/dicom-node train --data $(DATA) --arch concatenated --input-size 128 \
+	  --folds 5 --phases 2 --epochs-per-phase 2 --out var/demo-training
+	$(BIN)/dicom-node model install var/demo-training/fold1/model
 
 lint: install-test
 	$(BIN)/ruff check dicom_node model training tests bench

@@ -511,6 +511,101 @@ def prepare(
     typer.echo(f"written to {out}")
 
 
+def _auto_quota(records: list[Any], label: str, folds: int, phases: int, paper: int) -> int:
+    """The paper's per-phase quota, or what a small data set can give every phase."""
+    first_source = next((r.source for r in records if r.label == "covid"), None)
+    count = sum(1 for r in records if r.label == label
+                and not (label == "pneumonia" and r.source == first_source))
+    return max(1, min(paper, int(count * (folds - 1) / folds * 0.8) // phases))
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", exists=True,
+                                       help="A CSV list or a folder per class.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (splits, logs, model).")],
+    arch: Annotated[str, typer.Option("--arch")] = "concatenated",
+    input_size: Annotated[int, typer.Option("--input-size")] = 300,
+    folds: Annotated[int, typer.Option("--folds")] = 5,
+    fold: Annotated[int, typer.Option("--fold", help="Which fold to train (1-based).")] = 1,
+    phases: Annotated[int, typer.Option("--phases")] = 8,
+    epochs_per_phase: Annotated[int, typer.Option("--epochs-per-phase")] = 100,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Default: 20 (concatenated) or 30, as in the paper.")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="none, imagenet or FILE.")] = "none",
+    unique_pneumonia: Annotated[int | None, typer.Option("--unique-pneumonia")] = None,
+    unique_normal: Annotated[int | None, typer.Option("--unique-normal")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="clean or paper.")] = "clean",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    version: Annotated[str, typer.Option("--version")] = "1.0.0",
+) -> None:
+    """Train one fold the paper's way, then evaluate it on the fold's test set."""
+    _quiet_tensorflow()
+    _setup_logging("INFO")
+    from training import evaluate as evaluation
+    from training import sources, splits
+    from training import train as training
+
+    records = sources.read(data)
+    per_p = unique_pneumonia or _auto_quota(records, "pneumonia", folds, phases, 200)
+    per_n = unique_normal or _auto_quota(records, "normal", folds, phases, 250)
+    try:
+        made = splits.make_folds(records, folds, phases, per_p, per_n,
+                                 protocol=protocol, seed=seed)  # type: ignore[arg-type]
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if not 1 <= fold <= folds:
+        typer.echo(f"error: --fold must be between 1 and {folds}", err=True)
+        raise typer.Exit(2)
+    splits.write_folds(out / "splits", made)
+    chosen = made[fold - 1]
+    config = training.TrainConfig(architecture=arch, input_size=input_size,
+                                  epochs_per_phase=epochs_per_phase, batch_size=batch_size,
+                                  weights=weights, seed=seed, version=version,
+                                  extra={"fold": fold, "folds": folds, "protocol": protocol,
+                                         "unique_pneumonia": per_p, "unique_normal": per_n})
+    created = training.train(chosen.phases, chosen.validation, config, out / f"fold{fold}")
+    artifact = out / f"fold{fold}" / "model"
+    result = evaluation.evaluate_artifact(artifact, chosen.test, out / f"fold{fold}" /
+                                          "evaluation", paper=protocol == "paper")
+    evaluation.record_in_card(artifact, result)
+    typer.echo(f"model: {artifact} ({created.architecture} {created.input_size}px); "
+               f"test accuracy {result['overall_accuracy']:.4f} on {result['images']} images; "
+               f"install with: dicom-node model install {artifact}")
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Option("--model", exists=True, file_okay=False)],
+    data: Annotated[Path, typer.Option("--data", exists=True,
+                                       help="A CSV list or a folder per class.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json and the report.")],
+    prevalence: Annotated[list[str] | None, typer.Option(
+        "--prevalence", help="CLASS=FRACTION: report the PPV at this prevalence.")] = None,
+    paper: Annotated[bool, typer.Option("--paper", help="Show the paper's Table 4 row.")
+                     ] = False,
+) -> None:
+    """Evaluate a model on labelled images: the paper's tables, AUC, intervals, plots."""
+    _quiet_tensorflow()
+    _setup_logging("WARNING")
+    from training import evaluate as evaluation
+    from training import sources
+
+    given: dict[str, float] = {}
+    for item in prevalence or []:
+        key, _, value = item.partition("=")
+        try:
+            given[key.strip()] = float(value)
+        except ValueError as exc:
+            typer.echo(f"error: --prevalence {item!r} is not CLASS=FRACTION", err=True)
+            raise typer.Exit(2) from exc
+    result = evaluation.evaluate_artifact(model_dir, sources.read(data), out, paper=paper,
+                                          prevalence=given)
+    typer.echo(f"overall accuracy {result['overall_accuracy']:.4f} on {result['images']} "
+               f"images; report: {out / 'report.md'}")
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

@@ -86,10 +86,13 @@ def build(
     x = layers.Conv2D(1024, 1, padding="same", activation=None, name="fusion_conv")(features)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dropout(0.5, name="dropout")(x)
+    mixed = keras.config.dtype_policy().name.startswith("mixed")
     outputs = layers.Dense(
         NUM_CLASSES,
         activation="softmax",
         kernel_initializer=keras.initializers.RandomNormal(0.0, HEAD_INIT_STDDEV, seed=seed),
+        # Under mixed precision the softmax stays in float32 (Keras' guidance).
+        dtype="float32" if mixed else None,
         name="predictions",
     )(x)
     model = keras.Model(inputs, outputs, name=architecture)

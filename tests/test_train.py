@@ -1,0 +1,126 @@
+"""Training: a CPU smoke run through train -> evaluate -> install -> classify; kill and resume;
+one-worker MultiWorkerMirroredStrategy."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import free_port
+from dicom_factory import dx_16bit, save
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def labelled_pngs(folder: Path, per_class: int = 12) -> Path:
+    """A CSV list of small synthetic PNGs, one patient each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for label in ("covid", "normal", "pneumonia"):
+        for i in range(per_class):
+            image = (rng.random((100, 90)) * 60 + {"covid": 180, "normal": 40,
+                                                   "pneumonia": 110}[label]).astype(np.uint8)
+            name = f"{label}{i}.png"
+            Image.fromarray(image).save(folder / name)
+            rows.append({"filename": name, "label": label, "patient_id": f"{label}{i}",
+                         "source": "covid-src" if label == "covid" else "other-src"})
+    path = folder / "labels.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["filename", "label", "patient_id", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_train_evaluate_install_classify(tmp_path: Path, shared_cxr: Path) -> None:
+    run = tmp_path / "run"
+    # xception keeps CI short (the concatenated network's training graph alone takes
+    # about two minutes to trace on 2 cores); the code path is the same.
+    trained = cli("train", "--data", str(shared_cxr), "--arch", "xception",
+                  "--input-size", "96", "--folds", "3", "--phases", "2",
+                  "--epochs-per-phase", "1", "--out", str(run))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    artifact = run / "fold1" / "model"
+    card = json.loads((artifact / "model-card.json").read_text())
+    assert card["trained"] is True and card["input_size"] == 96
+    assert card["training_data"]["phases"] == 2
+    assert "test_overall_accuracy" in card["metrics"]
+    assert (run / "fold1" / "work" / "log-phase2.csv").is_file()
+    assert (run / "splits" / "fold3" / "train2.csv").is_file()
+
+    evaluated = cli("evaluate", "--model", str(artifact), "--data",
+                    str(shared_cxr / "labels.csv"), "--out", str(tmp_path / "ev"),
+                    "--prevalence", "covid=0.05")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["images"] == 150 and 0.0 <= metrics["overall_accuracy"] <= 1.0
+    assert "ppv_at_0.05" in metrics["per_class"]["covid"]
+    assert len(metrics["by_source"]) >= 3  # the dev set mixes sources: reported apart
+
+    data = tmp_path / "var"
+    assert cli("model", "install", str(artifact), "--data-dir", str(data)).returncode == 0
+    dicom = save(dx_16bit(rows=256, columns=200), tmp_path / "chest.dcm")
+    predicted = cli("predict", str(dicom), "--json", "--data-dir", str(data))
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    report = json.loads(predicted.stdout)
+    assert report["trained"] is True
+    assert report["results"][0]["label"] in ("covid", "normal", "pneumonia")
+
+
+def _train_args(labels: Path, out: Path, phases: int) -> list[str]:
+    return ["train", "--data", str(labels), "--arch", "xception", "--input-size", "80",
+            "--folds", "3", "--phases", str(phases), "--epochs-per-phase", "2",
+            "--batch-size", "4", "--out", str(out)]
+
+
+def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
+    labels = labelled_pngs(tmp_path / "data")
+    out = tmp_path / "run"
+    progress = out / "fold1" / "work" / "progress.json"
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node", *_train_args(labels, out, 3)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["phases_done"] >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = json.loads(progress.read_text())["phases_done"]
+    assert 1 <= done_before < 3
+    phase1_log = (out / "fold1" / "work" / "log-phase1.csv").read_text()
+
+    resumed = cli(*_train_args(labels, out, 3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after phase {done_before}" in resumed.stderr
+    assert json.loads(progress.read_text())["phases_done"] == 3
+    assert (out / "fold1" / "work" / "log-phase1.csv").read_text() == phase1_log
+    assert (out / "fold1" / "model" / "model-card.json").is_file()
+
+
+def test_multi_worker_strategy_with_one_worker(tmp_path: Path) -> None:
+    labels = labelled_pngs(tmp_path / "data", per_class=8)
+    tf_config = {"cluster": {"worker": [f"localhost:{free_port()}"]},
+                 "task": {"type": "worker", "index": 0}}
+    result = cli(*_train_args(labels, tmp_path / "run", 1),
+                 env={"TF_CONFIG": json.dumps(tf_config)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "fold1" / "model" / "model.keras").is_file()
