@@ -12,7 +12,7 @@ DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc openssl
 RUN_ARGS ?= --allow-calling-ae STORESCU
 PYTEST_ARGS ?=
 
-.PHONY: run test demo demo-model install install-test debian-test-packages lint bench bench-quick clean
+.PHONY: run test demo demo-model install install-bench install-test debian-test-packages lint bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); apt-get update && \
@@ -58,13 +58,20 @@ lint: install-test
 test: debian-test-packages lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: install-test debian-test-packages
+install-bench: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+
+bench: install-bench debian-test-packages
 	$(BIN)/python bench/receive.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/train_input.py
 
-bench-quick: install-test debian-test-packages
+bench-quick: install-bench debian-test-packages
 	$(BIN)/python bench/receive.py --quick
 	$(BIN)/python bench/inference.py --quick
+	$(BIN)/python bench/e2e.py --quick
+	$(BIN)/python bench/train_input.py --quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
