@@ -521,9 +521,15 @@ def _auto_quota(records: list[Any], label: str, folds: int, phases: int, paper: 
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option("--data", exists=True,
-                                       help="A CSV list or a folder per class.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder (splits, logs, model).")],
+    data: Annotated[Path | None, typer.Option(
+        "--data", exists=True, help="A CSV list or a folder per class.")] = None,
+    paper_splits: Annotated[Path | None, typer.Option(
+        "--paper-splits", exists=True, file_okay=False,
+        help="Train on the authors' own All.csv and fold*/train*.csv instead.")] = None,
+    images: Annotated[Path | None, typer.Option(
+        "--images", exists=True, file_okay=False,
+        help="With --paper-splits: the folder holding all their images.")] = None,
     arch: Annotated[str, typer.Option("--arch")] = "concatenated",
     input_size: Annotated[int, typer.Option("--input-size")] = 300,
     folds: Annotated[int, typer.Option("--folds")] = 5,
@@ -546,20 +552,30 @@ def train(
     from training import sources, splits
     from training import train as training
 
-    records = sources.read(data)
-    per_p = unique_pneumonia or _auto_quota(records, "pneumonia", folds, phases, 200)
-    per_n = unique_normal or _auto_quota(records, "normal", folds, phases, 250)
-    try:
-        made = splits.make_folds(records, folds, phases, per_p, per_n,
-                                 protocol=protocol, seed=seed)  # type: ignore[arg-type]
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    if (data is None) == (paper_splits is None) or (paper_splits is not None and images is None):
+        typer.echo("error: give either --data, or --paper-splits with --images", err=True)
+        raise typer.Exit(2)
     if not 1 <= fold <= folds:
         typer.echo(f"error: --fold must be between 1 and {folds}", err=True)
         raise typer.Exit(2)
-    splits.write_folds(out / "splits", made)
-    chosen = made[fold - 1]
+    per_p = per_n = 0
+    try:
+        if paper_splits is not None and images is not None:
+            protocol = "paper"
+            chosen = splits.import_paper_fold(paper_splits, fold, images, phases, seed=seed)
+            splits.write_folds(out / "splits", [chosen])
+        else:
+            assert data is not None
+            records = sources.read(data)
+            per_p = unique_pneumonia or _auto_quota(records, "pneumonia", folds, phases, 200)
+            per_n = unique_normal or _auto_quota(records, "normal", folds, phases, 250)
+            made = splits.make_folds(records, folds, phases, per_p, per_n,
+                                     protocol=protocol, seed=seed)  # type: ignore[arg-type]
+            splits.write_folds(out / "splits", made)
+            chosen = made[fold - 1]
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     config = training.TrainConfig(architecture=arch, input_size=input_size,
                                   epochs_per_phase=epochs_per_phase, batch_size=batch_size,
                                   weights=weights, seed=seed, version=version,

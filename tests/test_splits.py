@@ -152,3 +152,22 @@ def test_prepare_command_writes_folds_and_checks_the_papers(tmp_path: Path,
         assert checked.returncode == 0, checked.stderr
         assert "fold3: 8 phases, COVID-19/common pneumonia/unique pneumonia/normal = " \
                "[(150, 34, 200, 250)]" in checked.stdout
+
+
+def test_authors_fold_imported_as_in_their_notebook(tmp_path: Path) -> None:
+    if not PAPER_SPLITS.is_dir():
+        pytest.skip("../shared/reference/paper-splits is absent (a fresh clone)")
+    from training.splits import import_paper_fold
+
+    fold = import_paper_fold(PAPER_SPLITS, 1, tmp_path / "All")
+    assert len(fold.phases) == 8 and all(len(p) == 633 for p in fold.phases)
+    trained = {r.path for p in fold.phases for r in p}
+    assert not trained & {r.path for r in fold.test}
+    # Table 1 of the paper: 3783 training images (149 + 1634 + 2000), 11302 tested.
+    assert len(trained) == 3783 and len(fold.test) == 11302
+    counts = Counter(r.label for r in fold.validation)
+    assert counts["normal"] == 300 and counts["pneumonia"] == 300
+    assert counts["covid"] == Counter(r.label for r in fold.test)["covid"]
+    assert all(r.path.parent == tmp_path / "All" for r in fold.test)
+    with pytest.raises(ValueError, match="patient ids"):
+        import_paper_fold(PAPER_SPLITS, 1, tmp_path, protocol="clean")

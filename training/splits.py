@@ -277,3 +277,37 @@ def check_paper_fold(fold_dir: Path, phases: int = 8) -> list[PhaseComposition]:
         seen_n |= nm
         result.append(PhaseComposition(len(covid[0]), len(common), len(unique), len(nm)))
     return result
+
+
+def import_paper_fold(splits_dir: Path, fold: int, images: Path, phases: int = 8,
+                      protocol: Protocol = "paper", seed: int = 0) -> Fold:
+    """A fold built from the authors' own files (``All.csv``, ``fold<k>/train<p>.csv``).
+
+    Image paths are ``images/<filename>`` (the authors kept all images in one
+    folder). The test set is every image of ``All.csv`` in no phase, as in their
+    notebook; ``paper`` validation is their ``s_test`` recipe (all test COVID-19,
+    300 normal, 300 pneumonia). The authors' files carry no patient ids, so a
+    ``clean`` validation set cannot be drawn from them; it is refused.
+    """
+    if protocol != "paper":
+        raise ValueError("the authors' files have no patient ids: only protocol 'paper' "
+                         "can be reproduced from them")
+    check_paper_fold(splits_dir / f"fold{fold}", phases)
+
+    def load(path: Path) -> list[Record]:
+        with path.open(newline="") as f:
+            return [Record(images / row["filename"], _label(row["class"]),
+                           Path(row["filename"]).stem, "paper")
+                    for row in csv.DictReader(f)]
+
+    fold_phases = [load(splits_dir / f"fold{fold}" / f"train{p}.csv")
+                   for p in range(1, phases + 1)]
+    trained = {r.path for phase in fold_phases for r in phase}
+    test = [r for r in load(splits_dir / "All.csv") if r.path not in trained]
+    return Fold(fold_phases, _paper_validation(test, seed), test)
+
+
+def _label(text: str) -> str:
+    from model.classes import CLASS_KEYS, index_of
+
+    return CLASS_KEYS[index_of(text)]
