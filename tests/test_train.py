@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from dicom_node.jobs import JobStore
+
+from conftest import NodeProcess, free_port
 from dicom_factory import dx_16bit, save
+from peers import storescu
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +85,21 @@ def test_train_evaluate_install_classify(tmp_path: Path, shared_cxr: Path) -> No
     report = json.loads(predicted.stdout)
     assert report["trained"] is True
     assert report["results"][0]["label"] in ("covid", "normal", "pneumonia")
+
+    # ... and the running node classifies a received DICOM with the installed model.
+    node = NodeProcess(data).start()
+    try:
+        assert storescu(node.port, [dicom]).all_success
+        store = JobStore(f"sqlite:///{data / 'dicom-node.db'}")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and store.counts() != {"done": 1}:
+            time.sleep(0.5)
+        (job,) = store.list()
+        store.close()
+        assert job.state.value == "done" and job.label in ("covid", "normal", "pneumonia")
+        assert job.model_version == f"cxr-covid-pneumonia {card['version']}"
+    finally:
+        node.stop()
 
 
 def _train_args(labels: Path, out: Path, phases: int) -> list[str]:

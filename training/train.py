@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -122,7 +123,8 @@ def train(
                                   augment=config.augment, shuffle=True,
                                   seed=config.seed + number, cache="")
         model.fit(train_data, validation_data=val_data, epochs=config.epochs_per_phase,
-                  verbose=2, shuffle=False, callbacks=[
+                  # a progress bar on a terminal, one line per epoch in a log file
+                  verbose=1 if sys.stdout.isatty() else 2, shuffle=False, callbacks=[
                       checkpoint,
                       keras.callbacks.CSVLogger(str(work / f"log-phase{number}.csv"),
                                                 append=True),
