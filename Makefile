@@ -48,7 +48,7 @@ demo: install
 DATA ?= ../shared/data/cxr-dev
 demo-model: install
 	$(BIN)/dicom-node train --data $(DATA) --arch concatenated --input-size 128 \
-	  --folds 5 --phases 2 --epochs-per-phase 2 --out var/demo-training
+	  --folds 5 --phases 2 --epochs-per-phase 2 --version 0.1.0-demo --out var/demo-training
 	$(BIN)/dicom-node model install var/demo-training/fold1/model
 
 lint: install-test
