@@ -164,26 +164,13 @@ class JobStore:
             )
         return int(getattr(result, "rowcount", 0))
 
-    def complete(
-        self,
-        job_id: int,
-        owner: str,
-        label: str,
-        probabilities: dict[str, float],
-        model_version: str,
-    ) -> bool:
-        """Store the result of a job ``owner`` still holds; False if the lease was lost."""
-        now = utcnow()
-        return self._finish(
-            job_id,
-            owner,
-            state=JobState.DONE,
-            label=label,
-            probabilities=probabilities,
-            model_version=model_version,
-            finished_at=now,
-            last_error=None,
-        )
+    def complete(self, job_id: int, owner: str, label: str,
+                 probabilities: dict[str, float], model_version: str) -> bool:
+        """Store the result of a job ``owner`` still holds, with no SR to deliver."""
+        return self.complete_with_deliveries(
+            job_id, owner,
+            {"label": label, "probabilities": probabilities, "model_version": model_version},
+            destinations=())
 
     def complete_with_deliveries(
         self,

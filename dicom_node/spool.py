@@ -27,6 +27,8 @@ LOGGER = logging.getLogger(__name__)
 _TMP = ".tmp"
 _QUARANTINE = ".quarantine"
 _SUFFIX = ".dcm"
+#: Where the worker keeps the SRs it produced (not received files).
+REPORT_DIR = "sr"
 _FILE_MODE = 0o640
 _SHARD = re.compile(r"^[0-9a-f]{2}$")
 
@@ -65,9 +67,27 @@ class Spool:
         size = sum(len(c) for c in chunks)
         self._check_free_space(size)
         token = uuid.uuid4().hex
-        tmp = self._tmp / f"{token}.part"
-        shard = self.root / token[:2]
-        final = shard / f"{token}{_SUFFIX}"
+        name = f"{token[:2]}/{token}{_SUFFIX}"
+        try:
+            self._durable_write(name, chunks)
+        except OSError as exc:
+            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+            LOGGER.error("spool write failed: %s", os.strerror(exc.errno or 0))
+            raise OutOfResources(f"cannot store instance: {reason}") from exc
+        return SpooledFile(name=name, size=size)
+
+    def write_report(self, job_id: int, data: bytes) -> str:
+        """Write a job's SR durably as ``sr/job-<id>.dcm`` (our id, never a received
+        string), replacing an earlier one; return its name relative to the root."""
+        name = f"{REPORT_DIR}/job-{int(job_id)}{_SUFFIX}"
+        self._durable_write(name, [data])
+        return name
+
+    def _durable_write(self, name: str, chunks: Sequence[bytes]) -> None:
+        """temp file -> fsync -> rename to ``name`` -> fsync its directory; nothing
+        is left behind on failure (raises OSError)."""
+        tmp = self._tmp / f"{uuid.uuid4().hex}.part"
+        final = self.root / name
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
             try:
@@ -75,18 +95,14 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if not shard.is_dir():
-                shard.mkdir(mode=0o750, exist_ok=True)
+            if not final.parent.is_dir():
+                final.parent.mkdir(mode=0o750, exist_ok=True)
                 _fsync_dir(self.root)
-            os.rename(tmp, final)
-            _fsync_dir(shard)
-        except OSError as exc:
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError:
             _unlink_quietly(tmp)
-            _unlink_quietly(final)
-            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
-            LOGGER.error("spool write failed: %s", os.strerror(exc.errno or 0))
-            raise OutOfResources(f"cannot store instance: {reason}") from exc
-        return SpooledFile(name=f"{token[:2]}/{token}{_SUFFIX}", size=size)
+            raise
 
     def remove(self, name: str) -> None:
         """Delete a spooled file (used when its job row could not be committed)."""

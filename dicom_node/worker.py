@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,6 @@ from model import card as model_card
 from model.classes import CLASS_KEYS
 
 LOGGER = logging.getLogger(__name__)
-
-SR_DIR = "sr"
 
 
 @dataclass
@@ -82,8 +81,6 @@ class Worker(threading.Thread):
         # (native code, GIL released); at most one batch is ever waiting to finish.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="report")
         self._finishing: Future[None] | None = None
-        self._sr_dir = spool.root / SR_DIR
-        self._sr_dir.mkdir(mode=0o750, exist_ok=True)
         self.last_timings: BatchTimings | None = None
         self.model_loaded = threading.Event()
 
@@ -220,7 +217,9 @@ class Worker(threading.Thread):
                 sr = build_sr(item.source, Classification(label, probabilities), card,
                               job.sr_sop_instance_uid, job.sr_series_instance_uid,
                               card.device_uid)
-            sr_name = self._write_sr(job.id, sr)
+            encoded = BytesIO()
+            sr.save_as(encoded, enforce_file_format=True)
+            sr_name = self.spool.write_report(job.id, encoded.getvalue())
         except Exception as exc:
             self.store.fail(job.id, self.owner, f"SR could not be built: {exc}")
             LOGGER.warning("job %d: SR could not be built (%s)", job.id, type(exc).__name__)
@@ -233,25 +232,6 @@ class Worker(threading.Thread):
             return
         LOGGER.info("job %d: %s (%s)", job.id, label,
                     ", ".join(f"{k} {v:.3f}" for k, v in probabilities.items()))
-
-    def _write_sr(self, job_id: int, sr: Dataset) -> str:
-        """Write the SR durably as ``sr/job-<id>.dcm`` (our id, never a received string)."""
-        name = f"{SR_DIR}/job-{job_id}.dcm"
-        final = self.spool.root / name
-        tmp = final.with_suffix(".part")
-        sr.save_as(tmp, enforce_file_format=True)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        fd = os.open(self._sr_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return name
 
     def _destinations(self, job: Job) -> list[str]:
         destinations = list(self.settings.destinations)

@@ -86,7 +86,7 @@ def dicom_gray8(ds: Dataset) -> NDArray[np.uint8]:
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
     if has_voi:
         values = apply_voi_lut(values, ds, index=0)
-        low, high = _voi_output_range(ds, values)
+        low, high = _voi_output_range(ds)
         # In place, one array: a 2048x2500 image is 40 MB of float64 per copy.
         out = np.asarray(values, dtype=np.float64)  # apply_voi_lut returned a new array
         out -= low
@@ -104,18 +104,15 @@ def dicom_gray8(ds: Dataset) -> NDArray[np.uint8]:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _voi_output_range(ds: Dataset, values: NDArray[np.generic]) -> tuple[float, float]:
-    """The output range of the VOI transform: the LUT's bit depth, or pydicom's window range."""
+def _voi_output_range(ds: Dataset) -> tuple[float, float]:
+    """The output range of pydicom's VOI transform: the LUT's bit depth, or the window's
+    range (signed stored values without a rescale keep their signed range)."""
     if "VOILUTSequence" in ds and "WindowCenter" not in ds:
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2])
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, float(2**bits - 1)
     bits = int(ds.get("BitsStored", 16))
     if int(ds.get("PixelRepresentation", 0)) == 1 and "RescaleSlope" not in ds:
         return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        # pydicom windows modality values into the stored range's width starting at 0
-        return 0.0, float(2**bits - 1)
     return 0.0, float(2**bits - 1)
 
 

@@ -7,13 +7,15 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from dicom_node.jobs import JobStore
 from dicom_node.loopback import free_port, wait_for_port
 
 from dicom_factory import SHARED_CXR, SHARED_DICOM
@@ -76,9 +78,23 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=15)
 
+    def job_store(self) -> JobStore:
+        """The node's job store (the caller closes it)."""
+        return JobStore(f"sqlite:///{self.data_dir / 'dicom-node.db'}")
+
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 180, what: str = "") -> None:
+    """Poll ``condition`` until true, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what or condition}")
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_node.jobs import JobStore
-
-from conftest import NodeProcess, free_port
+from conftest import NodeProcess, free_port, wait_until
 from dicom_factory import dx_16bit, save
 from peers import storescu
 
@@ -90,10 +88,8 @@ def test_train_evaluate_install_classify(tmp_path: Path, shared_cxr: Path) -> No
     node = NodeProcess(data).start()
     try:
         assert storescu(node.port, [dicom]).all_success
-        store = JobStore(f"sqlite:///{data / 'dicom-node.db'}")
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and store.counts() != {"done": 1}:
-            time.sleep(0.5)
+        store = node.job_store()
+        wait_until(lambda: store.counts() == {"done": 1}, what="the job done")
         (job,) = store.list()
         store.close()
         assert job.state.value == "done" and job.label in ("covid", "normal", "pneumonia")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from dicom_node.db import DeliveryState, JobState
 from dicom_node.node import Node
 from model import card
 
-from conftest import free_port
+from conftest import free_port, wait_until
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit
 from test_scp import store
 
@@ -46,14 +46,6 @@ class FakePACS:
     def stop(self) -> None:
         self._ae.shutdown()
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise TimeoutError("condition not met in time")
 
 
 @pytest.fixture

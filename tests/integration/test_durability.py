@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 
-from dicom_node.jobs import JobStore
-
 from conftest import CALLING_AE, NODE_AE, NodeProcess
 from dicom_factory import chest_image, save
 from integration.test_storescu import dataset_sha256
@@ -20,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def check_every_acknowledged_instance(node: NodeProcess, acknowledged: set[str]) -> None:
-    store = JobStore(f"sqlite:///{node.data_dir / 'dicom-node.db'}")
+    store = node.job_store()
     try:
         jobs = store.list(limit=10_000)
         uids = [j.sop_instance_uid for j in jobs]

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dicom_node.db import DeliveryState, JobState
-from dicom_node.jobs import JobStore
 
-from conftest import NodeProcess, free_port
+from conftest import NodeProcess, free_port, wait_until
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit, save
 from peers import Orthanc, Storescp, send_each, storescu
 
@@ -25,14 +22,6 @@ FAST_RETRY = {
 }
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 180, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"timed out waiting for {what or condition}")
-
 
 def start_node(tmp_path: Path, artifact: Path, destination: str, name: str = "var"
                ) -> NodeProcess:
@@ -41,12 +30,9 @@ def start_node(tmp_path: Path, artifact: Path, destination: str, name: str = "va
         "--destination", destination], env=FAST_RETRY).start()
 
 
-def store_of(node: NodeProcess) -> JobStore:
-    return JobStore(f"sqlite:///{node.data_dir / 'dicom-node.db'}")
-
 
 def all_delivered(node: NodeProcess, count: int) -> bool:
-    store = store_of(node)
+    store = node.job_store()
     try:
         jobs = store.list()
         deliveries = store.deliveries([j.id for j in jobs])
@@ -72,7 +58,7 @@ def test_orthanc_receives_one_sr_per_image_in_the_right_study(
         images = {str(d.SOPInstanceUID): d for d in stored if d.Modality != "SR"}
         reports = [d for d in stored if d.Modality == "SR"]
         assert len(images) == 3 and len(reports) == 3
-        store = store_of(node)
+        store = node.job_store()
         jobs = {j.sop_instance_uid: j for j in store.list()}
         store.close()
         for sr in reports:
@@ -102,7 +88,7 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
         assert storescu(node.port, files).all_success
 
         def attempts() -> int:
-            store = store_of(node)
+            store = node.job_store()
             try:
                 found = store.deliveries([j.id for j in store.list()])
             finally:
@@ -122,7 +108,7 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
             wait_until(lambda: all_delivered(node, 3), what="all delivered")
         finally:
             healthy.stop()
-        store = store_of(node)
+        store = node.job_store()
         expected = {j.sr_sop_instance_uid for j in store.list()}
         store.close()
         # A faulty PACS may keep what it received before aborting; the retry then
@@ -145,7 +131,7 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
         assert storescu(node.port, files).all_success
 
         def some(state: JobState) -> bool:
-            store = store_of(node)
+            store = node.job_store()
             try:
                 return store.counts().get(state.value, 0) > 0
             finally:
@@ -163,7 +149,7 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
             wait_until(lambda: all_delivered(node, 8), what="all delivered after restart")
         finally:
             pacs.stop()
-        store = store_of(node)
+        store = node.job_store()
         expected = {j.sr_sop_instance_uid for j in store.list()}
         store.close()
         assert len(expected) == 8
