@@ -12,14 +12,18 @@ none), MONOCHROME1 inverted, scaled to 0..255. PNG/JPEG files take the same
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
+from pydicom.pixels import (  # type: ignore[attr-defined]
+    apply_modality_lut,
+    apply_voi_lut,
+    pixel_array,
+)
 from pydicom.uid import ImplicitVRLittleEndian
 
 Interpolation = Literal["bilinear", "nearest"]
@@ -35,18 +39,23 @@ class PreprocessError(ValueError):
 def load(path: Path, size: int, interpolation: Interpolation = DEFAULT_INTERPOLATION
          ) -> NDArray[np.float32]:
     """Read a DICOM or image file and return the network input (size x size x 3, [0, 1])."""
-    return to_tensor(read_gray8(path), size, interpolation)
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return to_tensor(image_gray8(path), size, interpolation)
+    return dicom_tensor(_read_dicom(path), size, interpolation)
 
 
 def read_gray8(path: Path) -> NDArray[np.uint8]:
     """The 8-bit grayscale image the network's training data were made of."""
     if path.suffix.lower() in _IMAGE_SUFFIXES:
         return image_gray8(path)
+    return dicom_gray8(_read_dicom(path))
+
+
+def _read_dicom(path: Path) -> Dataset:
     try:
-        ds = dcmread(path, force=True)
+        return dcmread(path, force=True)
     except Exception as exc:
         raise PreprocessError(f"{path.name}: not DICOM and not an image file") from exc
-    return dicom_gray8(ds)
 
 
 def image_gray8(path: Path) -> NDArray[np.uint8]:
@@ -63,6 +72,47 @@ def image_gray8(path: Path) -> NDArray[np.uint8]:
 
 def dicom_gray8(ds: Dataset) -> NDArray[np.uint8]:
     """Decode a DICOM image and map it to 8-bit gray as displayed (PS3.3 C.11)."""
+    stored, lut = _decode_with_lut(ds)
+    if lut is None:
+        return stored  # colour or wide data, already mapped by the direct path
+    gray: NDArray[np.uint8] = lut[stored]
+    return gray
+
+
+def dicom_tensor(ds: Dataset, size: int,
+                 interpolation: Interpolation = DEFAULT_INTERPOLATION) -> NDArray[np.float32]:
+    """The network input for a DICOM image; equal to ``to_tensor(dicom_gray8(ds), ...)``.
+
+    Bilinear resizing reads only the source rows and columns it interpolates
+    between (at most 2 x ``size`` of each), so only those pixels go through the
+    lookup table: a 2048 x 2048 radiograph costs 600 x 600 lookups, not 4 M.
+    """
+    stored, lut = _decode_with_lut(ds)
+    if lut is None:
+        return to_tensor(stored, size, interpolation)
+    if interpolation != "bilinear":
+        return to_tensor(lut[stored], size, interpolation)
+    h, w = stored.shape
+    ys, y0, y1 = _taps(h, size)
+    xs, x0, x1 = _taps(w, size)
+    rows, row_at = np.unique(np.concatenate([y0, y1]), return_inverse=True)
+    cols, col_at = np.unique(np.concatenate([x0, x1]), return_inverse=True)
+    needed = lut[stored[np.ix_(rows, cols)]]
+    resized = _bilinear(needed, ys, row_at[:size], row_at[size:], xs, col_at[:size],
+                        col_at[size:])
+    return _channels(resized)
+
+
+def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | None]:
+    """The first frame's stored bit patterns and the table mapping each to 8-bit gray.
+
+    For single-sample integer data of up to 16 bits the display pipeline
+    (:func:`_display_gray8`) is pointwise, so it is run once over every possible
+    bit pattern (65,536 at most) instead of over every pixel. The table also
+    clears the unused high bits and sign-extends, as pydicom's decoder would, so
+    its input is the undecorated buffer (a view, for native transfer syntaxes).
+    Otherwise returns ``(gray8, None)``, computed directly.
+    """
     if "PixelData" not in ds:
         raise PreprocessError("DICOM file without Pixel Data")
     meta = getattr(ds, "file_meta", None)
@@ -70,21 +120,59 @@ def dicom_gray8(ds: Dataset) -> NDArray[np.uint8]:
         # A bare data set (no Part 10 header) is Implicit VR Little Endian by default.
         ds.file_meta = meta if meta is not None else FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    colour = int(ds.get("SamplesPerPixel", 1)) != 1
+    bits_stored = int(ds.get("BitsStored", 0) or 0)
     try:
-        pixels = ds.pixel_array
+        if colour:
+            pixels = pixel_array(ds, index=0)
+        else:
+            pixels = pixel_array(ds, index=0, view_only=True, correct_unused_bits=False)
     except Exception as exc:
         raise PreprocessError(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if int(ds.get("SamplesPerPixel", 1)) == 3 or pixels.ndim == 3:
+    if colour or pixels.ndim == 3:
         rgb = np.asarray(pixels, dtype=np.float64)
         gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-        return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return np.clip(np.rint(gray), 0, 255).astype(np.uint8), None
+    if pixels.dtype.kind not in "iu" or pixels.itemsize > 2 \
+            or not 0 < bits_stored <= 8 * pixels.itemsize:
+        # 32-bit stored values: no table; the pipeline runs on the corrected pixels.
+        corrected = pixel_array(ds, index=0)
+        return _display_gray8(corrected, ds), None
+    if not pixels.dtype.isnative:  # Explicit VR Big Endian (retired) viewed as stored
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
+    bits = 8 * pixels.itemsize
+    patterns = np.arange(2**bits, dtype=np.uint32)
+    values = patterns & (2**bits_stored - 1)
+    signed = pixels.dtype.kind == "i"
+    if signed:  # sign-extend from the stored high bit, as pydicom does
+        values = values.astype(np.int64)
+        values -= (values >> (bits_stored - 1)) * 2**bits_stored
+    values = values.astype(pixels.dtype)
+    stored = pixels.view(np.dtype(f"u{pixels.itemsize}"))
+    stretch = None
+    if not _has_voi(ds) and not _already_8bit(ds):
+        present = np.bincount(stored.ravel(), minlength=2**bits) > 0
+        modality = np.asarray(apply_modality_lut(values[present], ds), dtype=np.float64)
+        stretch = float(np.min(modality)), float(np.max(modality))
+    return stored, _display_gray8(values, ds, stretch)
 
+
+def _has_voi(ds: Dataset) -> bool:
+    return "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+
+
+def _already_8bit(ds: Dataset) -> bool:
+    return (int(ds.get("BitsStored", 8)) <= 8 and int(ds.get("PixelRepresentation", 0)) == 0
+            and "RescaleSlope" not in ds)
+
+
+def _display_gray8(pixels: NDArray[Any], ds: Dataset,
+                   stretch: tuple[float, float] | None = None) -> NDArray[np.uint8]:
+    """Stored values -> 8-bit gray: Modality LUT, VOI LUT or first window (else min-max
+    over the image, or over ``stretch`` when given), MONOCHROME1 inverted."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     values = apply_modality_lut(pixels, ds)
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    if has_voi:
+    if _has_voi(ds):
         values = apply_voi_lut(values, ds, index=0)
         low, high = _voi_output_range(ds)
         # In place, one array: a 2048x2500 image is 40 MB of float64 per copy.
@@ -93,11 +181,10 @@ def dicom_gray8(ds: Dataset) -> NDArray[np.uint8]:
         out /= max(high - low, 1e-9)
         out *= 255.0
         np.clip(out, 0.0, 255.0, out=out)
-    elif int(ds.get("BitsStored", 8)) <= 8 and int(ds.get("PixelRepresentation", 0)) == 0 \
-            and "RescaleSlope" not in ds:
+    elif _already_8bit(ds):
         out = np.asarray(values, dtype=np.float64)  # already the 8-bit image
     else:
-        out = _stretch(np.asarray(values, dtype=np.float64)).astype(np.float64)
+        out = _stretch(np.asarray(values, dtype=np.float64), stretch).astype(np.float64)
     if photometric == "MONOCHROME1":
         np.subtract(255.0, out, out=out)
     np.rint(out, out=out)
@@ -116,9 +203,11 @@ def _voi_output_range(ds: Dataset) -> tuple[float, float]:
     return 0.0, float(2**bits - 1)
 
 
-def _stretch(data: NDArray[np.float64]) -> NDArray[np.uint8]:
-    """Min-max to 0..255: the fallback when the file carries no window."""
-    low, high = float(np.min(data)), float(np.max(data))
+def _stretch(data: NDArray[np.float64], limits: tuple[float, float] | None = None
+             ) -> NDArray[np.uint8]:
+    """Min-max to 0..255 (of ``data``, or of ``limits``): the fallback when the file
+    carries no window."""
+    low, high = limits if limits is not None else (float(np.min(data)), float(np.max(data)))
     if high <= low:
         return np.zeros(data.shape, dtype=np.uint8)
     return np.clip(np.rint((data - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
@@ -137,6 +226,13 @@ def resize_gray8(image: NDArray[np.uint8], size: int,
         return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST))
     ys, y0, y1 = _taps(h, size)
     xs, x0, x1 = _taps(w, size)
+    return _bilinear(image, ys, y0, y1, xs, x0, x1)
+
+
+def _bilinear(image: NDArray[np.uint8], ys: NDArray[np.float32], y0: NDArray[np.intp],
+              y1: NDArray[np.intp], xs: NDArray[np.float32], x0: NDArray[np.intp],
+              x1: NDArray[np.intp]) -> NDArray[np.uint8]:
+    """Interpolate ``image`` at the rows/columns ``y0``/``y1`` and ``x0``/``x1``."""
     src = image.astype(np.float32)
     top = src[y0][:, x0] * (1 - xs) + src[y0][:, x1] * xs
     bottom = src[y1][:, x0] * (1 - xs) + src[y1][:, x1] * xs
@@ -158,5 +254,9 @@ def to_tensor(gray8: NDArray[np.uint8], size: int,
     """8-bit gray -> size x size x 3 float32 in [0, 1] (rescale 1/255, gray on 3 channels)."""
     if gray8.ndim != 2:
         raise PreprocessError(f"expected a 2-D gray image, got shape {gray8.shape}")
-    resized = resize_gray8(gray8, size, interpolation).astype(np.float32) / 255.0
-    return np.repeat(resized[:, :, None], 3, axis=2)
+    return _channels(resize_gray8(gray8, size, interpolation))
+
+
+def _channels(resized: NDArray[np.uint8]) -> NDArray[np.float32]:
+    scaled = resized.astype(np.float32) / 255.0
+    return np.repeat(scaled[:, :, None], 3, axis=2)

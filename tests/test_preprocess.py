@@ -9,12 +9,23 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_voi_lut
+from pydicom.pixels import apply_voi_lut, pixel_array
+from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from model import preprocess
 
-from dicom_factory import SC, chest_image, cr_monochrome1, dx_16bit, jpeg2000, jpeg_ls, rle, save
+from dicom_factory import (
+    SC,
+    chest_image,
+    cr_monochrome1,
+    ct_head,
+    dx_16bit,
+    jpeg2000,
+    jpeg_ls,
+    rle,
+    save,
+)
 
 
 def test_bilinear_matches_half_pixel_centres() -> None:
@@ -73,6 +84,72 @@ def test_lossless_codecs_give_the_uncompressed_result(codec: object) -> None:
     native = chest_image(rows=64, columns=48, seed=5)
     np.testing.assert_array_equal(preprocess.dicom_gray8(compressed),
                                   preprocess.dicom_gray8(native))
+
+
+def _signed_ct_with_garbage_high_bits() -> Dataset:
+    """12 bits stored in 16, signed, with junk in the unused high bits and a rescale."""
+    ds = ct_head(seed=3)
+    ds.PixelRepresentation = 1
+    stored = (np.random.default_rng(3).integers(-2048, 2048, (128, 128))).astype(np.int16)
+    junk = np.random.default_rng(4).integers(0, 16, (128, 128)).astype(np.uint16) << 12
+    ds.PixelData = ((stored.view(np.uint16) & 0x0FFF) | junk).tobytes()
+    return ds
+
+
+def _voi_lut_sequence() -> Dataset:
+    ds = dx_16bit(rows=48, columns=40, seed=6)
+    del ds.WindowCenter, ds.WindowWidth, ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.LUTData = (np.sqrt(np.arange(4096) / 4095) * 4095).astype(np.uint16).tolist()
+    ds.VOILUTSequence = Sequence([item])
+    return ds
+
+
+def _sigmoid_window() -> Dataset:
+    ds = dx_16bit(rows=48, columns=40, seed=7)
+    ds.VOILUTFunction = "SIGMOID"
+    return ds
+
+
+_CASES = {
+    "window": lambda: dx_16bit(rows=50, columns=41),
+    "monochrome1": lambda: cr_monochrome1(rows=50, columns=41),
+    "no window (min-max)": lambda: chest_image(rows=50, columns=41, window=None),
+    "8 bit": lambda: chest_image(rows=50, columns=41, bits_stored=8, window=None),
+    "signed, junk high bits": _signed_ct_with_garbage_high_bits,
+    "signed, no window": lambda: _drop_window(_signed_ct_with_garbage_high_bits()),
+    "VOI LUT sequence": _voi_lut_sequence,
+    "sigmoid window": _sigmoid_window,
+    "JPEG-LS": lambda: jpeg_ls(rows=50, columns=41),
+}
+
+
+def _drop_window(ds: Dataset) -> Dataset:
+    del ds.WindowCenter, ds.WindowWidth
+    return ds
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_table_lookup_equals_the_pixel_by_pixel_pipeline(case: str) -> None:
+    ds = _CASES[case]()
+    # The reference: pydicom's decoded (bits corrected) pixels through the pipeline.
+    expected = preprocess._display_gray8(pixel_array(ds, index=0), ds)
+    np.testing.assert_array_equal(preprocess.dicom_gray8(ds), expected)
+    for size in (17, 32, 75):
+        np.testing.assert_array_equal(preprocess.dicom_tensor(ds, size),
+                                      preprocess.to_tensor(expected, size))
+        np.testing.assert_array_equal(preprocess.dicom_tensor(ds, size, "nearest"),
+                                      preprocess.to_tensor(expected, size, "nearest"))
+
+
+def test_only_the_first_frame_is_used() -> None:
+    ds = chest_image(rows=20, columns=16, bits_stored=8, window=None)
+    single = preprocess.dicom_gray8(ds)
+    first = np.asarray(pixel_array(ds), dtype=np.uint8)
+    ds.PixelData = first.tobytes() + (255 - first).tobytes()
+    ds.NumberOfFrames = 2
+    np.testing.assert_array_equal(preprocess.dicom_gray8(ds), single)
 
 
 def _wrap_png_as_dicom(png: Path, out: Path) -> Path:
