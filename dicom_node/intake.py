@@ -16,6 +16,7 @@ from enum import StrEnum
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array  # type: ignore[attr-defined]
 from pydicom.uid import UID
 
 from dicom_node.config import IntakeRules
@@ -94,7 +95,10 @@ def decode_pixels(ds: Dataset, max_pixels: int) -> None:
         raise DatasetMismatch("image SOP Class without Pixel Data")
     _check_pixel_budget(ds, max_pixels)
     try:
-        pixels = ds.pixel_array
+        # Every frame is decoded (compressed data must prove decodable); native data,
+        # already checked for length, is only viewed, and the unused high bits are
+        # left to the worker's lookup table.
+        pixels = pixel_array(ds, view_only=True, correct_unused_bits=False)
     except Exception as exc:
         raise UndecodableDataset(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
     if not isinstance(pixels, np.ndarray) or pixels.size == 0:
