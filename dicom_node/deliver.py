@@ -17,8 +17,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 
 from dicom_node.db import utcnow
@@ -27,6 +27,11 @@ LOGGER = logging.getLogger(__name__)
 
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# send_c_store(path) sends the file's encoded data set as it is on disk (the
+# exact bytes that were made durable), without decoding and re-encoding it;
+# the association must then accept the file's own transfer syntax, which is
+# the only one we propose. Only path-based sends are affected.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 _DESTINATION = re.compile(r"^(?P<ae>[\x20-\x5b\x5d-\x7e]{1,16})@(?P<host>[A-Za-z0-9.\-:\[\]]+)"
                           r":(?P<port>\d{1,5})$")
@@ -105,20 +110,21 @@ def send_many(destination: Destination, sr_paths: list[Path], calling_ae: str, t
     every remaining file a retry.
     """
     datasets: list[Any] = []
+    contexts = set()
     for path in sr_paths:
         try:
-            datasets.append(dcmread(path))
+            meta = read_file_meta_info(path)
+            contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+            datasets.append(path)
         except Exception as exc:
             datasets.append(Attempt(Outcome.DEAD, None,
                                     f"SR file unreadable: {type(exc).__name__}"))
-    readable = [ds for ds in datasets if not isinstance(ds, Attempt)]
-    if not readable:
+    if not contexts:
         return datasets
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    for context in {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-                    for ds in readable}:
+    for context in contexts:
         ae.add_requested_context(*context)
     try:
         return _send_over(ae, destination, datasets, retry_on_warning)
@@ -157,11 +163,13 @@ def _send_over(ae: AE, destination: Destination, datasets: list[Any],
     return results
 
 
-def _store_one(assoc: Any, ds: Dataset, retry_on_warning: bool) -> Attempt:
+def _store_one(assoc: Any, path: Path, retry_on_warning: bool) -> Attempt:
     try:
-        response = assoc.send_c_store(ds)
+        response = assoc.send_c_store(path)
     except ValueError as exc:  # no accepted presentation context for this SR
         return Attempt(Outcome.DEAD, None, f"destination does not accept the SR: {exc}"[:200])
+    except (AttributeError, InvalidDicomError) as exc:  # file meta incomplete
+        return Attempt(Outcome.DEAD, None, f"SR file unusable: {type(exc).__name__}")
     except Exception as exc:
         return Attempt(Outcome.RETRY, None, f"send failed: {type(exc).__name__}")
     if "Status" not in response:

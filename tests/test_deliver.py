@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+from io import BytesIO
+from pathlib import Path
+from typing import Any
 
-from dicom_node.deliver import Destination, Outcome, backoff, classify
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+
+from dicom_node.deliver import Destination, Outcome, backoff, classify, send_many
+from dicom_node.loopback import free_port
+
+from dicom_factory import chest_image, save
 
 
 @pytest.mark.parametrize(("status", "outcome"), [
@@ -34,3 +44,35 @@ def test_destination_parsing() -> None:
     for bad in ("ORTHANC", "A@h", "TOO_LONG_AE_TITLE_X@h:1", "A@h:0", "A@h:70000", "A@h:x"):
         with pytest.raises(ValueError):
             Destination.parse(bad)
+
+
+def test_send_many_sends_the_stored_bytes_and_reports_each_file(tmp_path: Path) -> None:
+    """Over a real pynetdicom SCP: the data set arrives byte for byte as stored on disk
+    (sent without decoding); an unreadable file is dead, the rest still go."""
+    received: list[bytes] = []
+
+    def on_store(event: Any) -> int:
+        received.append(bytes(event.encoded_dataset(include_meta=False)))
+        return 0
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        sr = chest_image()  # any data set will do; give it SR identity
+        sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+        del sr.PixelData
+        good = save(sr, tmp_path / "good.dcm")
+        bad = tmp_path / "bad.dcm"
+        bad.write_bytes(b"not dicom at all")
+        attempts = send_many(Destination("PACS", "127.0.0.1", port), [bad, good],
+                             "DICOM_NODE", timeout=10)
+    finally:
+        server.shutdown()
+    assert [a.outcome for a in attempts] == [Outcome.DEAD, Outcome.DONE]
+    assert "unreadable" in attempts[0].detail
+    stored = good.read_bytes()
+    assert len(received) == 1 and stored.endswith(received[0])
+    assert dcmread(BytesIO(received[0]), force=True).SOPInstanceUID == sr.SOPInstanceUID
