@@ -159,7 +159,9 @@ class Settings(BaseSettings):
         default="auto", description="auto: a GPU when the backend sees one, else the CPU."
     )
     inference_threads: int = Field(default=0, ge=0, description="CPU threads (0: all cores).")
-    batch_size: int = Field(default=16, ge=1, description="Largest inference batch.")
+    batch_size: int = Field(
+        default=0, ge=0, description="Largest inference batch (0: 4 on a CPU, 32 on a GPU)."
+    )
 
     max_batch_delay_ms: int = Field(
         default=50, ge=0, description="How long the worker waits to fill a batch."
