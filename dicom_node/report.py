@@ -25,6 +25,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -180,6 +181,23 @@ def build_sr(
     sr.ContributingEquipmentSequence[0].DeviceUID = card.device_uid
     sr.SeriesDescription = f"AI chest classification ({card.display_version})"[:64]
     return sr
+
+
+def warm_up(card: ModelCard) -> None:
+    """Build and encode one SR for a made-up source, so that highdicom reads its tables
+    of the standard (about 0.7 s, once per process) before the first real image."""
+    source = Dataset()
+    source.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for Presentation
+    source.SOPInstanceUID, source.StudyInstanceUID, source.SeriesInstanceUID = (
+        generate_uid(), generate_uid(), generate_uid())
+    source.Modality = "DX"
+    source.Rows = source.Columns = source.SamplesPerPixel = 1
+    source.BitsAllocated = source.BitsStored = 8
+    source.HighBit, source.PixelRepresentation = 7, 0
+    source.PhotometricInterpretation = "MONOCHROME2"
+    result = Classification(CLASSES[0].key, {c.key: 1.0 / len(CLASSES) for c in CLASSES})
+    sr = build_sr(source, result, card, generate_uid(), generate_uid(), card.device_uid)
+    sr.save_as(BytesIO(), enforce_file_format=True)
 
 
 def write_sr(sr: Dataset, path: Path) -> None:

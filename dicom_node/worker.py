@@ -4,8 +4,11 @@ The worker claims up to ``batch_size`` queued jobs (a lease each), waiting at
 most ``max_batch_delay_ms`` for the batch to fill; decodes them in a thread
 pool through :mod:`model.preprocess`; runs one batched forward pass; writes
 each SR durably; then stores the result and queues the deliveries in one
-transaction per job. An input that cannot be decoded fails its job with the
-reason (retried until ``max_attempts``) while the rest of the batch goes on.
+transaction per job. Three batches are in flight at once: while batch k is in
+the network (native code, GIL released), batch k+1 is claimed and decoded and
+the SRs of batch k-1 are built, so the network never waits for either. An
+input that cannot be decoded fails its job with the reason (retried until
+``max_attempts``) while the rest of the batch goes on.
 Without a model, jobs simply wait. A newly installed model is picked up
 between batches.
 """
@@ -29,6 +32,7 @@ from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node import report
 from dicom_node.config import Settings
 from dicom_node.db import Job
 from dicom_node.deliver import Destination
@@ -48,6 +52,17 @@ class Prepared:
     job: Job
     source: Dataset
     tensor: NDArray[np.float32]
+
+
+@dataclass
+class Batch:
+    """Claimed jobs, decoded for one engine, with what claiming and decoding took."""
+
+    engine: Any
+    jobs: list[Job]
+    prepared: list[Prepared]
+    queue_wait: float
+    preprocess: float
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,9 @@ class Worker(threading.Thread):
         self._engine_path: Path | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2),
                                         thread_name_prefix="preprocess")
+        # The next batch is claimed and decoded while the current one is in the network.
+        self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feeder")
+        self._next: Future[Batch] | None = None
         # SRs of batch k are built (pure Python) while batch k+1 runs in the network
         # (native code, GIL released); at most one batch is ever waiting to finish.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="report")
@@ -98,7 +116,13 @@ class Worker(threading.Thread):
             if not done:
                 self._drain()
                 self._stop_event.wait(0.05 if self._engine is not None else 1.0)
+        try:
+            while self._next is not None:  # a batch already claimed and decoded: finish it
+                self.step()
+        except Exception:
+            LOGGER.exception("the last claimed batch failed; its leases will expire")
         self._drain()
+        self._feeder.shutdown(wait=True)
         self._finisher.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
@@ -127,7 +151,12 @@ class Worker(threading.Thread):
                                   batch_size=self.settings.batch_size,
                                   threads=self.settings.inference_threads)
             self._engine.warmup()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report.warm_up(self._engine.card)
             self._engine_path = active
+            LOGGER.info("model %s ready (batches of up to %d)", active.name,
+                        self._engine.batch_size)
             self.model_loaded.set()
         return self._engine
 
@@ -138,22 +167,41 @@ class Worker(threading.Thread):
         engine = self.engine()
         if engine is None:
             return 0
-        jobs = self._claim_batch()
-        if not jobs:
+        if self._next is not None:
+            batch, self._next = self._next.result(), None
+        else:
+            batch = self._load_batch(engine)
+        if not batch.jobs:
             return 0
+        if batch.engine is not engine:  # a new model: decode again for its input size
+            batch = self._redo(batch, engine)
+        if not self._stop_event.is_set():
+            self._next = self._feeder.submit(self._load_batch, engine)
+        if not batch.prepared:
+            return len(batch.jobs)
         started = time.perf_counter()
-        queue_wait = max((time.time() - j.created_at.timestamp() for j in jobs), default=0.0)
-        prepared = self._prepare(jobs, engine)
-        decoded = time.perf_counter()
-        if not prepared:
-            return len(jobs)
-        probabilities = engine.predict(np.stack([p.tensor for p in prepared]))
-        inferred = time.perf_counter()
+        probabilities = engine.predict(np.stack([p.tensor for p in batch.prepared]))
+        inference = time.perf_counter() - started
         self._drain()
         self._finishing = self._finisher.submit(
-            self._finish_batch, prepared, probabilities, engine.card,
-            (len(jobs), queue_wait, decoded - started, inferred - decoded))
-        return len(jobs)
+            self._finish_batch, batch.prepared, probabilities, engine.card,
+            (len(batch.jobs), batch.queue_wait, batch.preprocess, inference))
+        return len(batch.jobs)
+
+    def _load_batch(self, engine: Any) -> Batch:
+        jobs = self._claim_batch(engine.batch_size)
+        if not jobs:
+            return Batch(engine, [], [], 0.0, 0.0)
+        started = time.perf_counter()
+        queue_wait = max(time.time() - j.created_at.timestamp() for j in jobs)
+        prepared = self._prepare(jobs, engine)
+        return Batch(engine, jobs, prepared, queue_wait, time.perf_counter() - started)
+
+    def _redo(self, batch: Batch, engine: Any) -> Batch:
+        started = time.perf_counter()
+        jobs = [p.job for p in batch.prepared]
+        return Batch(engine, batch.jobs, self._prepare(jobs, engine), batch.queue_wait,
+                     time.perf_counter() - started)
 
     def _finish_batch(self, prepared: list[Prepared], probabilities: NDArray[np.float32],
                       card: model_card.ModelCard, timings: tuple[int, float, float, float]
@@ -169,8 +217,7 @@ class Worker(threading.Thread):
         if self._on_results is not None:
             self._on_results()
 
-    def _claim_batch(self) -> list[Job]:
-        size = self.settings.batch_size
+    def _claim_batch(self, size: int) -> list[Job]:
         lease = self.settings.lease_seconds
         jobs = self.store.claim(self.owner, size, lease)
         if not jobs:
@@ -189,8 +236,8 @@ class Worker(threading.Thread):
             if job.spool_file is None:
                 raise FileNotFoundError("job has no spool file")
             source = dcmread(self.spool.path(job.spool_file))
-            gray = preprocess.dicom_gray8(source)
-            tensor = preprocess.to_tensor(gray, engine.input_size, engine.card.interpolation)
+            tensor = preprocess.dicom_tensor(source, engine.input_size,
+                                             engine.card.interpolation)
             return Prepared(job, source, tensor)
 
         prepared = []
