@@ -32,12 +32,11 @@ from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node import report
 from dicom_node.config import Settings
 from dicom_node.db import Job
 from dicom_node.deliver import Destination
 from dicom_node.jobs import JobStore, new_worker_id
-from dicom_node.report import Classification, build_sr
+from dicom_node.report import Classification, ReportBuilder
 from dicom_node.spool import Spool
 from model import card as model_card
 from model.classes import CLASS_KEYS
@@ -90,6 +89,7 @@ class Worker(threading.Thread):
         self._stop_event = threading.Event()
         self._engine: Any = None
         self._engine_path: Path | None = None
+        self._reports: ReportBuilder | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2),
                                         thread_name_prefix="preprocess")
         # The next batch is claimed and decoded while the current one is in the network.
@@ -151,9 +151,10 @@ class Worker(threading.Thread):
                                   batch_size=self.settings.batch_size,
                                   threads=self.settings.inference_threads)
             self._engine.warmup()
+            self._reports = ReportBuilder(self._engine.card)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                report.warm_up(self._engine.card)
+                self._reports.warm_up()
             self._engine_path = active
             LOGGER.info("model %s ready (batches of up to %d)", active.name,
                         self._engine.batch_size)
@@ -183,8 +184,9 @@ class Worker(threading.Thread):
         probabilities = engine.predict(np.stack([p.tensor for p in batch.prepared]))
         inference = time.perf_counter() - started
         self._drain()
+        assert self._reports is not None  # made with the engine
         self._finishing = self._finisher.submit(
-            self._finish_batch, batch.prepared, probabilities, engine.card,
+            self._finish_batch, batch.prepared, probabilities, self._reports,
             (len(batch.jobs), batch.queue_wait, batch.preprocess, inference))
         return len(batch.jobs)
 
@@ -204,11 +206,11 @@ class Worker(threading.Thread):
                      time.perf_counter() - started)
 
     def _finish_batch(self, prepared: list[Prepared], probabilities: NDArray[np.float32],
-                      card: model_card.ModelCard, timings: tuple[int, float, float, float]
+                      reports: ReportBuilder, timings: tuple[int, float, float, float]
                       ) -> None:
         started = time.perf_counter()
         for item, row in zip(prepared, probabilities, strict=True):
-            self._finish(item, row, card)
+            self._finish(item, row, reports)
         report = time.perf_counter() - started
         count, queue_wait, preprocess, inference = timings
         self.last_timings = BatchTimings(count, queue_wait, preprocess, inference, report)
@@ -251,9 +253,9 @@ class Worker(threading.Thread):
                                type(exc).__name__, state.value if state else "not ours")
         return prepared
 
-    def _finish(self, item: Prepared, row: NDArray[np.float32],
-                card: model_card.ModelCard) -> None:
+    def _finish(self, item: Prepared, row: NDArray[np.float32], reports: ReportBuilder) -> None:
         job = item.job
+        card = reports.card
         probabilities = {key: float(p) for key, p in zip(CLASS_KEYS, row, strict=True)}
         label = CLASS_KEYS[int(np.argmax(row))]
         try:
@@ -261,9 +263,8 @@ class Worker(threading.Thread):
                 # highdicom's warnings quote attribute values (patient names): keep them
                 # out of the log.
                 warnings.simplefilter("ignore")
-                sr = build_sr(item.source, Classification(label, probabilities), card,
-                              job.sr_sop_instance_uid, job.sr_series_instance_uid,
-                              card.device_uid)
+                sr = reports.build(item.source, Classification(label, probabilities),
+                                   job.sr_sop_instance_uid, job.sr_series_instance_uid)
             encoded = BytesIO()
             sr.save_as(encoded, enforce_file_format=True)
             sr_name = self.spool.write_report(job.id, encoded.getvalue())

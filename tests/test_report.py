@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import config as pydicom_config
@@ -12,11 +14,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.report import Classification, build_sr, write_sr
+from dicom_node.report import Classification, ReportBuilder, build_sr, write_sr
 from model.card import ModelCard
 
 from conftest import require_tool
-from dicom_factory import cr_monochrome1, dx_16bit, jpeg2000
+from dicom_factory import SHARED_DICOM as SHARED
+from dicom_factory import chest_image, cr_monochrome1, dx_16bit, jpeg2000
 
 CARD = ModelCard(version="1.2.0", architecture="concatenated", input_size=300,
                  sha256="0123456789abcdef" * 4, trained=False)
@@ -52,7 +55,11 @@ def check(path: Path, source: Dataset, sr_uid: str, series_uid: str) -> None:
     assert sr.SOPInstanceUID == sr_uid and sr.SeriesInstanceUID == series_uid
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
-    assert sr.ContributingEquipmentSequence[0].DeviceUID == CARD.device_uid
+    model = [item for item in sr.ContributingEquipmentSequence
+             if item.get("DeviceUID") == CARD.device_uid]
+    assert len(model) == 1  # the model's item carries its Device UID, and only that item
+    assert model[0].Manufacturer == CARD.manufacturer
+    assert model[0].PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Equipment"
     referenced = sr.CurrentRequestedProcedureEvidenceSequence[0] \
         .ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -70,14 +77,69 @@ def check(path: Path, source: Dataset, sr_uid: str, series_uid: str) -> None:
 
 
 def test_every_sr_is_valid(tmp_path: Path) -> None:
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
-    for i, source in enumerate(sources(shared if shared.is_dir() else None)):
-        sr_uid, series_uid = generate_uid(), generate_uid()
+    builder = ReportBuilder(CARD)
+    for i, source in enumerate(sources(SHARED if SHARED.is_dir() else None)):
+        for how, build in (("highdicom", lambda *a: build_sr(*a, CARD.device_uid)),
+                           ("builder", lambda src, _r, _c, *uids: builder.build(src, RESULT,
+                                                                               *uids))):
+            sr_uid, series_uid = generate_uid(), generate_uid()
+            with pydicom_config.disable_value_validation():
+                sr = build(source, RESULT, CARD, sr_uid, series_uid)
+            path = tmp_path / f"sr{i}-{how}.dcm"
+            write_sr(sr, path)
+            check(path, source, sr_uid, series_uid)
+
+
+def _latin1_patient() -> Dataset:
+    source = cr_monochrome1()
+    source.SpecificCharacterSet = "ISO_IR 100"
+    source.PatientName = "Müller^Zoë"
+    source.PatientAge, source.PatientWeight = "062Y", 71.5
+    source.InstitutionName, source.StationName = "Hôpital", "XR-2"
+    return source
+
+
+def _bare_source() -> Dataset:
+    """A data set with no patient or equipment attributes at all."""
+    source = dx_16bit()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "Manufacturer"):
+        delattr(source, keyword)
+    return source
+
+
+def _comparable(sr: Dataset) -> dict[str, Any]:
+    """``sr`` as encoded and read back, without what differs on every build anyway:
+    creation dates and times, and the random tracking UIDs."""
+    encoded = BytesIO()
+    sr.save_as(encoded, enforce_file_format=True)
+    again = dcmread(BytesIO(encoded.getvalue()))
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime", "ContentDate",
+                    "ContentTime"):
+        again.pop(keyword, None)
+    for item in again.ContributingEquipmentSequence:
+        item.pop("ContributionDateTime", None)
+    for element in again.iterall():
+        if element.keyword == "UID" and element.VR == "UI":
+            element.value = "1.2.3"  # tracking UIDs (the only UIDREF items)
+    return again.to_json_dict()
+
+
+@pytest.mark.parametrize("result", [RESULT, Classification(
+    "pneumonia", {"covid": 0.1234567, "normal": 1e-7, "pneumonia": 0.8765432})])
+def test_builder_gives_what_highdicom_gives(result: Classification) -> None:
+    builder = ReportBuilder(CARD, institution_name="General")
+    made = [dx_16bit(), cr_monochrome1(), jpeg2000(), _latin1_patient(), _bare_source()]
+    if SHARED.is_dir():
         with pydicom_config.disable_value_validation():
-            sr = build_sr(source, RESULT, CARD, sr_uid, series_uid, generate_uid())
-        path = tmp_path / f"sr{i}.dcm"
-        write_sr(sr, path)
-        check(path, source, sr_uid, series_uid)
+            made += [dcmread(p, force=True) for p in sorted(SHARED.glob("*.dcm"))]
+    with pydicom_config.disable_value_validation():
+        builder.build(chest_image(), RESULT, generate_uid(), generate_uid())  # keeps its tree
+        for source in made:
+            uids = generate_uid(), generate_uid()
+            fast = builder.build(source, result, *uids)
+            reference = build_sr(source, result, CARD, *uids, CARD.device_uid, "General")
+            assert _comparable(fast) == _comparable(reference)
 
 
 def test_invalid_patient_age_is_left_out() -> None:

@@ -13,6 +13,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.config import Settings
 from dicom_node.db import DeliveryState, JobState
+from dicom_node.jobs import JobStore
 from dicom_node.node import Node
 from model import card
 
@@ -133,3 +134,30 @@ def test_out_of_resources_is_retried_with_the_same_sr(node: Node, pacs: FakePACS
     wait_until(lambda: len(pacs.received) == 1)
     (job,) = node.store.list()
     assert pacs.received[0].SOPInstanceUID == job.sr_sop_instance_uid
+
+
+def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS,
+                                                  small_artifact: Path) -> None:
+    """The batch decoded ahead of time is finished on stop, not left under a lease."""
+    settings = Settings(data_dir=tmp_path / "var", port=free_port(),
+                        allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
+                        destinations=[f"PACS@127.0.0.1:{pacs.port}"], batch_size=2,
+                        max_batch_delay_ms=0, dispatch_interval_seconds=0.3)
+    running = Node(settings)
+    running.start()
+    try:
+        assert store(running, [chest_image(seed=i) for i in range(12)]) == [0] * 12
+        card.install(small_artifact, settings.models_path)
+        wait_until(lambda: running.store.counts().get("done", 0) >= 2)
+    finally:
+        running.stop()
+    after = JobStore(settings.db_url)  # as the node left it: nothing recovered or reaped
+    try:
+        jobs = after.list()
+        assert len(jobs) == 12
+        assert {j.state for j in jobs} <= {JobState.QUEUED, JobState.DONE}
+        assert all(j.lease_owner is None for j in jobs if j.state is JobState.QUEUED)
+        done = [j.id for j in jobs if j.state is JobState.DONE]
+        assert all(len(d) == 1 for d in after.deliveries(done).values())
+    finally:
+        after.close()
