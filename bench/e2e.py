@@ -278,6 +278,14 @@ class Node:
 
 
 def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    try:
+        run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # about 4 GB of images and spools
+
+
+def run(work: Path) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 single images, bursts of 16")
     parser.add_argument("--model", type=Path, default=None)
@@ -286,7 +294,6 @@ def main() -> None:
                         help="the node's batch_size (default: the node's own default)")
     args = parser.parse_args()
     singles, burst = (5, 16) if args.quick else (20, 100)
-    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     artifact = args.model
     if artifact is None:
         from model import card, network
