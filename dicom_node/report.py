@@ -67,7 +67,6 @@ TITLE = codes.cid7021.ImagingMeasurementReport
 FINDING = codes.DCM.Finding
 PROBABILITY = codes.DCM.Probability
 IMAGING_MEASUREMENTS = codes.DCM.ImagingMeasurements
-TRACKING_IDENTIFIER = codes.DCM.TrackingIdentifier
 TRACKING_UID = codes.DCM.TrackingUniqueIdentifier
 _CLASS_BY_CODE = {c.snomed_code: c.key for c in CLASSES}
 
@@ -293,10 +292,9 @@ class ReportBuilder:
             concepts = [_concept(item) for item in items]
             finding = items[concepts.index(FINDING.value)]
             key = _CLASS_BY_CODE.get(str(finding.ConceptCodeSequence[0].CodeValue))
-            text = str(items[concepts.index(TRACKING_IDENTIFIER.value)].TextValue)
             for i, (item, concept) in enumerate(zip(items, concepts, strict=True)):
                 if concept == TRACKING_UID.value:
-                    slots.append(_Slot(g, i, "uid", text))
+                    slots.append(_Slot(g, i, "uid", ""))
                 elif item.ValueType == "IMAGE":
                     slots.append(_Slot(g, i, "image", ""))
                 elif concept == PROBABILITY.value and key is not None:
@@ -314,7 +312,7 @@ class ReportBuilder:
         for slot in self._slots:
             item: Dataset
             if slot.kind == "uid":
-                item = TrackingIdentifier(uid=generate_uid(), identifier=slot.value)[1]
+                item = TrackingIdentifier(uid=generate_uid())[0]  # the UIDREF item alone
             elif slot.kind == "image":
                 item = SourceImageForMeasurementGroup.from_source_image(evidence)
             elif slot.kind == "probability":
@@ -329,8 +327,8 @@ class ReportBuilder:
 
 @dataclass(frozen=True)
 class _Slot:
-    """A content item that differs between images: group, position, kind, and a value
-    (the tracking identifier's text, or the class of a probability)."""
+    """A content item that differs between images: group, position, kind, and the
+    class of a probability."""
 
     group: int
     index: int
