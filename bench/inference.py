@@ -13,7 +13,9 @@ Usage: python bench/inference.py [--quick] [--input-size 300] [--backends a,b]
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,6 +60,7 @@ def sample_images(size: int, count: int) -> tuple[list[Path], np.ndarray]:
         from PIL import Image
 
         folder = Path(tempfile.mkdtemp(prefix="bench-inference-"))
+        atexit.register(shutil.rmtree, folder, True)  # synthetic images
         rng = np.random.default_rng(0)
         for i in range(count - len(paths)):
             image = (rng.random((512, 512)) * 255).astype(np.uint8)
@@ -103,6 +106,7 @@ def main() -> None:
     import keras
 
     work = Path(tempfile.mkdtemp(prefix="bench-inference-"))
+    atexit.register(shutil.rmtree, work, True)  # the model, the images
     model = network.build(args.arch, size, seed=0)
     gflop = 2 * network.multiply_accumulates(model) / 1e9
     artifact = work / "artifact"

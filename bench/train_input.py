@@ -15,7 +15,9 @@ Needs the ``bench`` extra (tf-keras, pandas, scipy): pip install -e '.[bench]'.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,6 +44,7 @@ def records(count: int) -> list[Record]:
         from PIL import Image
 
         folder = Path(tempfile.mkdtemp(prefix="bench-train-input-"))
+        atexit.register(shutil.rmtree, folder, True)  # synthetic images
         rng = np.random.default_rng(0)
         found = []
         for i in range(count):
