@@ -212,12 +212,9 @@ def jobs_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
     """List jobs, newest first."""
-    store = _store(config, data_dir)
-    try:
+    with _store(config, data_dir) as store:
         jobs = store.list(state=state, limit=limit)
         deliveries = store.deliveries([j.id for j in jobs])
-    finally:
-        store.close()
     if as_json:
         typer.echo(json.dumps([_job_dict(j, deliveries[j.id]) for j in jobs], indent=2))
         return
@@ -239,12 +236,9 @@ def jobs_show(
     data_dir: DataDirOption = None,
 ) -> None:
     """Show every field of one job as JSON."""
-    store = _store(config, data_dir)
-    try:
+    with _store(config, data_dir) as store:
         job = store.get(job_id)
         deliveries = store.deliveries([job_id])[job_id]
-    finally:
-        store.close()
     if job is None:
         typer.echo(f"error: no job with id {job_id}", err=True)
         raise typer.Exit(1)
@@ -258,12 +252,9 @@ def jobs_retry(
     data_dir: DataDirOption = None,
 ) -> None:
     """Requeue a job's dead SR deliveries (or the job itself, if it failed)."""
-    store = _store(config, data_dir)
-    try:
+    with _store(config, data_dir) as store:
         deliveries = store.retry_dead_deliveries(job_id)
         job = store.requeue_failed_job(job_id)
-    finally:
-        store.close()
     if not deliveries and not job:
         typer.echo(f"error: job {job_id} has no dead delivery and did not fail", err=True)
         raise typer.Exit(1)

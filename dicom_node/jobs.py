@@ -82,6 +82,12 @@ class JobStore:
         """Release every connection."""
         self.engine.dispose()
 
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     # --- receive path ---
 
     def find_duplicate(self, sop_instance_uid: str, sha256: str) -> Job | None:

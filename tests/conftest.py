@@ -39,6 +39,17 @@ def require_tool(name: str) -> str:
     return path
 
 
+def terminate(proc: subprocess.Popen[bytes], grace: float) -> int:
+    """SIGTERM, then SIGKILL if ``proc`` has not ended after ``grace`` seconds; return
+    its exit code."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=15)
+
+
 class NodeProcess:
     """``dicom-node serve`` as a real child process on a free loopback port."""
 
@@ -66,12 +77,7 @@ class NodeProcess:
         """SIGTERM, bounded wait, then SIGKILL; return the exit code."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=15)
+        return terminate(self.proc, 15)
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -79,7 +85,7 @@ class NodeProcess:
         self.proc.wait(timeout=15)
 
     def job_store(self) -> JobStore:
-        """The node's job store (the caller closes it)."""
+        """The node's job store (a context manager: it closes on leaving)."""
         return JobStore(f"sqlite:///{self.data_dir / 'dicom-node.db'}")
 
     @property

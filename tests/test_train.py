@@ -88,10 +88,9 @@ def test_train_evaluate_install_classify(tmp_path: Path, shared_cxr: Path) -> No
     node = NodeProcess(data).start()
     try:
         assert storescu(node.port, [dicom]).all_success
-        store = node.job_store()
-        wait_until(lambda: store.counts() == {"done": 1}, what="the job done")
-        (job,) = store.list()
-        store.close()
+        with node.job_store() as store:
+            wait_until(lambda: store.counts() == {"done": 1}, what="the job done")
+            (job,) = store.list()
         assert job.state.value == "done" and job.label in ("covid", "normal", "pneumonia")
         assert job.model_version == f"cxr-covid-pneumonia {card['version']}"
     finally:

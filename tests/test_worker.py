@@ -151,13 +151,11 @@ def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS
         wait_until(lambda: running.store.counts().get("done", 0) >= 2)
     finally:
         running.stop()
-    after = JobStore(settings.db_url)  # as the node left it: nothing recovered or reaped
-    try:
+    with JobStore(settings.db_url) as after:  # as the node left it: nothing recovered
         jobs = after.list()
-        assert len(jobs) == 12
-        assert {j.state for j in jobs} <= {JobState.QUEUED, JobState.DONE}
-        assert all(j.lease_owner is None for j in jobs if j.state is JobState.QUEUED)
         done = [j.id for j in jobs if j.state is JobState.DONE]
-        assert all(len(d) == 1 for d in after.deliveries(done).values())
-    finally:
-        after.close()
+        deliveries = after.deliveries(done)
+    assert len(jobs) == 12
+    assert {j.state for j in jobs} <= {JobState.QUEUED, JobState.DONE}
+    assert all(j.lease_owner is None for j in jobs if j.state is JobState.QUEUED)
+    assert all(len(d) == 1 for d in deliveries.values())

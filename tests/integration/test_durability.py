@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE
 
 from conftest import CALLING_AE, NODE_AE, NodeProcess
@@ -18,23 +19,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def check_every_acknowledged_instance(node: NodeProcess, acknowledged: set[str]) -> None:
-    store = node.job_store()
-    try:
+    with node.job_store() as store:
         jobs = store.list(limit=10_000)
-        uids = [j.sop_instance_uid for j in jobs]
-        assert len(uids) == len(set(uids)), "an instance has more than one job"
-        by_uid = {j.sop_instance_uid: j for j in jobs}
-        missing = acknowledged - by_uid.keys()
-        assert not missing, f"{len(missing)} acknowledged instance(s) lost"
-        for uid in acknowledged:
-            job = by_uid[uid]
-            path = node.data_dir / "spool" / str(job.spool_file)
-            assert path.is_file()
-            from pydicom import dcmread
-            assert dataset_sha256(path) == job.sha256
-            assert dcmread(path).SOPInstanceUID == uid
-    finally:
-        store.close()
+    uids = [j.sop_instance_uid for j in jobs]
+    assert len(uids) == len(set(uids)), "an instance has more than one job"
+    by_uid = {j.sop_instance_uid: j for j in jobs}
+    missing = acknowledged - by_uid.keys()
+    assert not missing, f"{len(missing)} acknowledged instance(s) lost"
+    for uid in acknowledged:
+        job = by_uid[uid]
+        path = node.data_dir / "spool" / str(job.spool_file)
+        assert path.is_file()
+        assert dataset_sha256(path) == job.sha256
+        assert dcmread(path).SOPInstanceUID == uid
     assert not any((node.data_dir / "spool" / ".tmp").iterdir()), "partial files left"
 
 
@@ -47,7 +44,6 @@ def test_sigkill_right_after_acknowledging(tmp_path: Path) -> None:
         node.kill9()
         assert run.all_success and len(run.responses) == 20
         node.start()  # same data dir, same port
-        from pydicom import dcmread
         uids = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
         check_every_acknowledged_instance(node, uids)
     finally:

@@ -31,13 +31,16 @@ def start_node(tmp_path: Path, artifact: Path, destination: str, name: str = "va
 
 
 
+def sr_uids(node: NodeProcess) -> set[str]:
+    """The SR SOP Instance UID minted for each of the node's jobs."""
+    with node.job_store() as store:
+        return {j.sr_sop_instance_uid for j in store.list()}
+
+
 def all_delivered(node: NodeProcess, count: int) -> bool:
-    store = node.job_store()
-    try:
+    with node.job_store() as store:
         jobs = store.list()
         deliveries = store.deliveries([j.id for j in jobs])
-    finally:
-        store.close()
     return (len(jobs) == count and all(j.state is JobState.DONE for j in jobs)
             and all(len(deliveries[j.id]) == 1 and deliveries[j.id][0].state
                     is DeliveryState.DONE for j in jobs))
@@ -58,9 +61,8 @@ def test_orthanc_receives_one_sr_per_image_in_the_right_study(
         images = {str(d.SOPInstanceUID): d for d in stored if d.Modality != "SR"}
         reports = [d for d in stored if d.Modality == "SR"]
         assert len(images) == 3 and len(reports) == 3
-        store = node.job_store()
-        jobs = {j.sop_instance_uid: j for j in store.list()}
-        store.close()
+        with node.job_store() as store:
+            jobs = {j.sop_instance_uid: j for j in store.list()}
         for sr in reports:
             evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
             referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
@@ -88,11 +90,8 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
         assert storescu(node.port, files).all_success
 
         def attempts() -> int:
-            store = node.job_store()
-            try:
+            with node.job_store() as store:
                 found = store.deliveries([j.id for j in store.list()])
-            finally:
-                store.close()
             return min((d.attempts for ds in found.values() for d in ds), default=0) \
                 if sum(len(ds) for ds in found.values()) == 3 else 0
 
@@ -108,9 +107,7 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
             wait_until(lambda: all_delivered(node, 3), what="all delivered")
         finally:
             healthy.stop()
-        store = node.job_store()
-        expected = {j.sr_sop_instance_uid for j in store.list()}
-        store.close()
+        expected = sr_uids(node)
         # A faulty PACS may keep what it received before aborting; the retry then
         # re-sends the same object (same SOP Instance UID), never a second one.
         received = healthy.received_uids() + [
@@ -131,11 +128,8 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
         assert storescu(node.port, files).all_success
 
         def some(state: JobState) -> bool:
-            store = node.job_store()
-            try:
+            with node.job_store() as store:
                 return store.counts().get(state.value, 0) > 0
-            finally:
-                store.close()
 
         wait_until(lambda: some(JobState.RUNNING) or some(JobState.DONE), what="a batch")
         node.kill9()  # mid-inference or just after: the PACS is down, so deliveries pend
@@ -149,9 +143,7 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
             wait_until(lambda: all_delivered(node, 8), what="all delivered after restart")
         finally:
             pacs.stop()
-        store = node.job_store()
-        expected = {j.sr_sop_instance_uid for j in store.list()}
-        store.close()
+        expected = sr_uids(node)
         assert len(expected) == 8
         assert set(pacs.received_uids()) == expected
     finally:

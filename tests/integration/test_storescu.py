@@ -51,8 +51,8 @@ def test_real_chest_dicoms(node: NodeProcess, shared_dicom: Path) -> None:
     assert len(files) == 3
     runs = send_each(node.port, files)
     assert all(run.all_success for run in runs), [r.output for r in runs]
-    store = node.job_store()
-    jobs = store.list()
+    with node.job_store() as store:
+        jobs = store.list()
     assert len(jobs) == 3
     assert {j.state for j in jobs} == {JobState.QUEUED}
     expected = {str(dcmread(f, force=True).SOPInstanceUID) for f in files}
@@ -68,8 +68,8 @@ def test_synthetic_syntaxes_ct_ignored_and_duplicates(node: NodeProcess, tmp_pat
     files = synthetic(tmp_path)
     runs = send_each(node.port, list(files.values()))
     assert all(run.all_success for run in runs), [r.output for r in runs]
-    store = node.job_store()
-    by_uid = {j.sop_instance_uid: j for j in store.list()}
+    with node.job_store() as store:
+        by_uid = {j.sop_instance_uid: j for j in store.list()}
     assert len(by_uid) == 6
     for name, path in files.items():
         job = by_uid[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)]
@@ -89,7 +89,8 @@ def test_unknown_calling_ae_rejected(node: NodeProcess, tmp_path: Path) -> None:
     run = storescu(node.port, [path], calling="NOT_ALLOWED")
     assert run.returncode != 0
     assert "Calling AE Title Not Recognized" in run.output
-    assert node.job_store().list() == []
+    with node.job_store() as store:
+        assert store.list() == []
 
 
 def test_uid_that_looks_like_a_path_never_becomes_one(node: NodeProcess, tmp_path: Path
@@ -101,7 +102,8 @@ def test_uid_that_looks_like_a_path_never_becomes_one(node: NodeProcess, tmp_pat
     ds.save_as(path, enforce_file_format=False)
     run = storescu(node.port, [path])
     assert run.responses == ["Error: DataSetDoesNotMatchSOPClass"]
-    assert node.job_store().list() == []
+    with node.job_store() as store:
+        assert store.list() == []
     created = [p for p in node.data_dir.parent.rglob("*") if p.name == "x"]
     assert created == []
     assert not (node.data_dir / "x").exists() and not Path("x").exists()
