@@ -25,7 +25,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from conftest import CALLING_AE, NODE_AE, require_tool
+from conftest import CALLING_AE, NODE_AE, require_tool, terminate
 
 #: storescu proposes uncompressed syntaxes unless told which compressed one to offer.
 _PROPOSE = {
@@ -99,12 +99,7 @@ class Storescp:
         wait_for_port(port, proc=self.proc)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
+        terminate(self.proc, 15)
 
     def received_uids(self) -> list[str]:
         """SOP Instance UIDs of every complete file received (one entry per file)."""
@@ -165,10 +160,5 @@ class Orthanc:
                 for i in self.get("/instances")]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
+        terminate(self.proc, 30)
         self.log.close()
