@@ -96,12 +96,6 @@ def next_attempt(attempts: int, base: float, multiplier: float, cap: float,
     return (now or utcnow()) + timedelta(seconds=backoff(attempts, base, multiplier, cap))
 
 
-def send(destination: Destination, sr_path: Path, calling_ae: str, timeout: float,
-         retry_on_warning: bool = False) -> Attempt:
-    """One C-STORE of one SR file to ``destination``; never raises."""
-    return send_many(destination, [sr_path], calling_ae, timeout, retry_on_warning)[0]
-
-
 def send_many(destination: Destination, sr_paths: list[Path], calling_ae: str, timeout: float,
               retry_on_warning: bool = False) -> list[Attempt]:
     """C-STORE each SR file over one association; one :class:`Attempt` per file, in order.

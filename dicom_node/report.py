@@ -294,13 +294,13 @@ class ReportBuilder:
             key = _CLASS_BY_CODE.get(str(finding.ConceptCodeSequence[0].CodeValue))
             for i, (item, concept) in enumerate(zip(items, concepts, strict=True)):
                 if concept == TRACKING_UID.value:
-                    slots.append(_Slot(g, i, "uid", ""))
+                    slots.append(_Slot(g, i, "uid"))
                 elif item.ValueType == "IMAGE":
-                    slots.append(_Slot(g, i, "image", ""))
+                    slots.append(_Slot(g, i, "image"))
                 elif concept == PROBABILITY.value and key is not None:
                     slots.append(_Slot(g, i, "probability", key))
                 elif concept == FINDING.value and PROBABILITY.value not in concepts:
-                    slots.append(_Slot(g, i, "finding", ""))
+                    slots.append(_Slot(g, i, "finding"))
         self._measurements, self._slots = measurements, slots
         self._tree = encoded.getvalue()
 
@@ -316,7 +316,7 @@ class ReportBuilder:
             elif slot.kind == "image":
                 item = SourceImageForMeasurementGroup.from_source_image(evidence)
             elif slot.kind == "probability":
-                item = _probability(result.probabilities[slot.value])[0]
+                item = _probability(result.probabilities[slot.key])[0]
             else:
                 item = QualitativeEvaluation(name=FINDING,
                                              value=_class_concept(result.label))[0]
@@ -327,13 +327,13 @@ class ReportBuilder:
 
 @dataclass(frozen=True)
 class _Slot:
-    """A content item that differs between images: group, position, kind, and the
-    class of a probability."""
+    """A content item that differs between images: group, position, kind (and for a
+    probability, its class)."""
 
     group: int
     index: int
     kind: Literal["uid", "image", "probability", "finding"]
-    value: str
+    key: str = ""
 
 
 def _concept(item: Dataset) -> str | None:
