@@ -53,6 +53,28 @@ class ReceivedInstance:
     size_bytes: int
 
 
+@dataclass(frozen=True)
+class JobResult:
+    """A classified job: ``values`` (label, probabilities, model_version, sr_file) and
+    where its SR goes."""
+
+    job_id: int
+    values: dict[str, Any]
+    destinations: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one attempt to send an SR came to: ``DONE``, ``PENDING`` again at
+    ``retry_at``, or ``DEAD``."""
+
+    delivery_id: int
+    state: DeliveryState
+    status: int | None
+    error: str | None = None
+    retry_at: datetime | None = None
+
+
 def new_worker_id() -> str:
     """A lease owner id: ``host:pid:random``, so recovery can tell whose leases are dead."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -173,37 +195,35 @@ class JobStore:
     def complete(self, job_id: int, owner: str, label: str,
                  probabilities: dict[str, float], model_version: str) -> bool:
         """Store the result of a job ``owner`` still holds, with no SR to deliver."""
-        return self.complete_with_deliveries(
-            job_id, owner,
-            {"label": label, "probabilities": probabilities, "model_version": model_version},
-            destinations=())
+        values = {"label": label, "probabilities": probabilities,
+                  "model_version": model_version}
+        return self.complete_batch(owner, [JobResult(job_id, values)]) == [True]
 
-    def complete_with_deliveries(
-        self,
-        job_id: int,
-        owner: str,
-        result: dict[str, Any],
-        destinations: Sequence[str],
-    ) -> bool:
-        """Store the result and queue one delivery per destination, in one transaction.
+    def complete_batch(self, owner: str, results: Sequence[JobResult]) -> list[bool]:
+        """Store each result and queue one delivery per destination, all in one transaction.
 
-        ``result`` holds ``label``, ``probabilities``, ``model_version`` and ``sr_file``.
-        Returns False (and changes nothing) if ``owner`` no longer holds the job.
+        One commit for a whole batch (one fsync on SQLite, not one per job). A job
+        ``owner`` no longer holds is left unchanged, and its entry is False; the
+        others are stored all the same.
         """
         now = utcnow()
+        stored = []
         with self._sessions.begin() as session:
-            updated = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
-                .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None,
-                        finished_at=now, updated_at=now, last_error=None, **result)
-            )
-            if int(getattr(updated, "rowcount", 0)) != 1:
-                return False
-            for destination in dict.fromkeys(destinations):
-                session.add(Delivery(job_id=job_id, destination=destination,
-                                     next_attempt_at=now))
-        return True
+            for result in results:
+                updated = session.execute(
+                    update(Job)
+                    .where(Job.id == result.job_id, Job.lease_owner == owner,
+                           Job.state == JobState.RUNNING)
+                    .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None,
+                            finished_at=now, updated_at=now, last_error=None, **result.values)
+                )
+                ours = int(getattr(updated, "rowcount", 0)) == 1
+                stored.append(ours)
+                if ours:
+                    session.add_all(Delivery(job_id=result.job_id, destination=destination,
+                                             next_attempt_at=now)
+                                    for destination in dict.fromkeys(result.destinations))
+        return stored
 
     def fail(self, job_id: int, owner: str, error: str, retry: bool = True) -> JobState | None:
         """Give a job back after an error: queued again, or failed after ``max_attempts``.
@@ -262,28 +282,24 @@ class JobStore:
                 select(Job).where(Job.id.in_([d.job_id for d in held])))}
         return [(d, jobs[d.job_id]) for d in sorted(held, key=lambda d: d.id)]
 
-    def delivery_done(self, delivery_id: int, status: int) -> None:
-        """The destination stored the SR."""
+    def record_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
+        """Record the attempts of one association, in one transaction."""
         now = utcnow()
-        self._update_delivery(delivery_id, state=DeliveryState.DONE, last_status=status,
-                              delivered_at=now, last_error=None,
-                              attempts=Delivery.attempts + 1)
-
-    def delivery_failed(self, delivery_id: int, status: int | None, error: str,
-                        retry_at: datetime | None) -> None:
-        """An attempt failed: pending again at ``retry_at``, or dead when it is None."""
-        values: dict[str, Any] = {"last_status": status, "last_error": error[:2000],
-                                  "attempts": Delivery.attempts + 1}
-        if retry_at is None:
-            values["state"] = DeliveryState.DEAD
-        else:
-            values["next_attempt_at"] = retry_at
-        self._update_delivery(delivery_id, **values)
-
-    def _update_delivery(self, delivery_id: int, **values: Any) -> None:
         with self._sessions.begin() as session:
-            session.execute(update(Delivery).where(Delivery.id == delivery_id)
-                            .values(updated_at=utcnow(), **values))
+            for outcome in outcomes:
+                values: dict[str, Any] = {"last_status": outcome.status, "updated_at": now,
+                                          "attempts": Delivery.attempts + 1}
+                if outcome.state is DeliveryState.DONE:
+                    values.update(state=DeliveryState.DONE, delivered_at=now, last_error=None)
+                elif outcome.state is DeliveryState.DEAD:
+                    values.update(state=DeliveryState.DEAD, last_error=(outcome.error or "")[:2000])
+                else:
+                    if outcome.retry_at is None:
+                        raise ValueError("a delivery to retry needs its retry time")
+                    values.update(next_attempt_at=outcome.retry_at,
+                                  last_error=(outcome.error or "")[:2000])
+                session.execute(update(Delivery).where(Delivery.id == outcome.delivery_id)
+                                .values(**values))
 
     def retry_dead_deliveries(self, job_id: int) -> int:
         """Requeue the dead deliveries of a job (``dicom-node jobs retry``); return how many."""

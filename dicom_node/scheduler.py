@@ -15,9 +15,9 @@ from datetime import datetime
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import Settings
-from dicom_node.db import Delivery, Job, utcnow
+from dicom_node.db import Delivery, DeliveryState, Job, utcnow
 from dicom_node.deliver import Attempt, Destination, Outcome, next_attempt, send_many
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import DeliveryOutcome, JobStore
 from dicom_node.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -53,39 +53,38 @@ class Dispatcher:
         return attempted
 
     def _send_all(self, destination: str, items: list[tuple[Delivery, Job]]) -> None:
-        """One association to ``destination`` for all of its due SRs."""
+        """One association to ``destination`` for all of its due SRs; their outcomes
+        are recorded in one transaction."""
         s = self.settings
         ready = [(d, j) for d, j in items if j.sr_file is not None]
-        for delivery, job in items:
-            if job.sr_file is None:
-                self.store.delivery_failed(delivery.id, None, "job has no SR", None)
-        if not ready:
-            return
-        attempts = send_many(Destination.parse(destination),
-                             [self.spool.root / str(j.sr_file) for _, j in ready],
-                             s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning)
-        for (delivery, job), result in zip(ready, attempts, strict=True):
-            self._record(delivery.id, destination, delivery.attempts, job.id, result)
+        outcomes = [DeliveryOutcome(d.id, DeliveryState.DEAD, None, "job has no SR")
+                    for d, j in items if j.sr_file is None]
+        if ready:
+            attempts = send_many(Destination.parse(destination),
+                                 [self.spool.root / str(j.sr_file) for _, j in ready],
+                                 s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning)
+            outcomes += [self._outcome(delivery, destination, job.id, result)
+                         for (delivery, job), result in zip(ready, attempts, strict=True)]
+        self.store.record_outcomes(outcomes)
 
-    def _record(self, delivery_id: int, destination: str, attempts: int, job_id: int,
-                result: Attempt) -> None:
+    def _outcome(self, delivery: Delivery, destination: str, job_id: int,
+                 result: Attempt) -> DeliveryOutcome:
         s = self.settings
         if result.outcome is Outcome.DONE:
-            self.store.delivery_done(delivery_id, result.status or 0)
             LOGGER.info("job %d: SR stored at %s (0x%04X)", job_id, destination,
                         result.status or 0)
-            return
-        tries = attempts + 1
+            return DeliveryOutcome(delivery.id, DeliveryState.DONE, result.status or 0)
+        tries = delivery.attempts + 1
         if result.outcome is Outcome.RETRY and tries < s.delivery_max_attempts:
             retry_at = next_attempt(tries, s.retry_base_seconds, s.retry_multiplier,
                                     s.retry_max_seconds)
-            self.store.delivery_failed(delivery_id, result.status, result.detail, retry_at)
             LOGGER.warning("job %d: SR to %s failed (%s), retry %d at %s", job_id, destination,
                            result.detail, tries, retry_at.strftime("%H:%M:%S"))
-            return
-        self.store.delivery_failed(delivery_id, result.status, result.detail, None)
+            return DeliveryOutcome(delivery.id, DeliveryState.PENDING, result.status,
+                                   result.detail, retry_at)
         LOGGER.error("job %d: SR to %s is dead after %d attempt(s): %s", job_id, destination,
                      tries, result.detail)
+        return DeliveryOutcome(delivery.id, DeliveryState.DEAD, result.status, result.detail)
 
 
 class Scheduler:

@@ -3,8 +3,8 @@
 The worker claims up to ``batch_size`` queued jobs (a lease each), waiting at
 most ``max_batch_delay_ms`` for the batch to fill; decodes them in a thread
 pool through :mod:`model.preprocess`; runs one batched forward pass; writes
-each SR durably; then stores the result and queues the deliveries in one
-transaction per job. Three batches are in flight at once: while batch k is in
+each SR durably; then stores the results and queues the deliveries in one
+transaction per batch. Three batches are in flight at once: while batch k is in
 the network (native code, GIL released), batch k+1 is claimed and decoded and
 the SRs of batch k-1 are built, so the network never waits for either. An
 input that cannot be decoded fails its job with the reason (retried until
@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from dicom_node.config import Settings
 from dicom_node.db import Job
 from dicom_node.deliver import Destination
-from dicom_node.jobs import JobStore, new_worker_id
+from dicom_node.jobs import JobResult, JobStore, new_worker_id
 from dicom_node.report import Classification, ReportBuilder
 from dicom_node.spool import Spool
 from model import card as model_card
@@ -209,8 +209,17 @@ class Worker(threading.Thread):
                       reports: ReportBuilder, timings: tuple[int, float, float, float]
                       ) -> None:
         started = time.perf_counter()
-        for item, row in zip(prepared, probabilities, strict=True):
-            self._finish(item, row, reports)
+        results = [result for item, row in zip(prepared, probabilities, strict=True)
+                   if (result := self._report(item, row, reports)) is not None]
+        stored = self.store.complete_batch(self.owner, results)
+        for result, ours in zip(results, stored, strict=True):
+            if ours:
+                LOGGER.info("job %d: %s (%s)", result.job_id, result.values["label"],
+                            ", ".join(f"{k} {v:.3f}"
+                                      for k, v in result.values["probabilities"].items()))
+            else:
+                LOGGER.warning("job %d: lease lost before the result was stored",
+                               result.job_id)
         report = time.perf_counter() - started
         count, queue_wait, preprocess, inference = timings
         self.last_timings = BatchTimings(count, queue_wait, preprocess, inference, report)
@@ -253,7 +262,10 @@ class Worker(threading.Thread):
                                type(exc).__name__, state.value if state else "not ours")
         return prepared
 
-    def _finish(self, item: Prepared, row: NDArray[np.float32], reports: ReportBuilder) -> None:
+    def _report(self, item: Prepared, row: NDArray[np.float32],
+                reports: ReportBuilder) -> JobResult | None:
+        """Build and durably write the SR of one classified job; None (and the job
+        failed with the reason) if it cannot be built."""
         job = item.job
         card = reports.card
         probabilities = {key: float(p) for key, p in zip(CLASS_KEYS, row, strict=True)}
@@ -271,15 +283,10 @@ class Worker(threading.Thread):
         except Exception as exc:
             self.store.fail(job.id, self.owner, f"SR could not be built: {exc}")
             LOGGER.warning("job %d: SR could not be built (%s)", job.id, type(exc).__name__)
-            return
-        result = {"label": label, "probabilities": probabilities,
+            return None
+        values = {"label": label, "probabilities": probabilities,
                   "model_version": f"{card.name} {card.display_version}", "sr_file": sr_name}
-        if not self.store.complete_with_deliveries(job.id, self.owner, result,
-                                                   self._destinations(job)):
-            LOGGER.warning("job %d: lease lost before the result was stored", job.id)
-            return
-        LOGGER.info("job %d: %s (%s)", job.id, label,
-                    ", ".join(f"{k} {v:.3f}" for k, v in probabilities.items()))
+        return JobResult(job.id, values, self._destinations(job))
 
     def _destinations(self, job: Job) -> list[str]:
         destinations = list(self.settings.destinations)

@@ -10,10 +10,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import text
 
-from dicom_node.db import JobState, utcnow
-from dicom_node.jobs import JobStore, ReceivedInstance, new_worker_id
+from dicom_node.db import DeliveryState, JobState, utcnow
+from dicom_node.jobs import (
+    DeliveryOutcome,
+    JobResult,
+    JobStore,
+    ReceivedInstance,
+    new_worker_id,
+)
 
 
 def instance(n: int, payload: bytes | None = None) -> ReceivedInstance:
@@ -109,6 +116,59 @@ def test_complete_and_fail_need_the_lease(store: JobStore) -> None:
     assert store.fail(b.id, "w1", "boom again") is JobState.FAILED
     failed = store.get(b.id)
     assert failed is not None and failed.last_error == "boom again" and failed.finished_at
+
+
+def test_a_batch_is_stored_in_one_commit_except_jobs_whose_lease_was_lost(
+        store: JobStore) -> None:
+    fill(store, 3)
+    (a,) = store.claim("w1", limit=1, lease_seconds=1)
+    store.reap_expired_leases(utcnow() + timedelta(seconds=5))  # w1 lost a's lease...
+    assert [j.id for j in store.claim("w2", limit=1, lease_seconds=60)] == [a.id]  # ...to w2
+    b, c = store.claim("w1", limit=2, lease_seconds=60)
+    commits = []
+    sqlalchemy_event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    stored = store.complete_batch("w1", [
+        JobResult(job.id, {"label": "normal", "probabilities": {"normal": 1.0},
+                           "model_version": "v1", "sr_file": f"sr/job-{job.id}.dcm"},
+                  ["PACS@127.0.0.1:104", "PACS@127.0.0.1:104", "ARCHIVE@127.0.0.1:105"])
+        for job in (a, b, c)])
+    assert stored == [False, True, True] and len(commits) == 1
+    taken = store.get(a.id)
+    assert taken is not None and taken.state is JobState.RUNNING and taken.lease_owner == "w2"
+    deliveries = store.deliveries([a.id, b.id, c.id])
+    assert deliveries[a.id] == []
+    for job in (b, c):
+        done = store.get(job.id)
+        assert done is not None and done.state is JobState.DONE
+        assert done.sr_file == f"sr/job-{job.id}.dcm" and done.lease_owner is None
+        assert [d.destination for d in deliveries[job.id]] == ["PACS@127.0.0.1:104",
+                                                               "ARCHIVE@127.0.0.1:105"]
+
+
+def test_delivery_outcomes_of_an_association_are_recorded_together(store: JobStore) -> None:
+    fill(store, 3)
+    jobs = store.claim("w1", limit=3, lease_seconds=60)
+    assert store.complete_batch("w1", [JobResult(j.id, {"label": "normal"}, ["P@h:1"])
+                                       for j in jobs]) == [True] * 3
+    due = store.claim_due_deliveries(10, hold_seconds=60)
+    assert len(due) == 3
+    retry_at = utcnow() + timedelta(seconds=30)
+    (d1, _), (d2, _), (d3, _) = due
+    store.record_outcomes([
+        DeliveryOutcome(d1.id, DeliveryState.DONE, 0x0000),
+        DeliveryOutcome(d2.id, DeliveryState.PENDING, 0xA700, "out of resources", retry_at),
+        DeliveryOutcome(d3.id, DeliveryState.DEAD, 0xC000, "cannot understand"),
+    ])
+    (done,), (retrying,), (dead,) = store.deliveries([j.id for j in jobs]).values()
+    assert done.state is DeliveryState.DONE and done.delivered_at and done.attempts == 1
+    assert done.last_status == 0 and done.last_error is None
+    assert retrying.state is DeliveryState.PENDING and retrying.attempts == 1
+    assert retrying.last_status == 0xA700 and retrying.last_error == "out of resources"
+    assert retrying.next_attempt_at.replace(tzinfo=None) == retry_at.replace(tzinfo=None)
+    assert dead.state is DeliveryState.DEAD and dead.last_error == "cannot understand"
+    assert store.delivery_counts() == {"done": 1, "pending": 1, "dead": 1}
+    with pytest.raises(ValueError, match="retry time"):
+        store.record_outcomes([DeliveryOutcome(d2.id, DeliveryState.PENDING, None, "x")])
 
 
 def test_expired_lease_requeues_then_fails_after_max_attempts(store: JobStore) -> None:
