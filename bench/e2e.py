@@ -50,6 +50,7 @@ from pynetdicom import AE, _config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dicom_node.loopback import free_port, wait_for_port  # noqa: E402
+from dicom_node.tcp import NO_DELAY  # noqa: E402
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 _BATCH = re.compile(r"batch of (\d+): preprocess (\d+) ms, inference (\d+) ms, SR (\d+) ms")
@@ -162,7 +163,9 @@ class Sender:
         ae = AE(ae_title="STORESCU")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
         ae.add_requested_context(DX, ExplicitVRLittleEndian)
-        self.assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+        # TCP_NODELAY, as a DCMTK sender with TCP_NODELAY=1 (tcp.NO_DELAY explains why)
+        self.assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE",
+                                  evt_handlers=[NO_DELAY])
         if not self.assoc.is_established:
             raise RuntimeError("node refused the association")
 

@@ -22,6 +22,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 
 from dicom_node.db import utcnow
+from dicom_node.tcp import NO_DELAY
 
 LOGGER = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ def _send_over(ae: AE, destination: Destination, datasets: list[Any],
                 for ds in datasets]
 
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             evt_handlers=[NO_DELAY])
     except Exception as exc:
         return everyone(Outcome.RETRY, f"cannot connect: {type(exc).__name__}")
     if assoc.is_rejected:

@@ -47,6 +47,7 @@ from dicom_node.db import JobState
 from dicom_node.errors import DatasetMismatch, IntakeError, Status, UndecodableDataset
 from dicom_node.jobs import JobStore, ReceivedInstance
 from dicom_node.spool import Spool, SpooledFile
+from dicom_node.tcp import NO_DELAY
 
 LOGGER = logging.getLogger(__name__)
 
@@ -288,6 +289,7 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.service.handle_store),
             (evt.EVT_C_ECHO, _handle_echo),
+            NO_DELAY,
         ]
         server = self.ae.start_server(
             (self.settings.host, self.settings.port),

@@ -13,6 +13,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.tcp import NO_DELAY
+
 LOGGER = logging.getLogger(__name__)
 
 _config.LOG_REQUEST_IDENTIFIERS = False
@@ -49,7 +51,7 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float =
     """Send C-ECHO; return its status (raise ConnectionError if no association)."""
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NO_DELAY])
     if not assoc.is_established:
         raise ConnectionError(f"association with {called_ae}@{host}:{port} not established")
     try:
@@ -101,7 +103,7 @@ def send(
     ae = _ae(calling_ae, timeout)
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NO_DELAY])
     if not assoc.is_established:
         raise ConnectionError(f"association with {called_ae}@{host}:{port} not established")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from dicom_node.config import Settings
 from dicom_node.db import JobState
 from dicom_node.errors import Status
 from dicom_node.node import Node
+from dicom_node.tcp import NO_DELAY
 
 from conftest import CALLING_AE, NODE_AE, free_port
 from dicom_factory import (
@@ -277,3 +279,22 @@ def test_tls_with_client_certificate(make_node: NodeFactory, tmp_path: Path) -> 
     plain = scu()
     plain.add_requested_context(Verification)
     assert not plain.associate("127.0.0.1", node.settings.port, ae_title=NODE_AE).is_established
+
+
+def test_both_ends_of_an_association_send_without_delay(make_node: NodeFactory) -> None:
+    # Nagle's algorithm plus the peer's delayed ACK cost ~40 ms per DIMSE exchange.
+    node = make_node()
+    ae = scu()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.settings.port, ae_title=NODE_AE,
+                         evt_handlers=[NO_DELAY])
+    assert assoc.is_established
+    try:
+        server = node.scp._server
+        assert server is not None
+        (accepted,) = server.active_associations
+        for end in (assoc, accepted):
+            sock = end.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        assoc.release()
