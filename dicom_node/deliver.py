@@ -22,7 +22,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 
 from dicom_node.db import utcnow
-from dicom_node.tcp import NO_DELAY
+from dicom_node.tcp import NO_DELAY, wait_for_reactor
 
 LOGGER = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ def _send_over(ae: AE, destination: Destination, datasets: list[Any],
                 results.append(Attempt(Outcome.RETRY, None, "association lost"))
             else:
                 results.append(_store_one(assoc, ds, retry_on_warning))
+                wait_for_reactor(assoc)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from dicom_node.deliver import Destination, Outcome, backoff, classify, send_man
 from dicom_node.loopback import free_port
 
 from dicom_factory import chest_image, save
+from peers import Storescp
 
 
 @pytest.mark.parametrize(("status", "outcome"), [
@@ -76,3 +79,31 @@ def test_send_many_sends_the_stored_bytes_and_reports_each_file(tmp_path: Path) 
     stored = good.read_bytes()
     assert len(received) == 1 and stored.endswith(received[0])
     assert dcmread(BytesIO(received[0]), force=True).SOPInstanceUID == sr.SOPInstanceUID
+
+
+@pytest.mark.slow
+def test_back_to_back_stores_each_get_their_response_while_the_cores_are_busy(
+        tmp_path: Path) -> None:
+    """With TCP_NODELAY a response is back before pynetdicom's reactor thread has woken
+    from the previous request; without waiting for it, about 2 % of these sends lost
+    their response to the reactor and waited out the timeout."""
+    paths = []
+    for i in range(8):
+        sr = chest_image()
+        sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+        del sr.PixelData
+        paths.append(save(sr, tmp_path / f"sr{i}.dcm"))
+    pacs = Storescp(tmp_path / "pacs", free_port())
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        outcomes = [a.outcome for _ in range(100)
+                    for a in send_many(Destination("PACS", "127.0.0.1", pacs.port), paths,
+                                       "DICOM_NODE", timeout=2)]
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        pacs.stop()
+    assert outcomes.count(Outcome.DONE) == len(outcomes) == 800
+    assert sorted(set(pacs.received_uids())) == sorted(
+        str(dcmread(p).SOPInstanceUID) for p in paths)
