@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from dicom_node.config import Settings
 from dicom_node.db import DeliveryState, JobState
 from dicom_node.jobs import JobStore
 from dicom_node.node import Node
+from dicom_node.spool import Spool
+from dicom_node.worker import Worker
 from model import card
 
 from conftest import free_port, wait_until
@@ -159,3 +163,40 @@ def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS
     assert {j.state for j in jobs} <= {JobState.QUEUED, JobState.DONE}
     assert all(j.lease_owner is None for j in jobs if j.state is JobState.QUEUED)
     assert all(len(d) == 1 for d in deliveries.values())
+
+
+def test_a_new_model_is_picked_up_and_the_old_one_freed(
+        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loaded model is exempted from garbage collection (gc.freeze) while it
+    serves; a model installed later replaces it, and the old one -- a Keras model
+    is full of reference cycles -- is then collected."""
+    import keras
+
+    from model import network
+
+    loaded: list[weakref.ref[Any]] = []
+    load_model = keras.models.load_model
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        model = load_model(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(keras.models, "load_model", recording)
+    other = tmp_path / "other"
+    card.save_artifact(network.build("concatenated", 96, seed=8), other,
+                       {"version": "0.0.2", "architecture": "concatenated", "input_size": 96,
+                        "trained": False})
+    settings = Settings(data_dir=tmp_path / "var", min_free_disk_mb=0)
+    with JobStore(settings.db_url) as jobs:
+        worker = Worker(settings, jobs, Spool(settings.spool_dir))
+        try:
+            card.install(small_artifact, settings.models_path)
+            assert worker.engine().card.version == "0.0.1"
+            assert gc.get_freeze_count() > 0
+            card.install(other, settings.models_path)
+            assert worker.engine().card.version == "0.0.2"
+            gc.collect()
+            assert len(loaded) == 2 and loaded[0]() is None and loaded[1]() is not None
+        finally:
+            gc.unfreeze()
