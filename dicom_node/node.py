@@ -37,10 +37,10 @@ class Node:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.db_url, max_attempts=settings.max_attempts)
         self.spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 2**20)
-        self.scp = StorageSCP(settings, self.store, self.spool)
         self.scheduler = Scheduler(settings, self.store, self.spool)
         self.worker = Worker(settings, self.store, self.spool,
                              on_results=self.scheduler.dispatch_now)
+        self.scp = StorageSCP(settings, self.store, self.spool, on_queued=self.worker.wake)
         self._stop = threading.Event()
 
     def recover(self) -> RecoveryReport:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -113,10 +114,12 @@ class StoreOutcome:
 class StorageService:
     """The receive path behind the C-STORE handler."""
 
-    def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
+    def __init__(self, settings: Settings, store: JobStore, spool: Spool,
+                 on_queued: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.spool = spool
+        self._on_queued = on_queued
         self._io = ThreadPoolExecutor(max_workers=settings.max_associations,
                                       thread_name_prefix="spool")
 
@@ -187,6 +190,8 @@ class StorageService:
             return StoreOutcome(Status.SUCCESS, None, duplicate=True)
         LOGGER.info("job %d queued from %s (%d bytes)", job.id, instance.calling_ae,
                     spooled.size)
+        if self._on_queued is not None:
+            self._on_queued()
         return StoreOutcome(Status.SUCCESS, job.id)
 
     def _discard(self, pending: Future[SpooledFile] | None) -> None:
@@ -277,9 +282,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 class StorageSCP:
     """The running server: start, stop, and the services behind it."""
 
-    def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
+    def __init__(self, settings: Settings, store: JobStore, spool: Spool,
+                 on_queued: Callable[[], None] | None = None) -> None:
         self.settings = settings
-        self.service = StorageService(settings, store, spool)
+        self.service = StorageService(settings, store, spool, on_queued)
         self.ae = build_ae(settings)
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()

@@ -10,7 +10,8 @@ the SRs of batch k-1 are built, so the network never waits for either. An
 input that cannot be decoded fails its job with the reason (retried until
 ``max_attempts``) while the rest of the batch goes on.
 Without a model, jobs simply wait. A newly installed model is picked up
-between batches.
+between batches. An idle worker is woken by the receive path when a job is
+queued, and otherwise looks once a second (instead of 20 times).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ from model import card as model_card
 from model.classes import CLASS_KEYS
 
 LOGGER = logging.getLogger(__name__)
+
+#: How often an idle worker looks for jobs it was not told about, and for a newly
+#: installed model.
+IDLE_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -88,6 +93,7 @@ class Worker(threading.Thread):
         self.owner = new_worker_id()
         self._on_results = on_results
         self._stop_event = threading.Event()
+        self._work = threading.Event()  # set when a job is queued (or on stop)
         self._engine: Any = None
         self._engine_path: Path | None = None
         self._reports: ReportBuilder | None = None
@@ -106,6 +112,11 @@ class Worker(threading.Thread):
     def stop(self) -> None:
         """Ask the loop to end after the current batch."""
         self._stop_event.set()
+        self._work.set()
+
+    def wake(self) -> None:
+        """A job was queued: look for work now instead of at the next idle poll."""
+        self._work.set()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -116,7 +127,10 @@ class Worker(threading.Thread):
                 done = 0
             if not done:
                 self._drain()
-                self._stop_event.wait(0.05 if self._engine is not None else 1.0)
+                # Woken by the receive path; the poll finds jobs queued by anyone
+                # else (`jobs retry`, lease expiry, another node on the database).
+                self._work.wait(IDLE_POLL_SECONDS)
+                self._work.clear()
         try:
             while self._next is not None:  # a batch already claimed and decoded: finish it
                 self.step()

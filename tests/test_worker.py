@@ -13,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from dicom_node import worker as worker_module
 from dicom_node.config import Settings
 from dicom_node.db import DeliveryState, JobState
 from dicom_node.jobs import JobStore
@@ -200,3 +201,25 @@ def test_a_new_model_is_picked_up_and_the_old_one_freed(
             assert len(loaded) == 2 and loaded[0]() is None and loaded[1]() is not None
         finally:
             gc.unfreeze()
+
+
+def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
+                                                small_artifact: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receive path wakes the worker: with the idle poll far longer than the wait
+    below, the image is classified and its SR delivered all the same."""
+    monkeypatch.setattr(worker_module, "IDLE_POLL_SECONDS", 300.0)
+    settings = Settings(data_dir=tmp_path / "var", port=free_port(),
+                        allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
+                        destinations=[f"PACS@127.0.0.1:{pacs.port}"],
+                        dispatch_interval_seconds=300)
+    card.install(small_artifact, settings.models_path)
+    running = Node(settings)
+    running.start()
+    try:
+        wait_until(running.worker.model_loaded.is_set, timeout=120)
+        time.sleep(0.5)  # the worker found nothing to do and is idle
+        assert store(running, [chest_image()]) == [0]
+        wait_until(lambda: len(pacs.received) == 1, timeout=30)
+    finally:
+        running.stop()
