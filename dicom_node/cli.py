@@ -51,6 +51,11 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(
         logging.DEBUG if level == "DEBUG" else logging.WARNING
     )
+    # highdicom logs each module it copies into an SR, naming the source's SOP Instance
+    # UID, at INFO: nine lines per SR that identify the study.
+    logging.getLogger("highdicom").setLevel(
+        logging.DEBUG if level == "DEBUG" else logging.WARNING
+    )
     # A dispatch run skipped because one is already running is expected, not a warning.
     logging.getLogger("apscheduler").setLevel(
         logging.DEBUG if level == "DEBUG" else logging.ERROR

@@ -75,6 +75,11 @@ def test_orthanc_receives_one_sr_per_image_in_the_right_study(
             assert codes[str(job.label)] in str(sr.ContentSequence)
         studies = orthanc.get("/studies")
         assert len(studies) == 3  # the SRs joined the images' studies, no new study
+        log = node.log  # at INFO: jobs by our ids, never the received UIDs
+        assert "SR stored at" in log
+        for source in images.values():
+            for uid in (source.SOPInstanceUID, source.StudyInstanceUID):
+                assert str(uid) not in log
     finally:
         node.stop()
         orthanc.stop()
