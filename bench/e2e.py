@@ -53,7 +53,7 @@ from pynetdicom import AE, _config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dicom_node.loopback import free_port, wait_for_port  # noqa: E402
-from dicom_node.tcp import NO_DELAY, wait_for_reactor  # noqa: E402
+from dicom_node.tcp import NO_DELAY, send_c_store  # noqa: E402
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 _BATCH = re.compile(r"batch of (\d+): preprocess (\d+) ms, inference (\d+) ms, SR (\d+) ms")
@@ -173,9 +173,8 @@ class Sender:
             raise RuntimeError("node refused the association")
 
     def send(self, path: Path) -> float:
-        status = self.assoc.send_c_store(path)
+        status = send_c_store(self.assoc, path)
         acked = time.time()
-        wait_for_reactor(self.assoc)
         if int(status.Status) != 0:
             raise RuntimeError(f"node answered 0x{int(status.Status):04X}")
         return acked

@@ -22,7 +22,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 
 from dicom_node.db import utcnow
-from dicom_node.tcp import NO_DELAY, wait_for_reactor
+from dicom_node.tcp import NO_DELAY, send_c_store
 
 LOGGER = logging.getLogger(__name__)
 
@@ -151,7 +151,6 @@ def _send_over(ae: AE, destination: Destination, datasets: list[Any],
                 results.append(Attempt(Outcome.RETRY, None, "association lost"))
             else:
                 results.append(_store_one(assoc, ds, retry_on_warning))
-                wait_for_reactor(assoc)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -162,7 +161,7 @@ def _send_over(ae: AE, destination: Destination, datasets: list[Any],
 
 def _store_one(assoc: Any, path: Path, retry_on_warning: bool) -> Attempt:
     try:
-        response = assoc.send_c_store(path)
+        response = send_c_store(assoc, path)
     except ValueError as exc:  # no accepted presentation context for this SR
         return Attempt(Outcome.DEAD, None, f"destination does not accept the SR: {exc}"[:200])
     except (AttributeError, InvalidDicomError) as exc:  # file meta incomplete

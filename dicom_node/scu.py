@@ -13,7 +13,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.tcp import NO_DELAY, wait_for_reactor
+from dicom_node.tcp import NO_DELAY, send_c_store
 
 LOGGER = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ def send(
                 results.append(SendResult(path, None, why))
                 continue
             try:
-                rsp = assoc.send_c_store(ds)
-                wait_for_reactor(assoc)
+                rsp = send_c_store(assoc, ds)
             except Exception as exc:
                 results.append(SendResult(path, None, f"not sent: {exc}"))
                 continue

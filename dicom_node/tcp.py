@@ -7,7 +7,7 @@ waiting for the rest. So every C-STORE waited 40 ms: four SRs to DCMTK
 ``storescp`` took 195 ms over one association, and 30 ms with ``TCP_NODELAY``
 (which DCMTK sets itself when ``TCP_NODELAY`` is in its environment). Responses
 that come back this fast expose a race in pynetdicom between a request and its
-association's reactor thread; :func:`wait_for_reactor` closes it.
+association's reactor thread; :func:`send_c_store` closes it.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ LOGGER = logging.getLogger(__name__)
 
 def _no_delay(event: evt.Event) -> None:
     """``EVT_CONN_OPEN`` handler: send each PDU as soon as it is written."""
-    sock: Any = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is None:
+    transport = event.assoc.dul.socket
+    if transport is None or transport.socket is None:  # both are set once connected
         return
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:  # not a TCP socket; the association works all the same
         LOGGER.debug("TCP_NODELAY not set: %s", exc)
 
@@ -37,11 +37,11 @@ def _no_delay(event: evt.Event) -> None:
 NO_DELAY = (evt.EVT_CONN_OPEN, _no_delay)
 
 
-def wait_for_reactor(assoc: Any, timeout: float = 5.0) -> None:
-    """After a ``send_*`` call, wait until pynetdicom's association reactor has woken.
+def send_c_store(assoc: Any, dataset: Any) -> Any:
+    """``assoc.send_c_store(dataset)``, returning once the association can take the
+    next request; every C-STORE on an association we opened goes through here.
 
-    Call it between requests on one association. ``send_c_store`` pauses the
-    association's reactor thread, so that it cannot
+    ``send_c_store`` pauses the association's reactor thread, so that it cannot
     take the response off the queue, and releases it once the response is in.
     If the next ``send_c_store`` starts before that thread has run again, the
     thread is already past its pause and takes the next response as an
@@ -52,7 +52,10 @@ def wait_for_reactor(assoc: Any, timeout: float = 5.0) -> None:
     beside the sender; none with this wait). pynetdicom 3.0.4 has no public
     way to see the reactor's state, hence its ``_is_paused``.
     """
-    deadline = time.monotonic() + timeout
-    while (getattr(assoc, "_is_paused", False) and assoc.is_established
-           and time.monotonic() < deadline):
-        time.sleep(0.0001)
+    try:
+        return assoc.send_c_store(dataset)
+    finally:
+        deadline = time.monotonic() + 5.0
+        while (getattr(assoc, "_is_paused", False) and assoc.is_established
+               and time.monotonic() < deadline):
+            time.sleep(0.0001)
