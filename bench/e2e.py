@@ -340,12 +340,11 @@ def run(work: Path) -> None:
     # with the bare engine (same model, the node's batch size) measured in this process
     # right before and right after it: this shared VM's speed drifts by several per cent
     # over minutes, so the baseline brackets the run it is compared with.
-    from model.engine import CPU_BATCH, GPU_BATCH, Engine
+    from model.engine import Engine, resolve_batch_size
 
     engine = Engine(artifact, batch_size=16)
     engine.warmup()
-    # The node resolves batch_size = 0 the same way (model.engine.Engine).
-    node_batch = args.batch_size or (GPU_BATCH if engine.device == "gpu" else CPU_BATCH)
+    node_batch = resolve_batch_size(args.batch_size or 0, engine.device)  # as the node does
     node = Node(work, "queued", pacs, None, args.batch_size)
     try:
         sender = Sender(node.port)

@@ -47,6 +47,11 @@ CPU_BATCH = 4
 GPU_BATCH = 32
 
 
+def resolve_batch_size(batch_size: int, device: str) -> int:
+    """``batch_size``, or for 0 the automatic one for ``device`` ("cpu" or "gpu")."""
+    return batch_size or (GPU_BATCH if device == "gpu" else CPU_BATCH)
+
+
 @dataclass(frozen=True)
 class Parity:
     """How far a backend's outputs are from the fp32 reference on the same inputs."""
@@ -151,7 +156,7 @@ class Engine:
         self._threads = threads or (os.cpu_count() or 1)
         configure_threads(threads)
         self.device = self._choose_device(device)
-        self.batch_size = batch_size or (GPU_BATCH if self.device == "gpu" else CPU_BATCH)
+        self.batch_size = resolve_batch_size(batch_size, self.device)
         self._cache_dir = cache_dir
         self.shapes = batch_shapes(self.batch_size)
         started = time.perf_counter()
