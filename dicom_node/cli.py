@@ -47,19 +47,13 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs every PDU at INFO; keep its chatter (never identifiers) at WARNING.
-    logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if level == "DEBUG" else logging.WARNING
-    )
-    # highdicom logs each module it copies into an SR, naming the source's SOP Instance
-    # UID, at INFO: nine lines per SR that identify the study.
-    logging.getLogger("highdicom").setLevel(
-        logging.DEBUG if level == "DEBUG" else logging.WARNING
-    )
-    # A dispatch run skipped because one is already running is expected, not a warning.
-    logging.getLogger("apscheduler").setLevel(
-        logging.DEBUG if level == "DEBUG" else logging.ERROR
-    )
+    # Libraries' chatter, unless debugging: pynetdicom logs every PDU at INFO (never
+    # identifiers); highdicom logs each module it copies into an SR, naming the source's
+    # SOP Instance UID, at INFO (nine lines per SR); APScheduler warns when a dispatch
+    # run is skipped because one is already running, which is expected.
+    for name, quiet in (("pynetdicom", logging.WARNING), ("highdicom", logging.WARNING),
+                        ("apscheduler", logging.ERROR)):
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else quiet)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
