@@ -49,6 +49,14 @@ def test_destination_parsing() -> None:
             Destination.parse(bad)
 
 
+def sr_file(path: Path) -> Path:
+    """A file with SR identity for the sender (any data set will do)."""
+    sr = chest_image()
+    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
+    del sr.PixelData
+    return save(sr, path)
+
+
 def test_send_many_sends_the_stored_bytes_and_reports_each_file(tmp_path: Path) -> None:
     """Over a real pynetdicom SCP: the data set arrives byte for byte as stored on disk
     (sent without decoding); an unreadable file is dead, the rest still go."""
@@ -64,10 +72,8 @@ def test_send_many_sends_the_stored_bytes_and_reports_each_file(tmp_path: Path) 
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        sr = chest_image()  # any data set will do; give it SR identity
-        sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
-        del sr.PixelData
-        good = save(sr, tmp_path / "good.dcm")
+        good = sr_file(tmp_path / "good.dcm")
+        sr = dcmread(good)
         bad = tmp_path / "bad.dcm"
         bad.write_bytes(b"not dicom at all")
         attempts = send_many(Destination("PACS", "127.0.0.1", port), [bad, good],
@@ -87,12 +93,7 @@ def test_back_to_back_stores_each_get_their_response_while_the_cores_are_busy(
     """With TCP_NODELAY a response is back before pynetdicom's reactor thread has woken
     from the previous request; without waiting for it, about 2 % of these sends lost
     their response to the reactor and waited out the timeout."""
-    paths = []
-    for i in range(8):
-        sr = chest_image()
-        sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = ComprehensiveSRStorage
-        del sr.PixelData
-        paths.append(save(sr, tmp_path / f"sr{i}.dcm"))
+    paths = [sr_file(tmp_path / f"sr{i}.dcm") for i in range(8)]
     pacs = Storescp(tmp_path / "pacs", free_port())
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
     try:
