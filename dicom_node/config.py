@@ -9,9 +9,8 @@ every field with its default.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -20,23 +19,15 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
 
+from dicom_node.destination import Destination, check_ae_title
 from dicom_node.errors import ConfigError
-
-#: AE titles: 1-16 characters of the default repertoire, no backslash or controls (PS3.5 6.2).
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-
-
-def _check_ae_title(value: str, field: str) -> str:
-    stripped = value.strip()
-    if not _AE_TITLE.match(stripped):
-        raise ValueError(f"{field}: {value!r} is not a valid AE title (1-16 ASCII, no '\\')")
-    return stripped
 
 
 class IntakeRules(BaseModel):
@@ -52,10 +43,10 @@ class IntakeRules(BaseModel):
 
     sop_classes: list[str] = Field(
         default=[
-            CR_IMAGE_STORAGE,
-            DX_PRESENTATION_STORAGE,
-            DX_PROCESSING_STORAGE,
-            SC_IMAGE_STORAGE,
+            ComputedRadiographyImageStorage,
+            DigitalXRayImageStorageForPresentation,
+            DigitalXRayImageStorageForProcessing,
+            SecondaryCaptureImageStorage,
         ],
         description="SOP Class UIDs that can hold a chest radiograph.",
     )
@@ -132,9 +123,12 @@ class Settings(BaseSettings):
 
     # --- storage ---
     data_dir: Path = Field(default=Path("var"), description="Holds the spool and the database.")
-    storage_dir: Path | None = Field(default=None, description="Spool; default data_dir/spool.")
-    database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/dicom-node.db."
+    # The three below default to places under data_dir (see _derive_paths); after
+    # validation each is always set.
+    storage_dir: Path = Field(default=None, description="Spool; default data_dir/spool.")  # type: ignore[assignment]
+    database_url: str = Field(
+        default=None,  # type: ignore[assignment]
+        description="SQLAlchemy URL; default sqlite:///<data_dir>/dicom-node.db.",
     )
     min_free_disk_mb: int = Field(
         default=512, ge=0, description="Refuse with 0xA700 when less is free after the write."
@@ -149,8 +143,9 @@ class Settings(BaseSettings):
     intake: IntakeRules = Field(default_factory=IntakeRules)
 
     # --- model and inference ---
-    model_dir: Path | None = Field(
-        default=None, description="Installed models and the 'active' link; default data_dir/models."
+    model_dir: Path = Field(
+        default=None,  # type: ignore[assignment]
+        description="Installed models and the 'active' link; default data_dir/models.",
     )
     inference_backend: Literal["keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16"] = (
         Field(default="keras-fp32", description="Inference backend (see model/engine.py).")
@@ -201,54 +196,39 @@ class Settings(BaseSettings):
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        return _check_ae_title(value, "ae_title")
+        return check_ae_title(value, "ae_title")
 
     @field_validator("destinations")
     @classmethod
     def _destinations(cls, values: list[str]) -> list[str]:
-        from dicom_node.deliver import Destination
-
         return [str(Destination.parse(v)) for v in values]
 
     @field_validator("delivery_calling_ae")
     @classmethod
     def _delivery_ae(cls, value: str) -> str:
-        return _check_ae_title(value, "delivery_calling_ae")
+        return check_ae_title(value, "delivery_calling_ae")
 
     @field_validator("allowed_calling_ae")
     @classmethod
     def _calling(cls, values: list[str]) -> list[str]:
-        return [_check_ae_title(v, "allowed_calling_ae") for v in values]
+        return [check_ae_title(v, "allowed_calling_ae") for v in values]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_paths(cls, values: Any) -> Any:
+        """Default the spool, the model directory and the database under data_dir."""
+        if not isinstance(values, dict):
+            return values
+        data_dir = Path(values.get("data_dir") or "var")
+        defaults = {"storage_dir": data_dir / "spool", "model_dir": data_dir / "models",
+                    "database_url": f"sqlite:///{data_dir / 'dicom-node.db'}"}
+        return {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
 
     @model_validator(mode="after")
-    def _derive_paths(self) -> Settings:
-        if self.storage_dir is None:
-            self.storage_dir = self.data_dir / "spool"
-        if self.model_dir is None:
-            self.model_dir = self.data_dir / "models"
-        if self.database_url is None:
-            self.database_url = f"sqlite:///{self.data_dir / 'dicom-node.db'}"
+    def _tls_pair(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError("tls_certificate and tls_private_key must be given together")
         return self
-
-    @property
-    def spool_dir(self) -> Path:
-        """The spool directory (``storage_dir`` after defaults were applied)."""
-        assert self.storage_dir is not None
-        return self.storage_dir
-
-    @property
-    def models_path(self) -> Path:
-        """Where models are installed (``model_dir`` after defaults were applied)."""
-        assert self.model_dir is not None
-        return self.model_dir
-
-    @property
-    def db_url(self) -> str:
-        """The database URL after defaults were applied."""
-        assert self.database_url is not None
-        return self.database_url
 
     @classmethod
     def settings_customise_sources(

@@ -82,7 +82,3 @@ class OutOfResources(IntakeError):
     """No room to store the instance durably (disk full, database unavailable)."""
 
     status = Status.OUT_OF_RESOURCES
-
-
-class JobStoreError(NodeError):
-    """The job store could not complete an operation."""

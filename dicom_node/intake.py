@@ -10,14 +10,16 @@ attributes before a single pixel is decoded.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array  # type: ignore[attr-defined]
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
+from pydicom.valuerep import validate_value
 
 from dicom_node.config import IntakeRules
 from dicom_node.errors import (
@@ -28,9 +30,6 @@ from dicom_node.errors import (
 )
 
 LOGGER = logging.getLogger(__name__)
-
-#: UI value representation: digits and dots, at most 64 characters (PS3.5 6.2).
-_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 #: Deepest sequence nesting accepted in a received data set.
 MAX_SEQUENCE_DEPTH = 32
@@ -52,9 +51,18 @@ class IntakeDecision:
 
 
 def check_uid(value: object, keyword: str) -> str:
-    """Return ``value`` as a UID string, or raise :class:`DatasetMismatch`."""
+    """Return ``value`` as a UID string, or raise :class:`DatasetMismatch`.
+
+    A UID is valid as pydicom's UI validation judges it (PS3.5 9.1: numeric
+    components without leading zeros, separated by single dots, at most 64
+    characters); in RAISE mode it neither warns nor logs the received value.
+    """
     text = str(value).strip("\x00 ") if value is not None else ""
-    if not _UID.match(text):
+    try:
+        validate_value("UI", text, pydicom_config.RAISE)
+    except ValueError:
+        text = ""
+    if not text:
         raise DatasetMismatch(f"{keyword} is missing or not a valid UID")
     return text
 
@@ -130,7 +138,7 @@ def _check_pixel_budget(ds: Dataset, max_pixels: int) -> None:
         raise PixelBudgetExceeded(f"image declares {declared} pixels, budget is {max_pixels}")
     transfer_syntax = UID(ds.file_meta.TransferSyntaxUID)
     if not transfer_syntax.is_compressed:
-        expected = (declared * bits_allocated + 7) // 8
+        expected = get_expected_length(ds)
         actual = len(ds.PixelData)
         # Native Pixel Data is padded to an even length (PS3.5 8.1.1).
         if actual not in (expected, expected + 1):

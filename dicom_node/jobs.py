@@ -33,7 +33,6 @@ from dicom_node.db import (
     make_sessionmaker,
     utcnow,
 )
-from dicom_node.errors import JobStoreError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -55,11 +54,13 @@ class ReceivedInstance:
 
 @dataclass(frozen=True)
 class JobResult:
-    """A classified job: ``values`` (label, probabilities, model_version, sr_file) and
-    where its SR goes."""
+    """A classified job: its result, its SR file in the spool, and where the SR goes."""
 
     job_id: int
-    values: dict[str, Any]
+    label: str
+    probabilities: dict[str, float]
+    model_version: str
+    sr_file: str | None = None
     destinations: Sequence[str] = ()
 
 
@@ -180,25 +181,6 @@ class JobStore:
             jobs = list(session.scalars(statement.execution_options(synchronize_session=False)))
         return sorted(jobs, key=lambda j: j.id)
 
-    def extend_lease(self, job_ids: Sequence[int], owner: str, lease_seconds: float) -> int:
-        """Renew the lease of jobs still held by ``owner``; return how many were renewed."""
-        now = utcnow()
-        with self._sessions.begin() as session:
-            result = session.execute(
-                update(Job)
-                .where(Job.id.in_(job_ids), Job.lease_owner == owner,
-                       Job.state == JobState.RUNNING)
-                .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
-            )
-        return int(getattr(result, "rowcount", 0))
-
-    def complete(self, job_id: int, owner: str, label: str,
-                 probabilities: dict[str, float], model_version: str) -> bool:
-        """Store the result of a job ``owner`` still holds, with no SR to deliver."""
-        values = {"label": label, "probabilities": probabilities,
-                  "model_version": model_version}
-        return self.complete_batch(owner, [JobResult(job_id, values)]) == [True]
-
     def complete_batch(self, owner: str, results: Sequence[JobResult]) -> list[bool]:
         """Store each result and queue one delivery per destination, all in one transaction.
 
@@ -215,7 +197,9 @@ class JobStore:
                     .where(Job.id == result.job_id, Job.lease_owner == owner,
                            Job.state == JobState.RUNNING)
                     .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None,
-                            finished_at=now, updated_at=now, last_error=None, **result.values)
+                            finished_at=now, updated_at=now, last_error=None,
+                            label=result.label, probabilities=result.probabilities,
+                            model_version=result.model_version, sr_file=result.sr_file)
                 )
                 ours = int(getattr(updated, "rowcount", 0)) == 1
                 stored.append(ours)
@@ -423,9 +407,3 @@ class JobStore:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         return {state.value: int(n) for state, n in rows}
 
-
-def require(job: Job | None, job_id: int) -> Job:
-    """``job`` or a :class:`JobStoreError` naming ``job_id``."""
-    if job is None:
-        raise JobStoreError(f"no job with id {job_id}")
-    return job

@@ -10,6 +10,7 @@ from types import FrameType
 
 from dicom_node.config import Settings
 from dicom_node.jobs import JobStore
+from dicom_node.libraries import configure
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -33,10 +34,11 @@ class Node:
     """Job store, spool and SCP wired together."""
 
     def __init__(self, settings: Settings) -> None:
+        configure()
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(settings.db_url, max_attempts=settings.max_attempts)
-        self.spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 2**20)
+        self.store = JobStore(settings.database_url, max_attempts=settings.max_attempts)
+        self.spool = Spool(settings.storage_dir, settings.min_free_disk_mb * 2**20)
         self.scheduler = Scheduler(settings, self.store, self.spool)
         self.worker = Worker(settings, self.store, self.spool,
                              on_results=self.scheduler.dispatch_now)
@@ -75,7 +77,7 @@ class Node:
         # Reads the card only: TensorFlow is not loaded by the receive path.
         from model import card
 
-        artifact = card.active(self.settings.models_path)
+        artifact = card.active(self.settings.model_dir)
         if artifact is None:
             LOGGER.warning("no model installed: instances are received and queued; "
                            "install one with `dicom-node model install DIR`")

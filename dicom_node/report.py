@@ -26,7 +26,6 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
-from pathlib import Path
 from typing import Literal
 
 import highdicom as hd
@@ -52,11 +51,12 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 
 from dicom_node import __version__
+from dicom_node.libraries import only_item
 from model.card import ModelCard
-from model.classes import CLASSES
+from model.classes import CLASSES, by_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Classification:
 
 
 def _class_concept(key: str) -> CodedConcept:
-    found = next(c for c in CLASSES if c.key == key)
+    found = by_key(key)
     return CodedConcept(found.snomed_code, "SCT", found.display_name)
 
 
@@ -257,7 +257,7 @@ class ReportBuilder:
         # it), so that writing it does not walk the kept tree to correct ambiguous
         # VRs -- which would turn every untouched item back into elements. Every
         # item built for this image is still checked as pydicom always does.
-        sr.set_original_encoding(False, True, sr._character_set)
+        sr.set_original_encoding(False, True)
         return sr
 
     def warm_up(self) -> None:
@@ -265,7 +265,7 @@ class ReportBuilder:
         the standard (about 0.5 s, once per process) and the content tree is kept,
         before the first real image."""
         source = Dataset()
-        source.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for Presentation
+        source.SOPClassUID = DigitalXRayImageStorageForPresentation
         source.SOPInstanceUID, source.StudyInstanceUID, source.SeriesInstanceUID = (
             generate_uid(), generate_uid(), generate_uid())
         source.Modality = "DX"
@@ -312,14 +312,14 @@ class ReportBuilder:
         for slot in self._slots:
             item: Dataset
             if slot.kind == "uid":
-                item = TrackingIdentifier(uid=generate_uid())[0]  # the UIDREF item alone
+                item = only_item(TrackingIdentifier(uid=generate_uid()))  # the UIDREF item
             elif slot.kind == "image":
                 item = SourceImageForMeasurementGroup.from_source_image(evidence)
             elif slot.kind == "probability":
-                item = _probability(result.probabilities[slot.key])[0]
+                item = only_item(_probability(result.probabilities[slot.key]))
             else:
-                item = QualitativeEvaluation(name=FINDING,
-                                             value=_class_concept(result.label))[0]
+                item = only_item(QualitativeEvaluation(name=FINDING,
+                                                       value=_class_concept(result.label)))
             groups[slot.group].ContentSequence[slot.index] = item
         content: Sequence = tree.ContentSequence
         return content
@@ -343,8 +343,3 @@ def _concept(item: Dataset) -> str | None:
 
 def _probability(value: float) -> Measurement:
     return Measurement(name=PROBABILITY, value=round(float(value), 6), unit=codes.UCUM.NoUnits)
-
-
-def write_sr(sr: Dataset, path: Path) -> None:
-    """Write the SR as a Part 10 file (the caller makes it durable)."""
-    sr.save_as(path, enforce_file_format=True)

@@ -10,13 +10,14 @@ what is due from the database, so nothing due is skipped after a restart.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import Settings
 from dicom_node.db import Delivery, DeliveryState, Job, utcnow
-from dicom_node.deliver import Attempt, Destination, Outcome, next_attempt, send_many
+from dicom_node.deliver import Attempt, send_many
+from dicom_node.destination import Destination
 from dicom_node.jobs import DeliveryOutcome, JobStore
 from dicom_node.spool import Spool
 
@@ -25,6 +26,11 @@ LOGGER = logging.getLogger(__name__)
 DISPATCH_JOB = "dispatch-deliveries"
 REAP_JOB = "reap-leases"
 _BATCH = 32
+
+
+def backoff(attempts: int, base: float, multiplier: float, cap: float) -> float:
+    """Seconds before the next try after ``attempts`` failed ones (>= 1)."""
+    return float(min(cap, base * multiplier ** max(attempts - 1, 0)))
 
 
 class Dispatcher:
@@ -70,14 +76,14 @@ class Dispatcher:
     def _outcome(self, delivery: Delivery, destination: str, job_id: int,
                  result: Attempt) -> DeliveryOutcome:
         s = self.settings
-        if result.outcome is Outcome.DONE:
+        if result.state is DeliveryState.DONE:
             LOGGER.info("job %d: SR stored at %s (0x%04X)", job_id, destination,
                         result.status or 0)
             return DeliveryOutcome(delivery.id, DeliveryState.DONE, result.status or 0)
         tries = delivery.attempts + 1
-        if result.outcome is Outcome.RETRY and tries < s.delivery_max_attempts:
-            retry_at = next_attempt(tries, s.retry_base_seconds, s.retry_multiplier,
-                                    s.retry_max_seconds)
+        if result.state is DeliveryState.PENDING and tries < s.delivery_max_attempts:
+            retry_at = utcnow() + timedelta(seconds=backoff(
+                tries, s.retry_base_seconds, s.retry_multiplier, s.retry_max_seconds))
             LOGGER.warning("job %d: SR to %s failed (%s), retry %d at %s", job_id, destination,
                            result.detail, tries, retry_at.strftime("%H:%M:%S"))
             return DeliveryOutcome(delivery.id, DeliveryState.PENDING, result.status,

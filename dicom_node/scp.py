@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socketserver
 import ssl
 import threading
 from collections.abc import Callable
@@ -17,10 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pydicom import config as pydicom_config
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -35,8 +33,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -45,7 +44,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import intake
 from dicom_node.config import Settings
 from dicom_node.db import JobState
-from dicom_node.errors import DatasetMismatch, IntakeError, Status, UndecodableDataset
+from dicom_node.errors import (
+    ConfigError,
+    DatasetMismatch,
+    IntakeError,
+    Status,
+    UndecodableDataset,
+)
 from dicom_node.jobs import JobStore, ReceivedInstance
 from dicom_node.spool import Spool, SpooledFile
 from dicom_node.tcp import NO_DELAY
@@ -70,37 +75,9 @@ TRANSFER_SYNTAXES = [
 ]
 assert DeflatedExplicitVRLittleEndian not in TRANSFER_SYNTAXES
 
-#: pynetdicom treats an empty calling-AE list as "accept anyone"; our default is
-#: the opposite. An AE title is at most 16 characters, so this value matches none.
-_MATCHES_NO_AE = "<deny: no calling AE allowed>"
-
-# Identifiers (patient name, ID, dates) must never reach the log: pynetdicom
-# logs C-STORE identifiers unless told not to, and pydicom's value validation
-# quotes the offending value (a malformed Patient Name, say) in its warnings.
-# The node checks what it relies on itself (UIDs, image attributes).
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-
-
-class NodeAE(AE):
-    """An AE whose empty calling-AE allow-list means *deny all*, not *accept all*."""
-
-    def __init__(self, ae_title: str, allowed_calling: list[str], accept_any: bool) -> None:
-        self._deny_all = not accept_any and not allowed_calling
-        super().__init__(ae_title=ae_title)
-        self.require_calling_aet = [] if accept_any else allowed_calling
-
-    @property
-    def require_calling_aet(self) -> list[str]:
-        if getattr(self, "_deny_all", False):
-            return [_MATCHES_NO_AE]
-        return list(self._require_calling_aet)
-
-    @require_calling_aet.setter
-    def require_calling_aet(self, ae_titles: list[str]) -> None:
-        AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
-
+#: Part 10 files start with a zeroed preamble, so a received PE/ELF preamble
+#: (CVE-2019-11687) is never stored.
+_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 @dataclass(frozen=True)
 class StoreOutcome:
@@ -150,7 +127,8 @@ class StorageService:
         # The spool write (page-cache copy and fsync, GIL released) overlaps the
         # hash, the duplicate lookup and the pixel decode; nothing is
         # acknowledged before all of them succeeded.
-        pending = (self._io.submit(self.spool.write, [_file_meta_bytes(event.file_meta), raw])
+        pending = (self._io.submit(self.spool.write, [_PREAMBLE, encode_file_meta(event.file_meta),
+                                                      raw])
                    if queue else None)
         try:
             instance = ReceivedInstance(
@@ -226,16 +204,6 @@ def _identify(event: Event, ds: Dataset) -> dict[str, str]:
     }
 
 
-def _file_meta_bytes(file_meta: FileMetaDataset) -> bytes:
-    """Zeroed preamble, ``DICM`` and the File Meta group (PS3.10 7.1)."""
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, file_meta, enforce_standard=True)
-    return buffer.getvalue()
-
-
 def _status(code: int, comment: str | None = None) -> Dataset:
     status = Dataset()
     status.Status = code
@@ -248,9 +216,18 @@ def _handle_echo(event: Event) -> int:
     return Status.SUCCESS
 
 
-def build_ae(settings: Settings) -> NodeAE:
-    """The AE with our presentation contexts, timeouts and limits."""
-    ae = NodeAE(settings.ae_title, settings.allowed_calling_ae, settings.accept_any_calling_ae)
+def build_ae(settings: Settings) -> AE:
+    """The AE with our association policy, presentation contexts, timeouts and limits.
+
+    pynetdicom takes an empty calling-AE list as *accept anyone*; ours means
+    *nobody*, so a node configured that way refuses to serve (ConfigError)
+    rather than run a server that rejects every association.
+    """
+    if not settings.accept_any_calling_ae and not settings.allowed_calling_ae:
+        raise ConfigError("no calling AE title is allowed: set allowed_calling_ae "
+                          "(--allow-calling-ae) or accept_any_calling_ae")
+    ae = AE(ae_title=settings.ae_title)
+    ae.require_calling_aet = [] if settings.accept_any_calling_ae else settings.allowed_calling_ae
     ae.require_called_aet = True
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
@@ -279,6 +256,29 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+class _NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server, made with ``AE.make_server``, that
+    disconnects peers not in ``allowed_hosts`` (empty: anyone) before reading a
+    single PDU, through socketserver's ``verify_request`` hook."""
+
+    def __init__(self, *args: Any, allowed_hosts: frozenset[str] = frozenset(),
+                 **kwargs: Any) -> None:
+        self.allowed_hosts = allowed_hosts
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed_hosts or client_address[0] in self.allowed_hosts:
+            return True
+        LOGGER.warning("connection from a host not in allowed_peer_hosts refused")
+        return False
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket. (pynetdicom's own shutdown also takes the
+        server off the list that ``AE.start_server`` keeps, where this one is not.)"""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 class StorageSCP:
     """The running server: start, stop, and the services behind it."""
 
@@ -286,34 +286,28 @@ class StorageSCP:
                  on_queued: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.service = StorageService(settings, store, spool, on_queued)
-        self.ae = build_ae(settings)
-        self._server: ThreadedAssociationServer | None = None
+        self._ae: AE | None = None
+        self._server: _NodeServer | None = None
         self._lock = threading.Lock()
 
     def start(self) -> ThreadedAssociationServer:
-        """Bind and serve in background threads; return the server."""
+        """Bind and serve in background threads; return the server (ConfigError if the
+        settings allow no calling AE)."""
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.service.handle_store),
             (evt.EVT_C_ECHO, _handle_echo),
             NO_DELAY,
         ]
-        server = self.ae.start_server(
+        self._ae = build_ae(self.settings)
+        server = cast(_NodeServer, self._ae.make_server(
             (self.settings.host, self.settings.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=tls_context(self.settings),
-        )
-        assert server is not None
-        allowed = set(self.settings.allowed_peer_hosts)
-        if allowed:
-            # socketserver's hook: a refused peer is disconnected before any PDU is read.
-            def verify_request(request: Any, client_address: Any) -> bool:
-                if client_address[0] in allowed:
-                    return True
-                LOGGER.warning("connection from a host not in allowed_peer_hosts refused")
-                return False
-
-            server.verify_request = verify_request  # type: ignore[method-assign]
+            server_class=_NodeServer,
+            allowed_hosts=frozenset(self.settings.allowed_peer_hosts),
+        ))
+        threading.Thread(target=server.serve_forever, name="association-server",
+                         daemon=True).start()
         self._server = server
         LOGGER.info("listening on %s:%d as %s", self.settings.host, server.server_address[1],
                     self.settings.ae_title)
@@ -326,8 +320,11 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
-        """Stop accepting, abort open associations, join the server threads."""
+        """Stop accepting, abort open associations, wait for spool writes in flight."""
         with self._lock:
-            self.ae.shutdown()
+            if self._server is not None:
+                self._server.shutdown()
+            if self._ae is not None:
+                self._ae.shutdown()
             self.service.close()
             self._server = None

@@ -10,15 +10,13 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.tcp import NO_DELAY, send_c_store
 
 LOGGER = logging.getLogger(__name__)
 
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
 
 #: The most presentation contexts an association may propose (PS3.8 9.3.2.2).
 _MAX_CONTEXTS = 128

@@ -1,13 +1,11 @@
 """TCP settings for every association the node opens or accepts, and what they need.
 
-pynetdicom leaves Nagle's algorithm on. A C-STORE request is a command PDU and
-then data set PDUs; Nagle holds the data back until the peer acknowledges the
-command, and the peer delays that ACK (about 40 ms on Linux) because it is
-waiting for the rest. So every C-STORE waited 40 ms: four SRs to DCMTK
-``storescp`` took 195 ms over one association, and 30 ms with ``TCP_NODELAY``
-(which DCMTK sets itself when ``TCP_NODELAY`` is in its environment). Responses
-that come back this fast expose a race in pynetdicom between a request and its
-association's reactor thread; :func:`send_c_store` closes it.
+pynetdicom leaves Nagle's algorithm on; with it each C-STORE waits for the
+peer's delayed ACK of its command PDU (about 40 ms on Linux). Every association
+therefore sets ``TCP_NODELAY`` (DCMTK does the same when ``TCP_NODELAY`` is in
+its environment). Responses that come back that fast expose a race between a
+request and its association's reactor thread; :func:`send_c_store` closes it.
+Figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -19,7 +17,12 @@ from typing import Any
 
 from pynetdicom import evt
 
+from dicom_node.libraries import reactor_paused
+
 LOGGER = logging.getLogger(__name__)
+
+#: The longest :func:`send_c_store` waits for the reactor after a response.
+_REACTOR_WAIT_SECONDS = 5.0
 
 
 def _no_delay(event: evt.Event) -> None:
@@ -33,29 +36,23 @@ def _no_delay(event: evt.Event) -> None:
         LOGGER.debug("TCP_NODELAY not set: %s", exc)
 
 
-#: Pass in ``evt_handlers`` of ``AE.associate`` and ``AE.start_server``.
+#: Pass in ``evt_handlers`` of ``AE.associate`` and ``AE.make_server``.
 NO_DELAY = (evt.EVT_CONN_OPEN, _no_delay)
 
 
 def send_c_store(assoc: Any, dataset: Any) -> Any:
     """``assoc.send_c_store(dataset)``, returning once the association can take the
-    next request; every C-STORE on an association we opened goes through here.
+    next request; every C-STORE on an association we open goes through here.
 
-    ``send_c_store`` pauses the association's reactor thread, so that it cannot
-    take the response off the queue, and releases it once the response is in.
-    If the next ``send_c_store`` starts before that thread has run again, the
-    thread is already past its pause and takes the next response as an
-    unexpected message ("Received unexpected C-STORE service message"); that
-    send then waits out the DIMSE timeout and is retried. With ``TCP_NODELAY``
-    a response is back in under a millisecond, and with the cores busy this
-    hit about 2 % of the sends (24 of 1,200 with four CPU-bound processes
-    beside the sender; none with this wait). pynetdicom 3.0.4 has no public
-    way to see the reactor's state, hence its ``_is_paused``.
+    ``send_c_store`` pauses the association's reactor thread so that it cannot
+    take the response off the queue, and releases it once the response is in. If
+    the next request starts before that thread has run again, the thread takes
+    the next response as unexpected and that request waits out the DIMSE
+    timeout. So this waits, bounded, until the reactor runs again.
     """
     try:
         return assoc.send_c_store(dataset)
     finally:
-        deadline = time.monotonic() + 5.0
-        while (getattr(assoc, "_is_paused", False) and assoc.is_established
-               and time.monotonic() < deadline):
+        deadline = time.monotonic() + _REACTOR_WAIT_SECONDS
+        while reactor_paused(assoc) and assoc.is_established and time.monotonic() < deadline:
             time.sleep(0.0001)

@@ -1,4 +1,4 @@
-"""Delivery: status classes, backoff, destinations."""
+"""Delivery: status classes, destinations, sending SR files as stored."""
 
 from __future__ import annotations
 
@@ -13,30 +13,31 @@ from pydicom import dcmread
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from dicom_node.deliver import Destination, Outcome, backoff, classify, send_many
+from dicom_node.db import DeliveryState
+from dicom_node.deliver import classify, send_many
+from dicom_node.destination import Destination
+from dicom_node.libraries import configure
 from dicom_node.loopback import free_port
+from dicom_node.scheduler import backoff
 
 from dicom_factory import chest_image, save
 from peers import Storescp
 
+DONE, RETRY, DEAD = DeliveryState.DONE, DeliveryState.PENDING, DeliveryState.DEAD
 
-@pytest.mark.parametrize(("status", "outcome"), [
-    (0x0000, Outcome.DONE), (0x0001, Outcome.DONE), (0xB000, Outcome.DONE),
-    (0xB006, Outcome.DONE), (0xB007, Outcome.DONE),
-    (0xA700, Outcome.RETRY), (0xA7FF, Outcome.RETRY),
-    (0xA900, Outcome.DEAD), (0xC000, Outcome.DEAD), (0xC211, Outcome.DEAD),
-    (0x0122, Outcome.DEAD), (0x0110, Outcome.DEAD),
+
+@pytest.mark.parametrize(("status", "state"), [
+    (0x0000, DONE), (0x0001, DONE), (0xB000, DONE), (0xB006, DONE), (0xB007, DONE),
+    (0xA700, RETRY), (0xA7FF, RETRY),
+    (0xA900, DEAD), (0xC000, DEAD), (0xC211, DEAD), (0x0122, DEAD), (0x0110, DEAD),
+    (0xFF00, DEAD), (0xFE00, DEAD), (0x1234, DEAD),  # pending, cancel, unknown: not a store
 ])
-def test_status_classes(status: int, outcome: Outcome) -> None:
-    assert classify(status) is outcome
+def test_status_classes(status: int, state: DeliveryState) -> None:
+    assert classify(status) is state
 
 
 def test_warning_retried_only_when_configured() -> None:
-    assert classify(0xB000, retry_on_warning=True) is Outcome.RETRY
-
-
-def test_backoff_is_exponential_with_a_cap() -> None:
-    assert [backoff(n, 10, 2, 60) for n in range(1, 6)] == [10, 20, 40, 60, 60]
+    assert classify(0xB000, retry_on_warning=True) is RETRY
 
 
 def test_destination_parsing() -> None:
@@ -60,6 +61,7 @@ def sr_file(path: Path) -> Path:
 def test_send_many_sends_the_stored_bytes_and_reports_each_file(tmp_path: Path) -> None:
     """Over a real pynetdicom SCP: the data set arrives byte for byte as stored on disk
     (sent without decoding); an unreadable file is dead, the rest still go."""
+    configure()  # the node's library settings: path sends go as stored
     received: list[bytes] = []
 
     def on_store(event: Any) -> int:
@@ -80,7 +82,7 @@ def test_send_many_sends_the_stored_bytes_and_reports_each_file(tmp_path: Path) 
                              "DICOM_NODE", timeout=10)
     finally:
         server.shutdown()
-    assert [a.outcome for a in attempts] == [Outcome.DEAD, Outcome.DONE]
+    assert [a.state for a in attempts] == [DEAD, DONE]
     assert "unreadable" in attempts[0].detail
     stored = good.read_bytes()
     assert len(received) == 1 and stored.endswith(received[0])
@@ -97,7 +99,7 @@ def test_back_to_back_stores_each_get_their_response_while_the_cores_are_busy(
     pacs = Storescp(tmp_path / "pacs", free_port())
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
     try:
-        outcomes = [a.outcome for _ in range(100)
+        outcomes = [a.state for _ in range(100)
                     for a in send_many(Destination("PACS", "127.0.0.1", pacs.port), paths,
                                        "DICOM_NODE", timeout=2)]
     finally:
@@ -105,6 +107,10 @@ def test_back_to_back_stores_each_get_their_response_while_the_cores_are_busy(
             hog.kill()
             hog.wait()
         pacs.stop()
-    assert outcomes.count(Outcome.DONE) == len(outcomes) == 800
+    assert outcomes.count(DONE) == len(outcomes) == 800
     assert sorted(set(pacs.received_uids())) == sorted(
         str(dcmread(p).SOPInstanceUID) for p in paths)
+
+
+def test_backoff_is_exponential_with_a_cap() -> None:
+    assert [backoff(n, 10, 2, 60) for n in range(1, 6)] == [10, 20, 40, 60, 60]

@@ -104,9 +104,9 @@ def test_racing_workers_never_share_a_job(url: str) -> None:
 def test_complete_and_fail_need_the_lease(store: JobStore) -> None:
     fill(store, 2)
     a, b = store.claim("w1", limit=2, lease_seconds=60)
-    assert not store.complete(a.id, "intruder", "normal", {"normal": 1.0}, "v1")
-    assert store.complete(a.id, "w1", "normal", {"normal": 0.9, "pneumonia": 0.05,
-                                                  "covid": 0.05}, "v1")
+    result = JobResult(a.id, "normal", {"normal": 0.9, "pneumonia": 0.05, "covid": 0.05}, "v1")
+    assert store.complete_batch("intruder", [result]) == [False]
+    assert store.complete_batch("w1", [result]) == [True]
     done = store.get(a.id)
     assert done is not None and done.state is JobState.DONE and done.label == "normal"
     assert done.probabilities == {"normal": 0.9, "pneumonia": 0.05, "covid": 0.05}
@@ -128,8 +128,7 @@ def test_a_batch_is_stored_in_one_commit_except_jobs_whose_lease_was_lost(
     commits = []
     sqlalchemy_event.listen(store.engine, "commit", lambda _conn: commits.append(1))
     stored = store.complete_batch("w1", [
-        JobResult(job.id, {"label": "normal", "probabilities": {"normal": 1.0},
-                           "model_version": "v1", "sr_file": f"sr/job-{job.id}.dcm"},
+        JobResult(job.id, "normal", {"normal": 1.0}, "v1", f"sr/job-{job.id}.dcm",
                   ["PACS@127.0.0.1:104", "PACS@127.0.0.1:104", "ARCHIVE@127.0.0.1:105"])
         for job in (a, b, c)])
     assert stored == [False, True, True] and len(commits) == 1
@@ -148,8 +147,9 @@ def test_a_batch_is_stored_in_one_commit_except_jobs_whose_lease_was_lost(
 def test_delivery_outcomes_of_an_association_are_recorded_together(store: JobStore) -> None:
     fill(store, 3)
     jobs = store.claim("w1", limit=3, lease_seconds=60)
-    assert store.complete_batch("w1", [JobResult(j.id, {"label": "normal"}, ["P@h:1"])
-                                       for j in jobs]) == [True] * 3
+    assert store.complete_batch("w1", [
+        JobResult(j.id, "normal", {"normal": 1.0}, "v1", destinations=["P@h:1"])
+        for j in jobs]) == [True] * 3
     due = store.claim_due_deliveries(10, hold_seconds=60)
     assert len(due) == 3
     retry_at = utcnow() + timedelta(seconds=30)
@@ -183,14 +183,6 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(store: JobStore) -
     job = store.get(1)
     assert job is not None and job.state is JobState.FAILED
     assert "lease expired" in (job.last_error or "")
-
-
-def test_extend_lease_only_for_owner(store: JobStore) -> None:
-    fill(store, 1)
-    store.claim("w1", limit=1, lease_seconds=1)
-    assert store.extend_lease([1], "w2", 600) == 0
-    assert store.extend_lease([1], "w1", 600) == 1
-    assert store.reap_expired_leases(utcnow() + timedelta(seconds=60)) == (0, 0)
 
 
 def test_jobs_of_a_dead_local_process_are_recovered(store: JobStore, url: str) -> None:

@@ -1,0 +1,105 @@
+"""Guards on what dicom_node.libraries relies on beyond the libraries' public APIs.
+
+Each test fails loudly when an upgrade of pynetdicom, pydicom or highdicom
+renames or removes something the node reaches into, instead of letting the node
+silently lose a safety setting or a race fix.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from highdicom.sr import CodedConcept, Measurement, QualitativeEvaluation, TrackingIdentifier
+from pydicom import config as pydicom_config
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node import libraries
+from dicom_node.loopback import free_port
+from dicom_node.tcp import NO_DELAY
+
+
+def test_every_pynetdicom_setting_exists_before_the_node_sets_it() -> None:
+    """In a fresh interpreter (nothing has set them yet), pynetdicom still defines each
+    global the node turns on or off."""
+    names = sorted(libraries._PYNETDICOM_SETTINGS)
+    code = ("import pynetdicom._config as c, sys; "
+            f"sys.exit(0 if all(hasattr(c, n) for n in {names!r}) else 1)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_configure_turns_off_identifier_logging_and_reading_validation() -> None:
+    libraries.configure()
+    assert _config.LOG_REQUEST_IDENTIFIERS is False
+    assert _config.LOG_RESPONSE_IDENTIFIERS is False
+    assert _config.STORE_SEND_CHUNKED_DATASET is True
+    assert pydicom_config.settings.reading_validation_mode == pydicom_config.IGNORE
+
+
+def test_configure_refuses_a_pynetdicom_without_a_setting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(libraries._PYNETDICOM_SETTINGS, "NO_SUCH_SETTING", True)
+    with pytest.raises(RuntimeError, match="NO_SUCH_SETTING"):
+        libraries.configure()
+
+
+@pytest.fixture
+def verification_scp() -> Iterator[int]:
+    ae = AE(ae_title="ECHOSCP")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[NO_DELAY])
+    try:
+        yield port
+    finally:
+        ae.shutdown()
+
+
+def test_an_association_exposes_its_reactor_pause(verification_scp: int) -> None:
+    """tcp.send_c_store waits on ``Association._is_paused`` after each request."""
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", verification_scp, ae_title="ECHOSCP",
+                         evt_handlers=[NO_DELAY])
+    try:
+        assert assoc.is_established
+        paused: list[bool] = []
+
+        def while_waiting(event: Any) -> None:
+            # The reactor is paused while a DIMSE response is awaited.
+            paused.append(libraries.reactor_paused(event.assoc))
+
+        assoc.bind(evt.EVT_DIMSE_SENT, while_waiting)
+        assert assoc.send_c_echo().Status == 0x0000
+        assert paused == [True]
+        assert libraries.reactor_paused(assoc) in (True, False)
+    finally:
+        assoc.release()
+
+
+def test_reactor_paused_fails_loudly_without_the_attribute() -> None:
+    with pytest.raises(AttributeError):
+        libraries.reactor_paused(object())
+
+
+@pytest.mark.parametrize(("template", "value_type"), [
+    (lambda: TrackingIdentifier(uid=generate_uid()), "UIDREF"),
+    (lambda: QualitativeEvaluation(name=codes.DCM.Finding,
+                                   value=CodedConcept("17621005", "SCT", "Normal")), "CODE"),
+    (lambda: Measurement(name=codes.DCM.Probability, value=0.5, unit=codes.UCUM.NoUnits),
+     "NUM"),
+])
+def test_the_sr_builders_templates_hold_one_item(template: Any, value_type: str) -> None:
+    """ReportBuilder swaps per-image items into a kept content tree, one item each."""
+    assert libraries.only_item(template()).ValueType == value_type
+
+
+def test_only_item_refuses_a_template_of_several_items() -> None:
+    with pytest.raises(RuntimeError, match="2 content items"):
+        libraries.only_item(TrackingIdentifier(uid=generate_uid(), identifier="two items"))
