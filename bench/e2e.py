@@ -57,7 +57,7 @@ from dicom_node.tcp import NO_DELAY, send_c_store  # noqa: E402
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 _BATCH = re.compile(r"batch of (\d+): preprocess (\d+) ms, inference (\d+) ms, SR (\d+) ms")
-_READY = re.compile(r"^(\S+ \S+) INFO dicom_node.worker: model \S+ ready "
+_READY = re.compile(r"^(\S+ \S+) INFO dicom_node.model_holder: model \S+ ready "
                     r"\(batches of up to (\d+)\)", re.MULTILINE)
 # Send files as stored (the bench is a PACS sending from its archive, not an encoder).
 _config.STORE_SEND_CHUNKED_DATASET = True

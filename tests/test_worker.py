@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +16,15 @@ from dicom_node import worker as worker_module
 from dicom_node.config import Settings
 from dicom_node.db import DeliveryState, JobState
 from dicom_node.jobs import JobStore
+from dicom_node.loopback import free_port
 from dicom_node.node import Node
 from dicom_node.spool import Spool
 from dicom_node.worker import Worker
 from model import card
 
-from conftest import free_port, wait_until
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit
-from test_scp import store
+from helpers.dimse import store
+from helpers.environment import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,13 @@ class FakePACS:
 
 
 
+def _serving(worker: Worker) -> str:
+    """The version of the model the worker now serves (loading it if it changed)."""
+    loaded = worker.models.current()
+    assert loaded is not None
+    return loaded.engine.card.version
+
+
 @pytest.fixture
 def pacs() -> Iterator[FakePACS]:
     peer = FakePACS()
@@ -78,10 +85,12 @@ def test_jobs_wait_for_a_model_then_flow_to_the_pacs(node: Node, pacs: FakePACS,
                                                      small_artifact: Path) -> None:
     sources = [dx_16bit(), cr_monochrome1(), chest_image()]
     assert store(node, sources) == [0, 0, 0]
-    time.sleep(1.5)
+    # Two more idle passes: the second began after the jobs were queued and found no model.
+    passes = node.worker.idle_passes
+    wait_until(lambda: node.worker.idle_passes >= passes + 2, timeout=30)
     assert node.store.counts() == {"queued": 3}  # no model: nothing runs, nothing is lost
 
-    card.install(small_artifact, node.settings.models_path)
+    card.install(small_artifact, node.settings.model_dir)
     wait_until(lambda: len(pacs.received) == 3)
     wait_until(lambda: node.store.delivery_counts() == {"done": 3})
     jobs = node.store.list()
@@ -104,7 +113,7 @@ def test_poison_input_fails_and_the_queue_drains(node: Node, pacs: FakePACS,
     assert store(node, [good, bad]) == [0, 0]
     poisoned = next(j for j in node.store.list() if j.sop_instance_uid == bad.SOPInstanceUID)
     node.spool.path(poisoned.spool_file).write_bytes(b"\0" * 300)  # disk corruption
-    card.install(small_artifact, node.settings.models_path)
+    card.install(small_artifact, node.settings.model_dir)
     wait_until(lambda: node.store.counts().get("failed") == 1
                and node.store.counts().get("done") == 1)
     failed = node.store.get(poisoned.id)
@@ -116,7 +125,7 @@ def test_poison_input_fails_and_the_queue_drains(node: Node, pacs: FakePACS,
 def test_permanent_refusal_is_dead_then_retry_on_request(node: Node, pacs: FakePACS,
                                                          small_artifact: Path) -> None:
     pacs.status = 0xA900
-    card.install(small_artifact, node.settings.models_path)
+    card.install(small_artifact, node.settings.model_dir)
     assert store(node, [chest_image()]) == [0]
     wait_until(lambda: node.store.delivery_counts() == {"dead": 1})
     (job,) = node.store.list()
@@ -131,7 +140,7 @@ def test_permanent_refusal_is_dead_then_retry_on_request(node: Node, pacs: FakeP
 def test_out_of_resources_is_retried_with_the_same_sr(node: Node, pacs: FakePACS,
                                                       small_artifact: Path) -> None:
     pacs.status = 0xA700
-    card.install(small_artifact, node.settings.models_path)
+    card.install(small_artifact, node.settings.model_dir)
     assert store(node, [chest_image()]) == [0]
     wait_until(lambda: any(d.attempts >= 2 for ds in node.store.deliveries(
         [j.id for j in node.store.list()]).values() for d in ds))
@@ -152,11 +161,11 @@ def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS
     running.start()
     try:
         assert store(running, [chest_image(seed=i) for i in range(12)]) == [0] * 12
-        card.install(small_artifact, settings.models_path)
+        card.install(small_artifact, settings.model_dir)
         wait_until(lambda: running.store.counts().get("done", 0) >= 2)
     finally:
         running.stop()
-    with JobStore(settings.db_url) as after:  # as the node left it: nothing recovered
+    with JobStore(settings.database_url) as after:  # as the node left it: nothing recovered
         jobs = after.list()
         done = [j.id for j in jobs if j.state is JobState.DONE]
         deliveries = after.deliveries(done)
@@ -189,14 +198,14 @@ def test_a_new_model_is_picked_up_and_the_old_one_freed(
                        {"version": "0.0.2", "architecture": "concatenated", "input_size": 96,
                         "trained": False})
     settings = Settings(data_dir=tmp_path / "var", min_free_disk_mb=0)
-    with JobStore(settings.db_url) as jobs:
-        worker = Worker(settings, jobs, Spool(settings.spool_dir))
+    with JobStore(settings.database_url) as jobs:
+        worker = Worker(settings, jobs, Spool(settings.storage_dir))
         try:
-            card.install(small_artifact, settings.models_path)
-            assert worker.engine().card.version == "0.0.1"
+            card.install(small_artifact, settings.model_dir)
+            assert _serving(worker) == "0.0.1"
             assert gc.get_freeze_count() > 0
-            card.install(other, settings.models_path)
-            assert worker.engine().card.version == "0.0.2"
+            card.install(other, settings.model_dir)
+            assert _serving(worker) == "0.0.2"
             gc.collect()
             assert len(loaded) == 2 and loaded[0]() is None and loaded[1]() is not None
         finally:
@@ -213,12 +222,13 @@ def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
                         destinations=[f"PACS@127.0.0.1:{pacs.port}"],
                         dispatch_interval_seconds=300)
-    card.install(small_artifact, settings.models_path)
+    card.install(small_artifact, settings.model_dir)
     running = Node(settings)
     running.start()
     try:
-        wait_until(running.worker.model_loaded.is_set, timeout=120)
-        time.sleep(0.5)  # the worker found nothing to do and is idle
+        wait_until(running.worker.models.ready.is_set, timeout=120)
+        # The step that loaded the model found no job: the worker went idle after it.
+        wait_until(lambda: running.worker.idle_passes >= 1, timeout=30)
         assert store(running, [chest_image()]) == [0]
         wait_until(lambda: len(pacs.received) == 1, timeout=30)
     finally:

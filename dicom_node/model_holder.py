@@ -1,0 +1,89 @@
+"""The model holder: the engine and SR builder of the active model, reloaded when it
+changes.
+
+``dicom-node model install`` switches the ``active`` link; the holder notices
+between batches, loads and warms the new engine, builds one SR so highdicom's
+tables are read before the first image waits, and exempts the long-lived
+objects from garbage collection (:func:`gc.freeze`) until the next swap.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dicom_node.config import Settings
+from dicom_node.report import ReportBuilder
+from model import card as model_card
+
+if TYPE_CHECKING:
+    from model.engine import Engine
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An engine ready for batches, and the SR builder bound to its model card."""
+
+    engine: Engine
+    reports: ReportBuilder
+
+
+class ModelHolder:
+    """Holds the active model; :meth:`current` reloads it when the active link moved."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loaded: LoadedModel | None = None
+        self._path: Path | None = None
+        #: Set once a model is loaded and warm.
+        self.ready = threading.Event()
+
+    def current(self) -> LoadedModel | None:
+        """The active model, loaded; None while no model is installed."""
+        active = model_card.active(self.settings.model_dir)
+        if active is None:
+            return None
+        if active != self._path:
+            self._load(active)
+        return self._loaded
+
+    def _load(self, active: Path) -> None:
+        from model.engine import Engine
+
+        LOGGER.info("loading model %s", active.name)
+        # The previous model's objects go back to the collector with it.
+        self._loaded = None
+        gc.unfreeze()
+        s = self.settings
+        engine = Engine(active, backend=s.inference_backend, device=s.inference_device,
+                        batch_size=s.batch_size, threads=s.inference_threads)
+        engine.warmup()
+        reports = ReportBuilder(engine.card)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reports.warm_up()
+        self._loaded, self._path = LoadedModel(engine, reports), active
+        _freeze_long_lived()
+        LOGGER.info("model %s ready (batches of up to %d)", active.name, engine.batch_size)
+        self.ready.set()
+
+
+def _freeze_long_lived() -> None:
+    """Exempt the objects that live as long as the model from garbage collection.
+
+    TensorFlow, Keras and the loaded model are hundreds of thousands of objects;
+    every full collection -- set off by SR building, and by pynetdicom's server
+    even when idle -- would walk them while holding the GIL. Frozen, they are
+    skipped. They are unfrozen before a new model replaces them, so an old
+    model's cycles are still collected. Figures: docs/performance.md.
+    """
+    gc.collect()
+    gc.freeze()
+    LOGGER.debug("%d objects exempted from garbage collection", gc.get_freeze_count())
