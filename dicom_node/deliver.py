@@ -57,6 +57,19 @@ def send_many(destination: Destination, sr_paths: list[Path], calling_ae: str, t
 
     Never raises: a file that cannot be read is dead, a connection problem makes
     every remaining file a retry.
+
+    Parameters
+    ----------
+    destination
+        The Storage SCP.
+    sr_paths
+        Part 10 files, sent as stored (see :func:`dicom_node.libraries.configure`).
+    calling_ae
+        Our AE title as SCU.
+    timeout
+        Connection, ACSE, DIMSE and network timeout, seconds.
+    retry_on_warning
+        Treat a warning status as "try again" instead of stored.
     """
     unreadable: dict[int, Attempt] = {}
     contexts = set()

@@ -129,6 +129,17 @@ class JobStore:
     ) -> Job | None:
         """Commit a new job row; return None when the same instance and bytes already exist.
 
+        Parameters
+        ----------
+        instance
+            What the receive path knows of the instance.
+        spool_file
+            Its name in the spool; None when it was not kept (ignored).
+        state
+            ``QUEUED``, or ``IGNORED`` for an instance the intake rules passed over.
+        reason
+            The intake decision's reason (no patient data; cut to 128 characters).
+
         The commit is durable (SQLite WAL with ``synchronous=FULL``) when this returns.
         """
         job = Job(
@@ -213,6 +224,15 @@ class JobStore:
         """Give a job back after an error: queued again, or failed after ``max_attempts``.
 
         Returns the new state, or None if ``owner`` no longer held the job.
+
+        Parameters
+        ----------
+        job_id, owner
+            The job and the lease owner that claimed it.
+        error
+            Why (stored as the job's last error, cut to 2000 characters).
+        retry
+            False fails the job at once, whatever its attempts.
         """
         with self._sessions() as session:
             job = session.get(Job, job_id)

@@ -127,7 +127,28 @@ def build_sr(
     device_uid: str,
     institution_name: str | None = None,
 ) -> Comprehensive3DSR:
-    """The SR for one classified image (raises ValueError if highdicom finds it invalid)."""
+    """The SR for one classified image, built by highdicom from scratch.
+
+    Parameters
+    ----------
+    source
+        The classified image (its header is copied; pixel data is not needed).
+    result
+        The class and the probabilities.
+    card
+        The model's card: algorithm identification and Contributing Equipment.
+    sop_instance_uid, series_instance_uid
+        The SR's identity, minted when the job was created.
+    device_uid
+        Device Observer UID of the observer (this node).
+    institution_name
+        Optional Institution Name of the SR.
+
+    Raises
+    ------
+    ValueError
+        highdicom finds the content or the source invalid.
+    """
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -240,7 +261,22 @@ class ReportBuilder:
 
     def build(self, source: Dataset, result: Classification, sop_instance_uid: str,
               series_instance_uid: str) -> Comprehensive3DSR:
-        """The SR for one classified image (raises ValueError if highdicom finds it invalid)."""
+        """The SR for one classified image, equal to :func:`build_sr`'s.
+
+        Parameters
+        ----------
+        source
+            The classified image.
+        result
+            The class and the probabilities.
+        sop_instance_uid, series_instance_uid
+            The SR's identity, minted when the job was created.
+
+        Raises
+        ------
+        ValueError
+            highdicom finds the content or the source invalid.
+        """
         if self._tree is None:
             sr = build_sr(source, result, self.card, sop_instance_uid, series_instance_uid,
                           self.card.device_uid, self.institution_name)

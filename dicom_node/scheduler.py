@@ -29,7 +29,15 @@ _BATCH = 32
 
 
 def backoff(attempts: int, base: float, multiplier: float, cap: float) -> float:
-    """Seconds before the next try after ``attempts`` failed ones (>= 1)."""
+    """Seconds before the next try: ``base * multiplier ** (attempts - 1)``, at most ``cap``.
+
+    Parameters
+    ----------
+    attempts
+        Failed attempts so far (>= 1).
+    base, multiplier, cap
+        ``retry_base_seconds``, ``retry_multiplier``, ``retry_max_seconds``.
+    """
     return float(min(cap, base * multiplier ** max(attempts - 1, 0)))
 
 

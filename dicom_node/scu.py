@@ -46,7 +46,22 @@ def _ae(calling_ae: str, timeout: float) -> AE:
 
 
 def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float = 30.0) -> int:
-    """Send C-ECHO; return its status (raise ConnectionError if no association)."""
+    """Send C-ECHO; return its status.
+
+    Parameters
+    ----------
+    host, port
+        The peer.
+    called_ae, calling_ae
+        The peer's AE title and ours.
+    timeout
+        ACSE, DIMSE and network timeout, seconds.
+
+    Raises
+    ------
+    ConnectionError
+        No association was established.
+    """
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NO_DELAY])
@@ -77,7 +92,26 @@ def send(
     calling_ae: str,
     timeout: float = 30.0,
 ) -> list[SendResult]:
-    """C-STORE each file over one association; one result per file, in order."""
+    """C-STORE each file over one association; one result per file, in order.
+
+    Parameters
+    ----------
+    host, port
+        The peer.
+    files
+        DICOM files; one without File Meta is sent as Implicit VR Little Endian.
+    called_ae, calling_ae
+        The peer's AE title and ours.
+    timeout
+        ACSE, DIMSE and network timeout, seconds.
+
+    Raises
+    ------
+    ConnectionError
+        No association was established.
+    ValueError
+        The files need more than 128 presentation contexts.
+    """
     datasets: list[tuple[Path, Dataset | None, str]] = []
     ds: Dataset | None
     contexts: set[tuple[str, str]] = set()

@@ -66,9 +66,26 @@ def build(
 ) -> keras.Model:
     """Build one of the paper's networks.
 
-    ``weights``: ``"none"`` (random), ``"imagenet"`` (backbones only, from the
-    local Keras cache) or a path to a ``.weights.h5`` / Keras 2 ``.h5`` file
-    for the whole network.
+    Parameters
+    ----------
+    architecture
+        ``concatenated`` (Xception + ResNet50V2), ``xception`` or ``resnet50v2``.
+    input_size
+        Side of the square input, pixels (the paper: 300).
+    weights
+        ``"none"`` (random), ``"imagenet"`` (backbones only, from the local Keras
+        cache) or a path to a ``.weights.h5`` / Keras 2 ``.h5`` file for the whole
+        network.
+    seed
+        Seed of the random initialisation.
+
+    Raises
+    ------
+    ValueError
+        An unknown architecture, an input below the smallest size, or a weights
+        file that does not fit the network.
+    FileNotFoundError
+        ImageNet weights missing from the Keras cache, or a missing weights file.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture: {architecture!r} is not one of {ARCHITECTURES}")

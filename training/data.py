@@ -58,8 +58,23 @@ def dataset(
 ) -> tf.data.Dataset:
     """Batches of (images N x S x S x 3 float32 in [0, 1], one-hot labels N x 3).
 
-    ``cache``: ``""`` keeps decoded images in memory, a path caches them on disk,
-    None does not cache (each epoch decodes again).
+    Parameters
+    ----------
+    records
+        Labelled images.
+    input_size
+        Side of the network's square input, pixels.
+    batch_size
+        Images per batch.
+    augment
+        Apply the paper's augmentation.
+    shuffle, seed
+        Shuffle every epoch, reproducibly.
+    cache
+        ``""`` keeps decoded images in memory, a path caches them on disk, None
+        does not cache (each epoch decodes again).
+    interpolation
+        Resizing method of :mod:`model.preprocess` (the model card's).
     """
     if not records:
         raise ValueError("no records")

@@ -74,7 +74,21 @@ def covid_chestxray(
     modality: str = "X-ray",
     source: str = "covid-chestxray-dataset",
 ) -> Iterator[Record]:
-    """Records of the covid-chestxray-dataset (``ROOT/metadata.csv``, ``ROOT/images/``)."""
+    """Records of the covid-chestxray-dataset (``ROOT/metadata.csv``, ``ROOT/images/``).
+
+    Parameters
+    ----------
+    root
+        The dataset's folder.
+    findings
+        Finding text -> class key; findings not listed are left out.
+    views
+        Views kept (the paper's: frontal ones).
+    modality
+        The ``modality`` column's value kept.
+    source
+        The name recorded as each record's source.
+    """
     allowed_views = {v.lower() for v in views}
     with (root / "metadata.csv").open(newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):

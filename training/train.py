@@ -91,7 +91,26 @@ def train(
     config: TrainConfig,
     out: Path,
 ) -> model_card.ModelCard:
-    """Train over ``phases``, keep the best checkpoint, write ``out/model`` (an artifact)."""
+    """Train over ``phases``, keep the best checkpoint, write ``out/model`` (an artifact).
+
+    Resumes from ``out/work`` when a run was interrupted.
+
+    Parameters
+    ----------
+    phases
+        The phase-balanced training sets, trained one after the other.
+    validation
+        Chooses the best checkpoint.
+    config
+        Architecture, input size, epochs per phase, batch size, weights, seed, version.
+    out
+        The run's folder.
+
+    Raises
+    ------
+    ValueError
+        No phase or no validation set.
+    """
     if not phases or not validation:
         raise ValueError("training needs at least one phase and a validation set")
     work = out / "work"
