@@ -1,4 +1,5 @@
 """The classifier and everything bound to it (network, classes, preprocessing, engine).
 
-This package imports nothing from ``dicom_node`` or ``training`` (see DESIGN.md).
+The bottom layer: it imports nothing from ``dicom_node`` or ``training``
+(an import-linter contract in pyproject.toml; see docs/architecture.md).
 """
