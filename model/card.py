@@ -11,7 +11,6 @@ The engine refuses a weights file whose hash does not match its card.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -181,6 +180,6 @@ def active(models_dir: Path) -> Path | None:
 
 
 def describe(card: ModelCard) -> dict[str, Any]:
-    """A JSON-friendly summary for ``dicom-node model show``."""
-    described: dict[str, Any] = json.loads(card.model_dump_json())
-    return described
+    """A JSON-friendly summary for ``dicom-node model show``: the card's fields as its file
+    holds them (no computed fields: ``display_version`` is not shown)."""
+    return card.model_dump(mode="json")

@@ -26,6 +26,21 @@ def test_card_records_identity_and_untrained(small_artifact: Path) -> None:
     assert "tensorflow" in shown.framework and "keras" in shown.framework
 
 
+def test_show_prints_the_card_as_its_file_holds_it(tmp_path: Path) -> None:
+    # Values set in Python (a Path, a tuple, NaN) come out as the card file writes them.
+    made = card.ModelCard(version="2.0.0", architecture="xception", input_size=80,
+                          sha256="ab" * 32, trained=True,
+                          training_data={"list": Path("/data/labels.csv"), "phases": (1, 2)},
+                          metrics={"roc_auc": float("nan"), "accuracy": np.float64(0.9)})
+    shown = card.describe(made)
+    assert shown["training_data"] == {"list": "/data/labels.csv", "phases": [1, 2]}
+    assert shown["metrics"] == {"roc_auc": None, "accuracy": 0.9}
+    assert list(shown) == list(card.ModelCard.model_fields)  # the file's fields, its order
+    card.write_card(tmp_path, made)
+    assert json.dumps(shown, indent=2) == json.dumps(
+        json.loads((tmp_path / "model-card.json").read_text()), indent=2)
+
+
 def test_tampered_weights_are_refused(small_artifact: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(small_artifact, copy)

@@ -25,12 +25,30 @@ def test_counts_and_rates_one_vs_rest() -> None:
     assert result["confusion_matrix"] == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
 
 
+def test_a_class_nobody_has_keeps_its_row_and_column() -> None:
+    # No normal image and no normal prediction: still a 3 x 3 matrix in class order.
+    truth = [0, 0, 2, 2, 2]
+    probabilities = np.eye(3)[[0, 2, 2, 2, 0]]
+    result = evaluate.metrics(truth, probabilities, bootstrap=0)
+    assert result["confusion_matrix"] == [[1, 0, 1], [0, 0, 0], [1, 0, 2]]
+    assert result["per_class"]["normal"]["roc_auc"] is None
+    assert result["per_class"]["normal"]["sensitivity"] is None
+    assert "| Normal | - | " in evaluate.report_markdown(result, "t")
+    assert evaluate.metrics([], np.zeros((0, 3)), bootstrap=0)["confusion_matrix"] == \
+        [[0, 0, 0]] * 3
+
+
 def test_auc_with_ties_and_degenerate_cases() -> None:
     truth = np.array([True, True, False, False])
     assert evaluate.roc_auc(truth, np.array([0.9, 0.8, 0.3, 0.1])) == 1.0
     assert evaluate.roc_auc(truth, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
     assert evaluate.roc_auc(truth, np.array([0.1, 0.3, 0.8, 0.9])) == 0.0
+    # Mann-Whitney by hand: pairs (positive > negative) + half the ties, over 2 x 3 pairs:
+    # 0.8 beats 0.2, 0.5, ties 0.8 -> 2.5; 0.5 beats 0.2, ties 0.5 -> 1.5; (2.5 + 1.5) / 6.
+    mixed = np.array([True, True, False, False, False])
+    assert evaluate.roc_auc(mixed, np.array([0.8, 0.5, 0.8, 0.5, 0.2])) == pytest.approx(4 / 6)
     assert evaluate.roc_auc(np.array([True, True]), np.array([0.1, 0.2])) is None
+    assert evaluate.roc_auc(np.array([False, False]), np.array([0.1, 0.2])) is None
 
 
 def test_ppv_depends_on_prevalence() -> None:

@@ -14,6 +14,7 @@ from training.splits import (
     make_folds,
     patient_folds,
     phase_balanced,
+    phase_quota,
     write_folds,
 )
 
@@ -71,12 +72,54 @@ def keys(records: list[Record]) -> set[tuple[str, str]]:
 
 def test_patient_folds_never_split_a_patient_and_spread_classes() -> None:
     folds = patient_folds(RECORDS, 5, seed=1)
-    assert sum(len(f) for f in folds) == len(RECORDS)
+    assert sorted(r.path for f in folds for r in f) == sorted(r.path for r in RECORDS)
     for a in range(5):
         for b in range(a + 1, 5):
             assert not keys(folds[a]) & keys(folds[b])
     covid = [Counter(r.label for r in f)["covid"] for f in folds]
     assert max(covid) - min(covid) <= 2
+
+
+def test_every_fold_gets_each_class_even_when_it_is_rare() -> None:
+    # Five COVID-19 patients (two images each) for five folds: one per fold, or a fold
+    # would test no COVID-19 at all.
+    rare = synthetic({"covid": 5, "pneumonia": 40, "normal": 40})
+    for seed in range(3):
+        folds = patient_folds(rare, 5, seed=seed)
+        assert [Counter(r.label for r in f)["covid"] for f in folds] == [2] * 5
+        assert all(Counter(r.label for r in f)["normal"] > 0 for f in folds)
+
+
+def test_patient_folds_are_reproducible_for_a_seed() -> None:
+    def paths(seed: int) -> list[list[Path]]:
+        return [[r.path for r in fold] for fold in patient_folds(RECORDS, 5, seed=seed)]
+
+    assert paths(4) == paths(4)
+    assert paths(4) != paths(5)
+    with pytest.raises(ValueError, match="at least 2"):
+        patient_folds(RECORDS, 1, seed=0)
+    with pytest.raises(ValueError, match="patients"):
+        patient_folds(RECORDS[:6], 5, seed=0)  # three patients
+
+
+def test_phase_quota_leaves_images_for_the_clean_validation() -> None:
+    # 240 pneumonia images outside the common source, 280 normal; a fold trains on 4/5,
+    # the phases share 80 % of that: 153 and 179 images, over 8 phases.
+    assert phase_quota(RECORDS, "pneumonia", folds=5, phases=8, paper=200) == 19
+    assert phase_quota(RECORDS, "normal", folds=5, phases=8, paper=250) == 22
+    # The first COVID-19 source's pneumonia is in every phase anyway: not counted.
+    common = [Record(Path(f"/data/more-cp{i}.png"), "pneumonia", f"more-cp{i}", "cxr-dataset")
+              for i in range(500)]
+    assert phase_quota(RECORDS + common, "pneumonia", 5, 8, 200) == 19
+    assert phase_quota(RECORDS, "normal", folds=2, phases=1, paper=100) == 100  # the paper's
+    assert phase_quota(RECORDS[:4], "normal", folds=5, phases=8, paper=250) == 1  # at least 1
+    # What the quotas are for: every fold's phases fit, and the clean validation set
+    # still finds normal and pneumonia patients the phases did not use.
+    for fold in make_folds(RECORDS, folds=5, phases=8, unique_pneumonia=19, unique_normal=22,
+                           validation_per_class=10, seed=0):
+        assert all(len(phase) == len(fold.phases[0]) for phase in fold.phases)
+        labels = Counter(r.label for r in fold.validation)
+        assert labels["normal"] >= 10 and labels["pneumonia"] >= 10
 
 
 def test_phases_repeat_covid_and_common_and_share_nothing_else() -> None:

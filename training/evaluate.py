@@ -8,6 +8,9 @@ precision of 35 % came from 31 positives among 11,302 images), the confusion
 matrix and ROC curves as PNG, ``metrics.json`` and a Markdown report. When
 records come from several sources, results per source are reported too: a model
 can learn the source instead of the disease.
+
+Counting and ROC come from scikit-learn, the plots from matplotlib (both in the
+``training`` extra; the node never imports this package).
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from sklearn.metrics import (  # type: ignore[import-untyped]  # no py.typed marker
+    confusion_matrix,
+    roc_auc_score,
+    roc_curve,
+)
 
 from model.classes import CLASS_KEYS, CLASSES
 
@@ -33,25 +41,19 @@ PAPER_TABLE4_CONCATENATED = {
 
 def confusion(truth: NDArray[np.int_], predicted: NDArray[np.int_]) -> NDArray[np.int_]:
     """Rows: true class, columns: predicted class, in :data:`CLASS_KEYS` order."""
-    matrix = np.zeros((len(CLASS_KEYS), len(CLASS_KEYS)), dtype=np.int64)
-    np.add.at(matrix, (truth, predicted), 1)
+    if len(truth) == 0:  # scikit-learn refuses empty input; an empty test set counts nothing
+        return np.zeros((len(CLASS_KEYS), len(CLASS_KEYS)), dtype=np.int64)
+    matrix: NDArray[np.int_] = confusion_matrix(truth, predicted,
+                                                labels=list(range(len(CLASS_KEYS))))
     return matrix
 
 
 def roc_auc(truth: NDArray[np.bool_], score: NDArray[np.float64]) -> float | None:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); None if one class only."""
-    positives, negatives = score[truth], score[~truth]
-    if len(positives) == 0 or len(negatives) == 0:
+    """Area under the ROC curve (ties count half); None when ``truth`` holds one class only."""
+    truth = np.asarray(truth, dtype=bool)
+    if truth.all() or not truth.any():  # scikit-learn raises; the report shows "-"
         return None
-    order = np.argsort(np.concatenate([positives, negatives]), kind="mergesort")
-    ranks = np.empty(len(order), dtype=np.float64)
-    ranks[order] = np.arange(1, len(order) + 1)
-    values = np.concatenate([positives, negatives])
-    for value in np.unique(values):  # average ranks of ties
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    u = ranks[: len(positives)].sum() - len(positives) * (len(positives) + 1) / 2
-    return float(u / (len(positives) * len(negatives)))
+    return float(roc_auc_score(truth, score))
 
 
 def _per_class(matrix: NDArray[np.int_]) -> dict[str, dict[str, float | int | None]]:
@@ -74,7 +76,11 @@ def _per_class(matrix: NDArray[np.int_]) -> dict[str, dict[str, float | int | No
 
 def ppv_at(sensitivity: float | None, specificity: float | None, prevalence: float
            ) -> float | None:
-    """Positive predictive value at ``prevalence`` (Bayes)."""
+    """Positive predictive value at ``prevalence`` (Bayes).
+
+    Hand-written: scikit-learn's precision is the PPV at the test set's own class mix;
+    no library rescales it to another prevalence.
+    """
     if sensitivity is None or specificity is None:
         return None
     hits = sensitivity * prevalence
@@ -109,6 +115,9 @@ def metrics(truth: Sequence[int], probabilities: NDArray[np.float64],
 
 def _bootstrap(y: NDArray[np.int_], p: NDArray[np.float64], rounds: int, seed: int
                ) -> dict[str, list[float | None]]:
+    # Hand-written: scipy.stats.bootstrap needs every statistic defined in every
+    # resample; here a resample without, say, a COVID-19 case just skips that
+    # class's sensitivity, and one set of resamples serves every figure.
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {"overall_accuracy": []}
     for _ in range(rounds):
@@ -196,11 +205,9 @@ def plots(result: dict[str, Any], truth: Sequence[int], probabilities: NDArray[n
         positives = y == i
         if positives.all() or not positives.any():
             continue
-        thresholds = np.unique(p[:, i])[::-1]
-        tpr = [float((p[positives, i] >= t).mean()) for t in thresholds]
-        fpr = [float((p[~positives, i] >= t).mean()) for t in thresholds]
+        fpr, tpr, _ = roc_curve(positives, p[:, i])
         auc = result["per_class"][CLASS_KEYS[i]]["roc_auc"]
-        ax.plot([0, *fpr], [0, *tpr], label=f"{name} (AUC {auc:.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, one vs rest")
     ax.legend(loc="lower right")

@@ -24,9 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+from sklearn.model_selection import (  # type: ignore[import-untyped]  # no py.typed marker
+    StratifiedGroupKFold,
+)
+
 from training.sources import Record
 
 Protocol = Literal["clean", "paper"]
+#: The automatic quota gives the phases this share of a class's training pool; the rest is
+#: what ``clean`` validation draws from (:func:`_clean_validation` takes the phases' leftovers).
+PHASE_SHARE = 0.8
 PAPER_LABELS = {"covid": "COVID-19", "normal": "normal", "pneumonia": "pneumonia"}
 
 
@@ -46,28 +54,56 @@ def _patient_key(record: Record) -> tuple[str, str]:
 def patient_folds(records: Sequence[Record], folds: int, seed: int) -> list[list[Record]]:
     """Split ``records`` into ``folds`` test sets, never splitting a patient.
 
-    Patients are dealt label by label (by their first image's label), largest
-    first, to the fold that has the fewest of that label, so each class is
-    spread evenly.
+    scikit-learn's ``StratifiedGroupKFold`` (shuffled with ``seed``): the groups
+    are patients, so no patient is in two folds, and the images' labels are
+    spread as evenly as whole patients allow, so every fold has each class when
+    there are at least ``folds`` patients of it. Records keep their input order
+    within a fold.
     """
     if folds < 2:
         raise ValueError("folds must be at least 2")
-    by_patient: dict[tuple[str, str], list[Record]] = defaultdict(list)
-    for record in records:
-        by_patient[_patient_key(record)].append(record)
-    rng = random.Random(seed)  # noqa: S311 - reproducible shuffling, not security
-    patients = sorted(by_patient)
-    rng.shuffle(patients)
-    patients.sort(key=lambda p: -len(by_patient[p]))
-    out: list[list[Record]] = [[] for _ in range(folds)]
-    counts = [Counter[str]() for _ in range(folds)]
-    for patient in patients:
-        label = by_patient[patient][0].label
-        target = min(range(folds), key=lambda k: (counts[k][label], sum(counts[k].values())))
-        out[target].extend(by_patient[patient])
-        for record in by_patient[patient]:
-            counts[target][record.label] += 1
-    return out
+    keys = [_patient_key(r) for r in records]
+    number = {key: i for i, key in enumerate(sorted(set(keys)))}
+    if len(number) < folds:
+        raise ValueError(f"{folds} folds need at least {folds} patients; there are "
+                         f"{len(number)}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    labels = [r.label for r in records]
+    groups = [number[key] for key in keys]
+    return [[records[i] for i in test]
+            for _, test in splitter.split(np.zeros((len(records), 1)), labels, groups)]
+
+
+def phase_quota(records: Sequence[Record], label: str, folds: int, phases: int,
+                paper: int) -> int:
+    """The per-phase quota of unique ``label`` images: the paper's, or what the data allow.
+
+    Parameters
+    ----------
+    records : sequence of Record
+        Every record the folds will be made of.
+    label : str
+        ``"pneumonia"`` or ``"normal"``. Pneumonia images of the first COVID-19
+        record's source are not counted: every phase repeats them (the paper's
+        "common" images).
+    folds : int
+        Number of folds; one of them is the test set, so a fold trains on
+        ``(folds - 1) / folds`` of the images.
+    phases : int
+        Number of training phases, each taking its own unique images.
+    paper : int
+        The paper's quota (200 pneumonia, 250 normal): the most this returns.
+
+    Returns
+    -------
+    int
+        ``paper``, or for a smaller data set the images each phase can have when
+        the phases share :data:`PHASE_SHARE` of a fold's training pool; at least 1.
+    """
+    first_source = next((r.source for r in records if r.label == "covid"), None)
+    count = sum(1 for r in records if r.label == label
+                and not (label == "pneumonia" and r.source == first_source))
+    return max(1, min(paper, int(count * (folds - 1) / folds * PHASE_SHARE) // phases))
 
 
 def phase_balanced(
@@ -119,6 +155,9 @@ def _patients(records: list[Record], rng: random.Random) -> list[list[Record]]:
 
 def _take(groups: list[list[Record]], quota: int) -> tuple[list[Record], list[list[Record]]]:
     """Whole patients, first fit, until exactly ``quota`` images (or none fit any more).
+
+    By hand, as :func:`_clean_validation`: scikit-learn's splitters cut by a share
+    or a count of groups, none by a number of images made of whole patients.
 
     A patient's images always stay together, so no patient is split between a
     phase and the test set.
@@ -175,6 +214,8 @@ def make_folds(
 
 def _hold_out_covid(pool: list[Record], fraction: float, seed: int
                     ) -> tuple[list[Record], list[Record]]:
+    # By hand: a shuffle and a slice of one class's patients; GroupShuffleSplit on the
+    # COVID-19 records would add only its own rounding (up) of the held-out count.
     patients = sorted({_patient_key(r) for r in pool if r.label == "covid"})
     random.Random(seed).shuffle(patients)  # noqa: S311
     held = set(patients[:round(len(patients) * fraction)])
