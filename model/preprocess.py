@@ -192,15 +192,21 @@ def _display_gray8(pixels: NDArray[Any], ds: Dataset,
 
 
 def _voi_output_range(ds: Dataset) -> tuple[float, float]:
-    """The output range of pydicom's VOI transform: the LUT's bit depth, or the window's
-    range (signed stored values without a rescale keep their signed range)."""
-    if "VOILUTSequence" in ds and "WindowCenter" not in ds:
+    """The output range of pydicom's VOI transform: the LUT's bit depth when a VOI LUT
+    is applied (pydicom prefers it to a window), else the window's range -- the
+    stored values' range carried through Rescale Slope/Intercept (PS3.3 C.11.2.1.2)."""
+    if "VOILUTSequence" in ds:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, float(2**bits - 1)
     bits = int(ds.get("BitsStored", 16))
-    if int(ds.get("PixelRepresentation", 0)) == 1 and "RescaleSlope" not in ds:
-        return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
-    return 0.0, float(2**bits - 1)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    else:
+        low, high = 0.0, float(2**bits - 1)
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        low, high = low * slope + intercept, high * slope + intercept
+    return low, high
 
 
 def _stretch(data: NDArray[np.float64], limits: tuple[float, float] | None = None
