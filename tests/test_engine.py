@@ -58,11 +58,52 @@ def test_wrong_input_shape_is_refused(fp32: engine.Engine) -> None:
         fp32.predict(images(1, size=64))
 
 
-def test_no_gpu_here_means_cpu(fp32: engine.Engine, small_artifact: Path) -> None:
-    assert fp32.device == "cpu"
-    if not engine.gpu_available():
+def _tensorflow_sees_a_gpu() -> bool:
+    """Asked of TensorFlow itself, not through engine.gpu_available."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def test_automatic_device_is_what_this_machine_has(small_artifact: Path) -> None:
+    # No fixture choice: the engine decides, on this machine's real hardware.
+    chosen = engine.Engine(small_artifact)
+    has_gpu = _tensorflow_sees_a_gpu()
+    assert engine.gpu_available() is has_gpu
+    assert chosen.device == ("gpu" if has_gpu else "cpu")
+    assert chosen.batch_size == (engine.GPU_BATCH if has_gpu else engine.CPU_BATCH)
+    assert chosen.predict(images(1)).shape == (1, 3)
+    if has_gpu:
+        assert engine.Engine(small_artifact, device="gpu").device == "gpu"
+    else:  # asked for a GPU it does not have: refused, never a silent CPU fallback
         with pytest.raises(RuntimeError, match="no GPU"):
             engine.Engine(small_artifact, device="gpu")
+
+
+@pytest.mark.parametrize(("backend", "device", "has_gpu", "expected"), [
+    ("keras-fp32", "auto", True, "gpu"),
+    ("keras-fp32", "gpu", True, "gpu"),
+    ("keras-fp32", "cpu", True, "cpu"),
+    ("keras-bf16", "auto", True, "gpu"),
+    ("openvino-fp32", "auto", True, "cpu"),  # OpenVINO runs on the CPU only
+    ("openvino-fp32", "gpu", True, RuntimeError),
+    ("keras-fp32", "auto", False, "cpu"),
+    ("keras-fp32", "cpu", False, "cpu"),
+    ("keras-fp32", "gpu", False, RuntimeError),
+])
+def test_device_decision(small_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+                         backend: engine.Backend, device: engine.Device,
+                         has_gpu: bool, expected: str | type[Exception]) -> None:
+    # Both sides of gpu_available() on one machine; loading the weights is beside the point.
+    monkeypatch.setattr(engine, "gpu_available", lambda: has_gpu)
+    monkeypatch.setattr(engine.Engine, "_load", lambda self: {})
+    if not isinstance(expected, str):
+        with pytest.raises(expected, match="no GPU"):
+            engine.Engine(small_artifact, backend=backend, device=device)
+        return
+    chosen = engine.Engine(small_artifact, backend=backend, device=device)
+    assert chosen.device == expected
+    assert chosen.batch_size == (engine.GPU_BATCH if expected == "gpu" else engine.CPU_BATCH)
 
 
 @pytest.mark.parametrize(("backend", "tolerance"), [("openvino-fp32", 1e-5),
