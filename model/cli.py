@@ -1,0 +1,245 @@
+"""The model's commands: ``model create/import/install/show`` and ``predict``.
+
+:func:`register` adds them to the ``dicom-node`` program (entry point group
+``dicom_node.commands``). The node lends its settings -- where models are
+installed, the inference backend -- as the :class:`Host` on the command
+context, so this package imports nothing from ``dicom_node``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
+
+import typer
+
+if TYPE_CHECKING:
+    from model.engine import Backend, Device
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML settings file.", exists=True)
+]
+DataDirOption = Annotated[
+    Path | None, typer.Option("--data-dir", help="Holds the database and spool by default.")
+]
+
+
+class NodeSettings(Protocol):
+    """The node settings the model's commands read."""
+
+    @property
+    def model_dir(self) -> Path: ...
+    @property
+    def inference_backend(self) -> Backend: ...
+    @property
+    def inference_device(self) -> Device: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def inference_threads(self) -> int: ...
+
+
+class Host(Protocol):
+    """What the program lends its commands (``ctx.obj``)."""
+
+    def settings(self, config: Path | None, data_dir: Path | None) -> NodeSettings: ...
+    def setup_logging(self, level: str) -> None: ...
+
+
+def _host(ctx: typer.Context) -> Host:
+    host: Host = ctx.obj
+    return host
+
+
+model_app = typer.Typer(help="Create, import, install and show classifier models.",
+                        no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``model ...`` and ``predict`` to ``app``."""
+    app.add_typer(model_app, name="model")
+    app.command()(predict)
+
+
+def _quiet_tensorflow() -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@model_app.command("create")
+def model_create(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="New artifact directory.")],
+    arch: Annotated[str, typer.Option("--arch", help="concatenated, xception or resnet50v2.")
+                    ] = "concatenated",
+    input_size: Annotated[int, typer.Option("--input-size")] = 300,
+    weights: Annotated[str, typer.Option(
+        "--weights", help="none (untrained), imagenet (backbones, from the Keras cache) "
+        "or a weights file of the whole network (.weights.h5 or the authors' Keras 2 .h5).",
+    )] = "none",
+    version: Annotated[str, typer.Option("--version")] = "0.1.0",
+) -> None:
+    """Build one of the paper's networks and save it as an artifact with its model card."""
+    _quiet_tensorflow()
+    _host(ctx).setup_logging("WARNING")
+    from model import card, network
+
+    try:
+        built = network.build(arch, input_size, weights)  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    from_file = weights not in ("none", "imagenet")
+    fields: dict[str, Any] = {
+        "version": version, "architecture": arch, "input_size": input_size,
+        "trained": from_file,
+        "training_data": ({"weights_imported_from": Path(weights).name} if from_file else
+                          {"backbones": "ImageNet" if weights == "imagenet" else "random"}),
+        "notes": "" if from_file else "UNTRAINED: for tests and demos; outputs mean nothing.",
+    }
+    try:
+        created = card.save_artifact(built, out, fields)
+    except FileExistsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{out}: {created.architecture} {created.input_size}px "
+               f"{created.display_version} sha256 {created.sha256[:16]}")
+
+
+@model_app.command("import")
+def model_import(
+    ctx: typer.Context,
+    h5_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                            help="A whole saved Keras 2 model (.h5/.hdf5).")],
+    out: Annotated[Path, typer.Option("--out", help="New artifact directory.")],
+    arch: Annotated[str, typer.Option("--arch")] = "concatenated",
+    version: Annotated[str, typer.Option("--version")] = "1.0.0",
+) -> None:
+    """Turn a model file published by the paper's authors into an artifact."""
+    _quiet_tensorflow()
+    _host(ctx).setup_logging("WARNING")
+    import keras
+
+    from model import card
+
+    try:
+        loaded = keras.models.load_model(h5_file, compile=False)
+    except Exception as exc:
+        typer.echo(f"error: {h5_file.name} cannot be loaded: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    size = int(loaded.input_shape[1])
+    created = card.save_artifact(loaded, out, {
+        "version": version, "architecture": arch, "input_size": size, "trained": True,
+        "training_data": {"weights_imported_from": h5_file.name},
+        "notes": "Imported from a Keras 2 HDF5 file; validate before clinical evaluation.",
+    })
+    typer.echo(f"{out}: imported, {size}px, sha256 {created.sha256[:16]}")
+
+
+@model_app.command("install")
+def model_install(
+    ctx: typer.Context,
+    artifact: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Verify an artifact, copy it into the node's model directory and activate it."""
+    from model import card
+
+    settings = _host(ctx).settings(config, data_dir)
+    try:
+        target = card.install(artifact, settings.model_dir)
+    except (card.ModelIntegrityError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    installed = card.read_card(target)
+    typer.echo(f"installed and active: {installed.name} {installed.display_version} "
+               f"({target})")
+
+
+@model_app.command("show")
+def model_show(
+    ctx: typer.Context,
+    artifact: Annotated[Path | None, typer.Argument(help="An artifact; default: the active one.")
+                        ] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Print the model card (JSON) of an artifact or of the active model."""
+    from model import card
+
+    if artifact is None:
+        artifact = card.active(_host(ctx).settings(config, data_dir).model_dir)
+        if artifact is None:
+            typer.echo("no model installed (dicom-node model install DIR)", err=True)
+            raise typer.Exit(1)
+    try:
+        shown = card.read_card(artifact)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps({"path": str(artifact), **card.describe(shown)}, indent=2))
+
+
+def predict(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False)],
+    model_dir: Annotated[Path | None, typer.Option(
+        "--model", help="Artifact directory; default: the node's active model.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    backend: Annotated[str | None, typer.Option("--backend", help="Inference backend.")] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Classify DICOM or PNG/JPEG chest radiographs; print class and probabilities."""
+    _quiet_tensorflow()
+    settings = _host(ctx).settings(config, data_dir)
+    _host(ctx).setup_logging("WARNING")
+    from model import card, engine, preprocess
+    from model.classes import CLASS_KEYS
+
+    artifact = model_dir or card.active(settings.model_dir)
+    if artifact is None:
+        typer.echo("error: no model given and none installed", err=True)
+        raise typer.Exit(2)
+    try:
+        loaded = engine.Engine(artifact, backend=backend or settings.inference_backend,  # type: ignore[arg-type]
+                               device=settings.inference_device,
+                               batch_size=min(settings.batch_size, max(len(files), 1)),
+                               threads=settings.inference_threads)
+    except (card.ModelIntegrityError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    inputs, readable = [], []
+    failures: dict[str, str] = {}
+    for path in files:
+        try:
+            inputs.append(preprocess.load(path, loaded.input_size,
+                                          loaded.card.interpolation))  # type: ignore[arg-type]
+            readable.append(path)
+        except preprocess.PreprocessError as exc:
+            failures[str(path)] = str(exc)
+    import numpy as np
+
+    probabilities = loaded.predict(np.stack(inputs)) if inputs else np.zeros((0, 3))
+    results: list[dict[str, Any]] = [{"file": str(p), "label": CLASS_KEYS[int(np.argmax(row))],
+                "probabilities": {k: round(float(v), 6) for k, v in zip(CLASS_KEYS, row,
+                                                                         strict=True)}}
+               for p, row in zip(readable, probabilities, strict=True)]
+    results += [{"file": f, "error": why} for f, why in failures.items()]
+    if as_json:
+        typer.echo(json.dumps({"model": loaded.card.name,
+                               "model_version": loaded.card.display_version,
+                               "trained": loaded.card.trained, "results": results}, indent=2))
+    else:
+        if not loaded.card.trained:
+            typer.echo("WARNING: this model is UNTRAINED; its outputs mean nothing.", err=True)
+        for row in results:
+            if "error" in row:
+                typer.echo(f"{row['file']}: error: {row['error']}")
+                continue
+            probs = "  ".join(f"{k}={v:.4f}" for k, v in row["probabilities"].items())
+            typer.echo(f"{row['file']}: {row['label']}  {probs}")
+    raise typer.Exit(1 if failures else 0)

@@ -1,0 +1,202 @@
+"""Training's commands: ``prepare``, ``train`` and ``evaluate``.
+
+:func:`register` adds them to the ``dicom-node`` program (entry point group
+``dicom_node.commands``). They need the ``training`` extra (matplotlib,
+scikit-learn): ``pip install 'dicom-node[training]'``; the node's own install
+leaves it out. Each command parses its options and calls the package; the
+pipeline itself is in :mod:`training.workflow`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Protocol
+
+import typer
+
+
+class Host(Protocol):
+    """What the program lends its commands (``ctx.obj``)."""
+
+    def setup_logging(self, level: str) -> None: ...
+
+
+def _host(ctx: typer.Context) -> Host:
+    host: Host = ctx.obj
+    return host
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``prepare``, ``train`` and ``evaluate`` to ``app``."""
+    for command in (prepare, train, evaluate):
+        app.command()(command)
+
+
+def _quiet_tensorflow() -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _require_extra() -> None:
+    """Exit 2 with the install command when the ``training`` extra is missing."""
+    from importlib.util import find_spec
+
+    missing = [name for name in ("sklearn", "matplotlib") if find_spec(name) is None]
+    if missing:
+        typer.echo(f"error: training needs {', '.join(missing)}: install the training extra "
+                   "(pip install 'dicom-node[training]', or make install-test)", err=True)
+        raise typer.Exit(2)
+
+
+def prepare(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the split files.")],
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", help="KIND:PATH, KIND one of covid-chestxray, rsna, folder, csv "
+        "(repeatable; the first source's pneumonia images are the paper's 'common' ones).",
+    )] = None,
+    folds: Annotated[int, typer.Option("--folds")] = 5,
+    phases: Annotated[int, typer.Option("--phases")] = 8,
+    unique_pneumonia: Annotated[int, typer.Option("--unique-pneumonia")] = 200,
+    unique_normal: Annotated[int, typer.Option("--unique-normal")] = 250,
+    protocol: Annotated[str, typer.Option(
+        "--protocol", help="clean (validation never touches the test set) or paper.")
+    ] = "clean",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    check_paper: Annotated[Path | None, typer.Option(
+        "--check-paper", exists=True, file_okay=False,
+        help="Check the authors' fold*/train*.csv in this folder instead.")] = None,
+) -> None:
+    """Read datasets and write patient-level folds of phase-balanced training phases."""
+    _require_extra()
+    from training import sources as readers
+    from training import splits
+
+    if check_paper is not None:
+        for fold in sorted(check_paper.glob("fold*")):
+            try:
+                compositions = splits.check_paper_fold(fold, phases)
+            except (ValueError, OSError, KeyError) as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from exc
+            shapes = sorted({(c.covid, c.common_pneumonia, c.unique_pneumonia, c.normal)
+                             for c in compositions})
+            typer.echo(f"{fold.name}: {len(compositions)} phases, COVID-19/common pneumonia/"
+                       f"unique pneumonia/normal = {shapes}")
+        return
+    kinds = {"covid-chestxray": readers.covid_chestxray, "rsna": readers.rsna,
+             "folder": readers.folder_per_class, "csv": readers.csv_list}
+    records = []
+    for item in source or []:
+        kind, _, path = item.partition(":")
+        if kind not in kinds or not path:
+            typer.echo(f"error: --source {item!r}: expected KIND:PATH with KIND in "
+                       f"{sorted(kinds)}", err=True)
+            raise typer.Exit(2)
+        records += list(kinds[kind](Path(path)))  # type: ignore[operator]
+    if not records:
+        typer.echo("error: no records (give --source KIND:PATH)", err=True)
+        raise typer.Exit(2)
+    try:
+        made = splits.make_folds(records, folds, phases, unique_pneumonia, unique_normal,
+                                 protocol=protocol, seed=seed)  # type: ignore[arg-type]
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    splits.write_folds(out, made)
+    for k, made_fold in enumerate(made, start=1):
+        typer.echo(f"fold{k}: {len(made_fold.phases)} phases of {len(made_fold.phases[0])} "
+                   f"images, validation {len(made_fold.validation)}, test {len(made_fold.test)}")
+    typer.echo(f"written to {out}")
+
+
+def train(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="Run folder (splits, logs, model).")],
+    data: Annotated[Path | None, typer.Option(
+        "--data", exists=True, help="A CSV list or a folder per class.")] = None,
+    paper_splits: Annotated[Path | None, typer.Option(
+        "--paper-splits", exists=True, file_okay=False,
+        help="Train on the authors' own All.csv and fold*/train*.csv instead.")] = None,
+    images: Annotated[Path | None, typer.Option(
+        "--images", exists=True, file_okay=False,
+        help="With --paper-splits: the folder holding all their images.")] = None,
+    arch: Annotated[str, typer.Option("--arch")] = "concatenated",
+    input_size: Annotated[int, typer.Option("--input-size")] = 300,
+    folds: Annotated[int, typer.Option("--folds")] = 5,
+    fold: Annotated[int, typer.Option("--fold", help="Which fold to train (1-based).")] = 1,
+    phases: Annotated[int, typer.Option("--phases")] = 8,
+    epochs_per_phase: Annotated[int, typer.Option("--epochs-per-phase")] = 100,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Default: 20 (concatenated) or 30, as in the paper.")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="none, imagenet or FILE.")] = "none",
+    unique_pneumonia: Annotated[int | None, typer.Option("--unique-pneumonia")] = None,
+    unique_normal: Annotated[int | None, typer.Option("--unique-normal")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="clean or paper.")] = "clean",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    version: Annotated[str, typer.Option("--version")] = "1.0.0",
+) -> None:
+    """Train one fold the paper's way, then evaluate it on the fold's test set."""
+    _require_extra()
+    _quiet_tensorflow()
+    _host(ctx).setup_logging("INFO")
+    from training import workflow
+
+    if (data is None) == (paper_splits is None) or (paper_splits is not None and images is None):
+        typer.echo("error: give either --data, or --paper-splits with --images", err=True)
+        raise typer.Exit(2)
+    if not 1 <= fold <= folds:
+        typer.echo(f"error: --fold must be between 1 and {folds}", err=True)
+        raise typer.Exit(2)
+    plan = workflow.FoldPlan(folds=folds, fold=fold, phases=phases, protocol=protocol,
+                             seed=seed, unique_pneumonia=unique_pneumonia,
+                             unique_normal=unique_normal)
+    try:
+        if paper_splits is not None and images is not None:
+            chosen = workflow.paper_fold(paper_splits, images, plan, out)
+        else:
+            assert data is not None
+            chosen = workflow.data_fold(data, plan, out)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    config = workflow.train_config(chosen, architecture=arch, input_size=input_size,
+                                   epochs_per_phase=epochs_per_phase, batch_size=batch_size,
+                                   weights=weights, version=version)
+    run = workflow.train_and_evaluate(chosen, config, out / f"fold{fold}")
+    typer.echo(f"model: {run.artifact} ({run.card.architecture} {run.card.input_size}px); "
+               f"test accuracy {run.evaluation['overall_accuracy']:.4f} on "
+               f"{run.evaluation['images']} images; "
+               f"install with: dicom-node model install {run.artifact}")
+
+
+def evaluate(
+    ctx: typer.Context,
+    model_dir: Annotated[Path, typer.Option("--model", exists=True, file_okay=False)],
+    data: Annotated[Path, typer.Option("--data", exists=True,
+                                       help="A CSV list or a folder per class.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.json and the report.")],
+    prevalence: Annotated[list[str] | None, typer.Option(
+        "--prevalence", help="CLASS=FRACTION: report the PPV at this prevalence.")] = None,
+    paper: Annotated[bool, typer.Option("--paper", help="Show the paper's Table 4 row.")
+                     ] = False,
+) -> None:
+    """Evaluate a model on labelled images: the paper's tables, AUC, intervals, plots."""
+    _require_extra()
+    _quiet_tensorflow()
+    _host(ctx).setup_logging("WARNING")
+    from training import evaluate as evaluation
+    from training import sources
+
+    given: dict[str, float] = {}
+    for item in prevalence or []:
+        key, _, value = item.partition("=")
+        try:
+            given[key.strip()] = float(value)
+        except ValueError as exc:
+            typer.echo(f"error: --prevalence {item!r} is not CLASS=FRACTION", err=True)
+            raise typer.Exit(2) from exc
+    result = evaluation.evaluate_artifact(model_dir, sources.read(data), out, paper=paper,
+                                          prevalence=given)
+    typer.echo(f"overall accuracy {result['overall_accuracy']:.4f} on {result['images']} "
+               f"images; report: {out / 'report.md'}")

@@ -1,0 +1,116 @@
+"""One fold, the paper's way: splits -> phase-balanced training -> test evaluation -> card.
+
+``dicom-node train`` is this module behind its options: choose the fold (from
+labelled data, or the authors' own split files), train it
+(:func:`training.train.train`), evaluate the best checkpoint on the fold's test
+set (:mod:`training.evaluate`) and record the result in the model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model import card as model_card
+from training import evaluate as evaluation
+from training import sources, splits
+from training.train import TrainConfig, train
+
+#: The paper's per-phase quotas of unique pneumonia and normal images (section 3.2).
+PAPER_UNIQUE_PNEUMONIA = 200
+PAPER_UNIQUE_NORMAL = 250
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """How the data is cut: which fold of how many, phases, protocol, quotas (None:
+    the paper's quota, or what a small data set can give every phase)."""
+
+    folds: int = 5
+    fold: int = 1
+    phases: int = 8
+    protocol: str = "clean"
+    seed: int = 0
+    unique_pneumonia: int | None = None
+    unique_normal: int | None = None
+
+
+@dataclass(frozen=True)
+class ChosenFold:
+    """The fold to train, with what defined it (written to the card)."""
+
+    fold: splits.Fold
+    plan: FoldPlan
+    protocol: str
+    unique_pneumonia: int
+    unique_normal: int
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    """A trained and evaluated fold."""
+
+    artifact: Path
+    card: model_card.ModelCard
+    evaluation: dict[str, Any]
+
+
+def data_fold(data: Path, plan: FoldPlan, out: Path) -> ChosenFold:
+    """Patient-level folds of phase-balanced phases from labelled data (a CSV list or a
+    folder per class); every fold is written to ``out/splits``, ``plan.fold`` is chosen."""
+    records = sources.read(data)
+    per_p = plan.unique_pneumonia or splits.phase_quota(
+        records, "pneumonia", plan.folds, plan.phases, PAPER_UNIQUE_PNEUMONIA)
+    per_n = plan.unique_normal or splits.phase_quota(
+        records, "normal", plan.folds, plan.phases, PAPER_UNIQUE_NORMAL)
+    made = splits.make_folds(records, plan.folds, plan.phases, per_p, per_n,
+                             protocol=plan.protocol, seed=plan.seed)  # type: ignore[arg-type]
+    splits.write_folds(out / "splits", made)
+    return ChosenFold(made[plan.fold - 1], plan, plan.protocol, per_p, per_n)
+
+
+def paper_fold(split_files: Path, images: Path, plan: FoldPlan, out: Path) -> ChosenFold:
+    """The fold the authors published, always under the ``paper`` protocol.
+
+    Parameters
+    ----------
+    split_files
+        Their ``All.csv`` and ``fold<k>/train<p>.csv`` files.
+    images
+        The folder holding all their images.
+    plan
+        Which fold, how many phases, the seed.
+    out
+        The run's folder; the fold is written to ``out/splits``.
+
+    Raises
+    ------
+    ValueError, OSError
+        The files do not describe such a fold, or cannot be read.
+    """
+    chosen = splits.import_paper_fold(split_files, plan.fold, images, plan.phases,
+                                      seed=plan.seed)
+    splits.write_folds(out / "splits", [chosen])
+    return ChosenFold(chosen, plan, "paper", 0, 0)
+
+
+def train_config(chosen: ChosenFold, **options: Any) -> TrainConfig:
+    """The training configuration of ``chosen``, with ``options`` (architecture, input
+    size, epochs per phase, batch size, weights, version) and the fold recorded."""
+    plan = chosen.plan
+    return TrainConfig(seed=plan.seed, extra={
+        "fold": plan.fold, "folds": plan.folds, "protocol": chosen.protocol,
+        "unique_pneumonia": chosen.unique_pneumonia, "unique_normal": chosen.unique_normal,
+    }, **options)
+
+
+def train_and_evaluate(chosen: ChosenFold, config: TrainConfig, out: Path) -> FoldRun:
+    """Train ``chosen`` into ``out/model``, evaluate it on the fold's test set into
+    ``out/evaluation`` and record the evaluation in the model card."""
+    created = train(chosen.fold.phases, chosen.fold.validation, config, out)
+    artifact = out / "model"
+    result = evaluation.evaluate_artifact(artifact, chosen.fold.test, out / "evaluation",
+                                          paper=chosen.protocol == "paper")
+    evaluation.record_in_card(artifact, result)
+    return FoldRun(artifact, created, result)
