@@ -12,7 +12,20 @@ DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc openssl
 RUN_ARGS ?= --allow-calling-ae STORESCU
 PYTEST_ARGS ?=
 
-.PHONY: run test demo demo-model install install-bench install-test debian-test-packages lint bench bench-quick clean
+.PHONY: run test demo demo-model install install-bench install-test lock debian-test-packages lint bench bench-quick clean
+
+# Exact versions with hashes, made by pip-tools from the ranges in pyproject.toml:
+# LOCK for the node (`make run`: no extras), TEST_LOCK for `make test` (extras test and
+# training). To upgrade: `make lock`, review the diff of deploy/*.lock, `make test`, commit.
+# After editing pyproject.toml without upgrading the rest: `make lock LOCK_ARGS=`; one
+# package: `make lock LOCK_ARGS='--upgrade-package numpy'`. The locks are for CPython 3.11
+# on Linux (the machines and deploy/Dockerfile); run `make lock` with that Python.
+LOCK := deploy/requirements.lock
+TEST_LOCK := deploy/requirements-test.lock
+LOCK_ARGS ?= --upgrade
+LOCK_TOOLS := pip==26.3 pip-tools==7.6.2
+PIP_COMPILE := pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+  --no-emit-index-url --no-emit-find-links --no-emit-trusted-host
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); apt-get update && \
@@ -20,11 +33,27 @@ $(BIN)/python:
 	  $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Dependencies from the lock (every file checked against its hash), then the project
+# itself without resolving anything more.
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 
 install-test: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r $(TEST_LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
+
+# Regenerates both locks in a throwaway virtualenv (pip-tools never enters .venv). The
+# node's lock is resolved within the test lock, so both pin the same versions.
+lock:
+	tools=$$(mktemp -d) && trap 'rm -rf "$$tools"' EXIT && \
+	$(PYTHON) -m venv "$$tools" && \
+	"$$tools/bin/pip" install --quiet $(LOCK_TOOLS) && \
+	export CUSTOM_COMPILE_COMMAND='make lock' && \
+	"$$tools/bin/"$(PIP_COMPILE) $(LOCK_ARGS) --extra test --extra training \
+	  --output-file $(TEST_LOCK) pyproject.toml && \
+	"$$tools/bin/"$(PIP_COMPILE) $(LOCK_ARGS) --constraint $(TEST_LOCK) \
+	  --output-file $(LOCK) pyproject.toml
 
 debian-test-packages:
 	@missing=""; for p in $(DEBIAN_TEST_PACKAGES); do \
@@ -45,8 +74,9 @@ demo: install
 
 # Trains the demo model from a folder of labelled images (the shared dev set by
 # default) at 128 px, 2 phases of 2 epochs -- minutes on a CPU -- and installs it.
+# Training needs the `training` extra, which the test lock holds.
 DATA ?= ../shared/data/cxr-dev
-demo-model: install
+demo-model: install-test
 	$(BIN)/dicom-node train --data $(DATA) --arch concatenated --input-size 128 \
 	  --folds 5 --phases 2 --epochs-per-phase 2 --version 0.1.0-demo --out var/demo-training
 	$(BIN)/dicom-node model install var/demo-training/fold1/model
@@ -54,12 +84,15 @@ demo-model: install
 lint: install-test
 	$(BIN)/ruff check dicom_node model training tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: debian-test-packages lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-install-bench: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+# The test lock, then the `bench` extra on top of it, unlocked (pip keeps the locked
+# versions where they satisfy the extra and resolves only what is missing).
+install-bench: install-test
+	$(BIN)/pip install --quiet -e '.[test,training,bench]'
 
 bench: install-bench debian-test-packages
 	$(BIN)/python bench/receive.py
