@@ -3,18 +3,19 @@
 Backends:
 
 * ``keras-fp32`` (default): the Keras model called directly inside the
-  backend's compiled function (``tf.function`` without XLA on TensorFlow --
-  XLA on CPU measured 3.5x slower; ``jax.jit``; eager ``torch.no_grad``), never
-  ``model.predict``, whose per-call overhead halves throughput at small batches.
+  backend's compiled function (``tf.function`` on TensorFlow, without XLA,
+  which is slower on a CPU; ``jax.jit``; eager ``torch.no_grad``), never
+  ``model.predict``, whose per-call overhead dominates at small batches.
   Runs on the GPU when TensorFlow sees one (``device = "auto"``).
 * ``keras-bf16``: the same network rebuilt under the ``mixed_bfloat16`` policy.
 * ``openvino-fp32`` / ``openvino-bf16``: the model exported as a SavedModel and
-  compiled by OpenVINO for the CPU; bf16 uses AVX-512 BF16/AMX where present
-  (about 2x fp32 on the CI machine). Check parity with :func:`parity` first.
+  compiled by OpenVINO for the CPU; bf16 is faster only where the CPU has
+  AVX-512 BF16 or AMX. Check parity with :func:`parity` first.
 
 Batches are padded to a fixed set of shapes -- powers of two up to
 ``batch_size``, and ``batch_size`` -- so a compiled function is traced once per
 shape and never again, and a batch of 3 costs 4 images of compute, not 16.
+Figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ LOGGER = logging.getLogger(__name__)
 Backend = Literal["keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16"]
 BACKENDS: tuple[Backend, ...] = ("keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16")
 Device = Literal["auto", "cpu", "gpu"]
-#: Automatic batch sizes. On the CI CPU the network runs fastest per image in
-#: small batches (keras-fp32: 4.6 img/s at 2, 4.4 at 4, 3.9 at 16 -- larger
-#: batches fall out of cache) and small batches keep latency and the worker's
-#: pipeline short; a GPU needs large batches to fill.
+#: Automatic batch sizes. On a CPU the network runs fastest per image in small
+#: batches (larger ones fall out of cache), and small batches keep latency and
+#: the worker's pipeline short; a GPU needs large batches to fill.
+#: Figures: docs/performance.md.
 CPU_BATCH = 4
 GPU_BATCH = 32
 
