@@ -50,17 +50,17 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float =
 
     Parameters
     ----------
-    host, port
-        The peer.
-    called_ae, calling_ae
-        The peer's AE title and ours.
+    host, port, called_ae
+        The peer: address, port, AE title.
+    calling_ae
+        Our AE title.
     timeout
-        ACSE, DIMSE and network timeout, seconds.
+        Seconds, for every ACSE, DIMSE and network wait.
 
     Raises
     ------
     ConnectionError
-        No association was established.
+        The peer did not accept an association.
     """
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
