@@ -25,7 +25,7 @@ from rich.table import Table
 from dicom_node import __version__
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import Delivery, Job, JobState
-from dicom_node.errors import NodeError
+from dicom_node.errors import ConfigError, NodeError
 from dicom_node.jobs import JobStore
 from dicom_node.libraries import configure
 
@@ -121,11 +121,12 @@ def serve(
         except (card.ModelIntegrityError, FileNotFoundError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
-    if not settings.accept_any_calling_ae and not settings.allowed_calling_ae:
-        LOGGER.warning("no calling AE title is allowed: every association will be rejected "
-                       "(set allowed_calling_ae or --allow-calling-ae)")
     LOGGER.info("dicom-node %s starting; data in %s", __version__, settings.data_dir)
-    Node(settings).run()
+    try:
+        Node(settings).run()
+    except ConfigError as exc:  # e.g. no calling AE title allowed: nobody could send
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()

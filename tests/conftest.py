@@ -1,13 +1,13 @@
-"""Shared fixtures: a real node process on a free loopback port, DCMTK peers, data paths."""
+"""Shared fixtures: a real node process on a free loopback port, data, a small model.
+
+Helpers live in the ``helpers`` package (tests import them from there, never from
+this file or from other test modules); this file only holds fixtures.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,92 +15,25 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dicom_node.jobs import JobStore
-from dicom_node.loopback import free_port, wait_for_port
+from dicom_node import libraries
 
-from dicom_factory import SHARED_CXR, SHARED_DICOM
-
-CALLING_AE = "STORESCU"
-NODE_AE = "DICOM_NODE"
-
-
-
-
-
-
-def require_tool(name: str) -> str:
-    """Path of a Debian tool; skip locally when missing, fail in CI (make test installs it)."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (`make test` installs the Debian packages)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+from dicom_factory import (
+    SHARED_CXR,
+    SHARED_CXR_FILES,
+    SHARED_DICOM,
+    SHARED_DICOM_FILES,
+    make_cxr_dev,
+    make_dicom_samples,
+)
+from helpers.environment import require_files
+from helpers.processes import NodeProcess
 
 
-def terminate(proc: subprocess.Popen[bytes], grace: float) -> int:
-    """SIGTERM, then SIGKILL if ``proc`` has not ended after ``grace`` seconds; return
-    its exit code."""
-    proc.terminate()
-    try:
-        return proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout=15)
-
-
-class NodeProcess:
-    """``dicom-node serve`` as a real child process on a free loopback port."""
-
-    def __init__(self, data_dir: Path, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.extra_args = extra_args or ["--allow-calling-ae", CALLING_AE]
-        self.env = {**os.environ, **(env or {})}
-        self.log_path = data_dir.parent / f"{data_dir.name}-node.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> NodeProcess:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env,
-        )
-        log.close()
-        wait_for_port(self.port, proc=self.proc)
-        return self
-
-    def stop(self) -> int:
-        """SIGTERM, bounded wait, then SIGKILL; return the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        return terminate(self.proc, 15)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=15)
-
-    def job_store(self) -> JobStore:
-        """The node's job store (a context manager: it closes on leaving)."""
-        return JobStore(f"sqlite:///{self.data_dir / 'dicom-node.db'}")
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 180, what: str = "") -> None:
-    """Poll ``condition`` until true, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what or condition}")
+@pytest.fixture(scope="session", autouse=True)
+def library_settings() -> None:
+    """pynetdicom's and pydicom's process-wide settings, as the node and the CLI set
+    them (tests that use StorageSCP or delivery directly rely on them)."""
+    libraries.configure()
 
 
 @pytest.fixture
@@ -113,18 +46,29 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
         process.stop()
 
 
-@pytest.fixture
-def shared_dicom() -> Path:
-    if not SHARED_DICOM.is_dir():
-        pytest.skip("../shared/data/dicom is absent (a fresh clone has no shared data)")
-    return SHARED_DICOM
+def _shared_or_synthetic(shared: Path, required: tuple[str, ...], what: str,
+                         make: Callable[[Path], Path],
+                         factory: pytest.TempPathFactory) -> Path:
+    """``shared`` when present (every required file in it: else skip locally, fail in
+    CI); without it (a fresh clone), synthetic stand-ins made once per session."""
+    if shared.is_dir():
+        return require_files(shared, required, what)
+    return make(factory.mktemp(f"synthetic-{shared.name}"))
 
 
-@pytest.fixture
-def shared_cxr() -> Path:
-    if not SHARED_CXR.is_dir():
-        pytest.skip("../shared/data/cxr-dev is absent (a fresh clone has no shared data)")
-    return SHARED_CXR
+@pytest.fixture(scope="session")
+def shared_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real chest DICOMs (shared/data/dicom), or synthetic ones of the same names and
+    kinds."""
+    return _shared_or_synthetic(SHARED_DICOM, SHARED_DICOM_FILES, "the shared DICOM files",
+                                make_dicom_samples, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def shared_cxr(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cxr-dev set (PNGs and labels.csv, 50 per class), or a synthetic one."""
+    return _shared_or_synthetic(SHARED_CXR, SHARED_CXR_FILES, "the cxr-dev set",
+                                make_cxr_dev, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,32 @@
-"""Synthetic DICOM instances for protocol tests (made on the fly, never committed)."""
+"""Synthetic DICOM instances and chest images for the tests (made on the fly, never
+committed), and where the shared real data lives.
+
+The shared data (``../shared``: real chest DICOMs, the cxr-dev PNG set, the
+authors' splits) is absent from a fresh clone. ``DICOM_NODE_SHARED_DATA`` points
+the tests at another copy of that folder -- or at a path that does not exist,
+to run the suite on the synthetic stand-ins below (:func:`make_dicom_samples`,
+:func:`make_cxr_dev`), as a fresh clone does.
+"""
 
 from __future__ import annotations
 
+import csv
+import os
 import struct
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -24,9 +38,21 @@ DX_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
 SC = UID("1.2.840.10008.5.1.4.1.1.7")
 CT = UID("1.2.840.10008.5.1.4.1.1.2")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+#: The shared folder (``../shared`` next to the checkout, or $DICOM_NODE_SHARED_DATA).
+SHARED = Path(os.environ.get("DICOM_NODE_SHARED_DATA")
+              or Path(__file__).resolve().parents[2] / "shared")
 SHARED_DICOM = SHARED / "data" / "dicom"
 SHARED_CXR = SHARED / "data" / "cxr-dev"
+#: The real DICOM files the tests name, each with what makes it worth testing.
+SHARED_DICOM_FILES = (
+    "cxr_cr_mono1_10bit_no_meta.dcm",  # CR, MONOCHROME1, 10 of 16 bits, no File Meta group
+    "cxr_cr_sc_jpeg_baseline_mono2.dcm",  # SC of a CR, JPEG Baseline, 1024 x 1024
+    "cxr_dx_sc_implicit_le_mono2.dcm",  # SC of a DX, Implicit VR, no body part
+)
+#: The cxr-dev set: PNGs listed in labels.csv, 50 per class.
+SHARED_CXR_FILES = ("labels.csv",)
+CXR_DEV_COLUMNS = ("filename", "label", "source_repo", "source_path", "patient_id", "license")
+CLASSES = ("covid", "normal", "pneumonia")
 
 
 def _gradient(rows: int, columns: int, bits: int, seed: int = 0) -> np.ndarray:
@@ -170,3 +196,153 @@ def save(ds: Dataset, path: Path) -> Path:
     """Write ``ds`` as a Part 10 file."""
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --- synthetic stand-ins for the shared data ---------------------------------------
+
+
+def thorax(rows: int, columns: int, label: str = "normal", seed: int = 0) -> np.ndarray:
+    """A chest-radiograph-like picture in [0, 1] (1 = dense): bright body and spine,
+    dark lungs, and opacities by class -- none for normal, patchy in one lower lung
+    for pneumonia, hazy in both lung peripheries for COVID-19."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:columns]
+    v, u = y / max(rows - 1, 1), x / max(columns - 1, 1)
+    body = np.clip(1.0 - ((u - 0.5) / 0.48) ** 2, 0, 1) ** 0.5
+    image = 0.25 + 0.55 * body
+    lungs = np.zeros_like(image)
+    for centre in (0.3, 0.7):
+        inside = ((u - centre) / 0.16) ** 2 + ((v - 0.5) / 0.32) ** 2
+        lungs = np.maximum(lungs, np.clip(1.0 - inside, 0, 1) ** 0.4)
+    image -= 0.5 * lungs
+    image += 0.35 * np.exp(-((u - 0.5) / 0.04) ** 2)  # spine and mediastinum
+    if label == "pneumonia":
+        side = 0.3 if seed % 2 else 0.7
+        patch = np.exp(-(((u - side) / 0.08) ** 2 + ((v - 0.68) / 0.1) ** 2))
+        image += 0.35 * patch * lungs
+    elif label == "covid":
+        periphery = np.exp(-(((np.abs(u - 0.5) - 0.27) / 0.07) ** 2))
+        image += 0.25 * periphery * lungs
+    image += rng.normal(0, 0.02, image.shape)
+    return np.clip(image, 0, 1)
+
+
+def make_dicom_samples(folder: Path) -> Path:
+    """Stand-ins for ``shared/data/dicom``: the same three file names, each with the
+    property the tests rely on (encoding, photometric, header gaps), synthetic pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    # A native CR, MONOCHROME1 (dense = low values), 10 bits stored in 16, window
+    # 550/1024, written as a bare data set: no preamble, no File Meta group.
+    mono1 = cr_monochrome1(rows=440, columns=440, PatientName="Anonymized",
+                           ViewPosition="PA")
+    mono1.PixelData = ((1.0 - thorax(440, 440, "normal", 1)) * 1023).astype(np.uint16).tobytes()
+    del mono1.file_meta
+    mono1.save_as(folder / SHARED_DICOM_FILES[0], implicit_vr=True, little_endian=True)
+
+    # An 8-bit Secondary Capture of a CR, JPEG Baseline, with an invalid Patient's
+    # Age ("62", not "062Y") as in the NIH re-encodings.
+    jpeg = _secondary_capture("CR", thorax(1024, 1024, "pneumonia", 2), seed=2)
+    jpeg.SpecificCharacterSet = "ISO_IR 100"
+    jpeg.BodyPartExamined, jpeg.ViewPosition = "CHEST", "PA"
+    with pydicom_config.disable_value_validation():
+        jpeg.PatientAge = "62"
+    buffer = BytesIO()
+    pixels = np.frombuffer(jpeg.PixelData, np.uint8).reshape(1024, 1024)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    jpeg.PixelData = encapsulate([buffer.getvalue()])
+    jpeg["PixelData"].VR = "OB"
+    jpeg.LossyImageCompression, jpeg.LossyImageCompressionMethod = "01", "ISO_10918_1"
+    jpeg.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    with pydicom_config.disable_value_validation():
+        jpeg.save_as(folder / SHARED_DICOM_FILES[1], enforce_file_format=True)
+
+    # An 8-bit Secondary Capture of a DX, Implicit VR Little Endian, with a bare
+    # header: no body part (the description decides), no study date or ID.
+    implicit = _secondary_capture("DX", thorax(1024, 1024, "normal", 3), seed=3)
+    implicit.StudyDescription = "No Finding"
+    with pydicom_config.disable_value_validation():
+        implicit.PatientAge = "81"
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    with pydicom_config.disable_value_validation():
+        implicit.save_as(folder / SHARED_DICOM_FILES[2], enforce_file_format=True)
+    return folder
+
+
+def _secondary_capture(modality: str, image: np.ndarray, seed: int) -> Dataset:
+    """A minimal 8-bit MONOCHROME2 Secondary Capture of ``image`` (values in [0, 1])."""
+    rng = np.random.default_rng(seed)
+    ds = Dataset()
+    ds.SOPClassUID = SC
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.PatientID = f"Synthetic{int(rng.integers(10_000)):04d}"
+    ds.PatientName = ds.PatientID
+    ds.PatientSex = "M"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = image.shape
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = (image * 255).astype(np.uint8).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+#: Sources of the synthetic cxr-dev set, as in the real one: most COVID-19 images
+#: from COVID collections, most normal and pneumonia images from one archive.
+_CXR_SOURCES = {
+    "covid": [("synthetic/covid-collection", 42), ("synthetic/clinic-a", 3),
+              ("synthetic/figures", 5)],
+    "pneumonia": [("synthetic/hospital-archive", 43), ("synthetic/covid-collection", 6),
+                  ("synthetic/figures", 1)],
+    "normal": [("synthetic/hospital-archive", 43), ("synthetic/clinic-a", 3),
+               ("synthetic/covid-collection", 3), ("synthetic/figures", 1)],
+}
+
+
+def chest_png(path: Path, label: str, seed: int, size: tuple[int, int] = (256, 224)) -> Path:
+    """An 8-bit grayscale PNG of a synthetic chest radiograph of class ``label``."""
+    Image.fromarray((thorax(*size, label, seed) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def make_cxr_dev(folder: Path, per_class: int = 50) -> Path:
+    """A stand-in for ``shared/data/cxr-dev``: shuffled ``cxr-s-NNNN.png`` files and a
+    ``labels.csv`` with the real set's columns; ``per_class`` images of each class (50
+    in the real set), from several sources, at most two per patient."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label in CLASSES:
+        sources = [name for name, count in _CXR_SOURCES[label] for _ in range(count)]
+        for i in range(per_class):
+            rows.append({"label": label, "source_repo": sources[i % len(sources)],
+                         "patient_id": f"syn-{label}-{i // 2:03d}", "seed": len(rows)})
+    order = np.random.default_rng(0).permutation(len(rows))
+    with (folder / "labels.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CXR_DEV_COLUMNS)
+        writer.writeheader()
+        for n, index in enumerate(order, start=1):
+            row = rows[index]
+            name = f"cxr-s-{n:04d}.png"
+            chest_png(folder / name, row["label"], row["seed"])
+            writer.writerow({"filename": name, "label": row["label"],
+                             "source_repo": row["source_repo"],
+                             "source_path": f"images/{row['seed']:04d}.png",
+                             "patient_id": row["patient_id"], "license": "synthetic"})
+    return folder
+
+
+def make_cxr_folders(folder: Path, per_class: int = 10) -> Path:
+    """A folder per class (``covid/``, ``normal/``, ``pneumonia/``) of synthetic chest
+    PNGs, the layout ``training.sources.folder_per_class`` reads."""
+    for label in CLASSES:
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            chest_png(folder / label / f"{label}-{i:03d}.png", label, 1000 + 100 * i)
+    return folder

@@ -1,4 +1,4 @@
-"""Real DICOM peers driven by the tests: DCMTK's storescu."""
+"""Real DICOM peers driven by the tests: DCMTK's storescu and storescp, Orthanc."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from conftest import CALLING_AE, NODE_AE, require_tool, terminate
+from dicom_node.loopback import free_port, wait_for_port
+
+from helpers.environment import CALLING_AE, DCMTK_ENV, NODE_AE, require_tool
+from helpers.processes import terminate
 
 #: storescu proposes uncompressed syntaxes unless told which compressed one to offer.
 _PROPOSE = {
@@ -69,7 +72,7 @@ def storescu(port: int, files: list[Path], calling: str = CALLING_AE, called: st
     args = [exe, "-v", "-nh", "-aet", calling, "-aec", called, *(extra or []),
             "127.0.0.1", str(port), *map(str, files)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "TCP_NODELAY": "1"})
+                          env={**os.environ, **DCMTK_ENV})
     output = proc.stdout + proc.stderr
     return StorescuRun(proc.returncode, output,
                        [m.group("status") for m in _RESPONSE.finditer(output)])
@@ -92,10 +95,8 @@ class Storescp:
             [require_tool("storescp"), "-aet", ae_title, "-od", str(folder), *(faults or []),
              str(port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "TCP_NODELAY": "1"},
+            env={**os.environ, **DCMTK_ENV},
         )
-        from conftest import wait_for_port
-
         wait_for_port(port, proc=self.proc)
 
     def stop(self) -> None:
@@ -126,8 +127,6 @@ class Orthanc:
     """
 
     def __init__(self, folder: Path, ae_title: str = "ORTHANC") -> None:
-        from conftest import free_port, wait_for_port
-
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.ae_title = ae_title

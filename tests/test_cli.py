@@ -7,8 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import CALLING_AE, NodeProcess
+from pydicom.uid import generate_uid
+
+from dicom_node.db import DeliveryState, JobState
+from dicom_node.jobs import DeliveryOutcome, JobResult, JobStore, ReceivedInstance
+from dicom_node.loopback import free_port
+
 from dicom_factory import chest_image, ct_head, save
+from helpers.environment import CALLING_AE
+from helpers.processes import NodeProcess
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -79,3 +86,67 @@ def test_bad_config_is_reported_not_a_traceback(tmp_path: Path) -> None:
     result = cli("serve", "--config", str(config), "--data-dir", str(tmp_path / "v"))
     assert result.returncode == 2
     assert "ae_title" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_without_an_allowed_calling_ae_refuses_to_start(tmp_path: Path) -> None:
+    # No --allow-calling-ae and no accept_any_calling_ae: a node nobody may use is a
+    # configuration error, not a server that rejects every association.
+    result = cli("serve", "--host", "127.0.0.1", "--port", str(free_port()),
+                 "--data-dir", str(tmp_path / "var"), timeout=60)
+    assert result.returncode == 2
+    assert "allowed_calling_ae" in result.stderr and "Traceback" not in result.stderr
+
+
+def _instance() -> ReceivedInstance:
+    uid = generate_uid()
+    return ReceivedInstance(sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", sop_instance_uid=uid,
+                            series_instance_uid=generate_uid(),
+                            study_instance_uid=generate_uid(),
+                            transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae=CALLING_AE,
+                            peer_address="127.0.0.1", sha256=uid.ljust(64, "0")[-64:],
+                            size_bytes=1)
+
+
+def test_jobs_retry_requeues_dead_deliveries_and_failed_jobs(tmp_path: Path) -> None:
+    data = tmp_path / "var"
+    data.mkdir()
+    url = f"sqlite:///{data / 'dicom-node.db'}"
+    worker = "tests:1:worker"
+    probabilities = {"covid": 0.2, "normal": 0.7, "pneumonia": 0.1}
+    with JobStore(url, max_attempts=1) as store:
+        failed, refused, delivered = (
+            store.record(_instance(), f"ab/{n}.dcm", JobState.QUEUED, "body part is chest")
+            for n in range(3))
+        assert failed and refused and delivered
+        assert len(store.claim(worker, 3, lease_seconds=300)) == 3
+        assert store.fail(failed.id, worker, "preprocessing failed") is JobState.FAILED
+        assert store.complete_batch(worker, [
+            JobResult(job.id, "normal", probabilities, "model 1", f"sr/job-{job.id}.dcm",
+                      ["PACS@127.0.0.1:11112"]) for job in (refused, delivered)]) == [True] * 2
+        sent = store.deliveries([refused.id, delivered.id])
+        store.record_outcomes([
+            DeliveryOutcome(sent[refused.id][0].id, DeliveryState.DEAD, 0xA900, "refused"),
+            DeliveryOutcome(sent[delivered.id][0].id, DeliveryState.DONE, 0x0000)])
+
+    dead = cli("jobs", "retry", str(refused.id), "--data-dir", str(data))
+    assert dead.returncode == 0, dead.stderr
+    assert f"job {refused.id}" in dead.stdout and "1 deliver" in dead.stdout
+    requeued = cli("jobs", "retry", str(failed.id), "--data-dir", str(data))
+    assert requeued.returncode == 0, requeued.stderr
+    assert f"job {failed.id}" in requeued.stdout and "job requeued" in requeued.stdout
+
+    with JobStore(url) as store:
+        job = store.get(failed.id)
+        assert job is not None and job.state is JobState.QUEUED and job.attempts == 0
+        (again,) = store.deliveries([refused.id])[refused.id]
+        assert again.state is DeliveryState.PENDING and again.attempts == 0
+        (done,) = store.deliveries([delivered.id])[delivered.id]
+        assert done.state is DeliveryState.DONE  # untouched
+        assert store.get(delivered.id).state is JobState.DONE  # type: ignore[union-attr]
+
+    # Nothing to retry: a delivered job, a job already requeued, a job that does not exist.
+    for job_id in (delivered.id, failed.id, 999):
+        nothing = cli("jobs", "retry", str(job_id), "--data-dir", str(data))
+        assert nothing.returncode == 1
+        assert "error" in nothing.stderr and f"job {job_id}" in nothing.stderr
+        assert nothing.stdout == ""

@@ -14,16 +14,22 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.report import Classification, ReportBuilder, build_sr, write_sr
+from dicom_node.report import Classification, ReportBuilder, build_sr
 from model.card import ModelCard
 
-from conftest import require_tool
-from dicom_factory import SHARED_DICOM as SHARED
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit, jpeg2000
+from helpers.environment import require_tool
+from helpers.sr import Result, read_result, tracking_uids
 
 CARD = ModelCard(version="1.2.0", architecture="concatenated", input_size=300,
                  sha256="0123456789abcdef" * 4, trained=False)
 RESULT = Classification("covid", {"covid": 0.81, "normal": 0.07, "pneumonia": 0.12})
+#: One result per class, so that an SR carrying another image's Finding or
+#: probabilities (or a fixed one) is caught.
+RESULTS = [RESULT,
+           Classification("pneumonia", {"covid": 0.1234567, "normal": 1e-7,
+                                        "pneumonia": 0.8765432}),
+           Classification("normal", {"covid": 0.25, "normal": 0.5, "pneumonia": 0.25})]
 
 
 @pytest.fixture(autouse=True)
@@ -40,15 +46,21 @@ def strict_pydicom() -> Iterator[None]:
         pydicom_config.settings.writing_validation_mode = writing
 
 
-def sources(shared: Path | None) -> list[Dataset]:
+def sources(shared_dicom: Path) -> list[Dataset]:
     made = [dx_16bit(), cr_monochrome1(), jpeg2000()]
-    if shared is not None:
-        with pydicom_config.disable_value_validation():
-            made += [dcmread(p, force=True) for p in sorted(shared.glob("*.dcm"))]
+    with pydicom_config.disable_value_validation():
+        made += [dcmread(p, force=True) for p in sorted(shared_dicom.glob("*.dcm"))]
     return made
 
 
-def check(path: Path, source: Dataset, sr_uid: str, series_uid: str) -> None:
+def expected(result: Classification) -> Result:
+    """What the SR must say: the predicted class, and each probability as written
+    (rounded to 6 decimals)."""
+    return Result(result.label, {k: round(v, 6) for k, v in result.probabilities.items()})
+
+
+def check(path: Path, source: Dataset, result: Classification, sr_uid: str,
+          series_uid: str) -> None:
     with pydicom_config.strict_reading():
         sr = dcmread(path)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
@@ -63,8 +75,7 @@ def check(path: Path, source: Dataset, sr_uid: str, series_uid: str) -> None:
     referenced = sr.CurrentRequestedProcedureEvidenceSequence[0] \
         .ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
-    text = str(sr.ContentSequence)
-    assert "840539006" in text and "0.81" in text and "0.07" in text and "0.12" in text
+    assert read_result(sr) == expected(result)
 
     dciodvfy = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,
                               text=True, timeout=60)
@@ -76,18 +87,20 @@ def check(path: Path, source: Dataset, sr_uid: str, series_uid: str) -> None:
     assert "W:" not in dsrdump.stderr and "E:" not in dsrdump.stderr, dsrdump.stderr
 
 
-def test_every_sr_is_valid(tmp_path: Path) -> None:
+def test_every_sr_is_valid(tmp_path: Path, shared_dicom: Path) -> None:
     builder = ReportBuilder(CARD)
-    for i, source in enumerate(sources(SHARED if SHARED.is_dir() else None)):
+    for i, source in enumerate(sources(shared_dicom)):
+        # Each image gets another result than the one before: the builder's kept
+        # tree holds the first image's items, which must never show through.
+        result = RESULTS[i % len(RESULTS)]
         for how, build in (("highdicom", lambda *a: build_sr(*a, CARD.device_uid)),
-                           ("builder", lambda src, _r, _c, *uids: builder.build(src, RESULT,
-                                                                               *uids))):
+                           ("builder", lambda src, r, _c, *uids: builder.build(src, r, *uids))):
             sr_uid, series_uid = generate_uid(), generate_uid()
             with pydicom_config.disable_value_validation():
-                sr = build(source, RESULT, CARD, sr_uid, series_uid)
+                sr = build(source, result, CARD, sr_uid, series_uid)
             path = tmp_path / f"sr{i}-{how}.dcm"
-            write_sr(sr, path)
-            check(path, source, sr_uid, series_uid)
+            sr.save_as(path, enforce_file_format=True)
+            check(path, source, result, sr_uid, series_uid)
 
 
 def _latin1_patient() -> Dataset:
@@ -125,21 +138,29 @@ def _comparable(sr: Dataset) -> dict[str, Any]:
     return again.to_json_dict()
 
 
-@pytest.mark.parametrize("result", [RESULT, Classification(
-    "pneumonia", {"covid": 0.1234567, "normal": 1e-7, "pneumonia": 0.8765432})])
-def test_builder_gives_what_highdicom_gives(result: Classification) -> None:
+@pytest.mark.parametrize("result", RESULTS[:2])
+def test_builder_gives_what_highdicom_gives(result: Classification, shared_dicom: Path
+                                            ) -> None:
     builder = ReportBuilder(CARD, institution_name="General")
     made = [dx_16bit(), cr_monochrome1(), jpeg2000(), _latin1_patient(), _bare_source()]
-    if SHARED.is_dir():
-        with pydicom_config.disable_value_validation():
-            made += [dcmread(p, force=True) for p in sorted(SHARED.glob("*.dcm"))]
     with pydicom_config.disable_value_validation():
-        builder.build(chest_image(), RESULT, generate_uid(), generate_uid())  # keeps its tree
+        made += [dcmread(p, force=True) for p in sorted(shared_dicom.glob("*.dcm"))]
+    with pydicom_config.disable_value_validation():
+        first = builder.build(chest_image(), RESULTS[2], generate_uid(), generate_uid())
+        seen = set(tracking_uids(first))  # the kept tree's: none may come back
+        assert len(seen) == 4
         for source in made:
             uids = generate_uid(), generate_uid()
             fast = builder.build(source, result, *uids)
             reference = build_sr(source, result, CARD, *uids, CARD.device_uid, "General")
             assert _comparable(fast) == _comparable(reference)
+            assert read_result(fast) == expected(result)
+            # Fresh tracking UIDs for every group of every SR (TID 1501: a group's
+            # UID identifies that measurement, in that SR).
+            fresh = tracking_uids(fast)
+            assert len(set(fresh)) == len(fresh) == 4
+            assert not seen & set(fresh), "a tracking UID was reused"
+            seen |= set(fresh)
 
 
 def test_invalid_patient_age_is_left_out() -> None:

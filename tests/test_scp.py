@@ -15,17 +15,20 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import OperationalError
 
+from dicom_node import intake
 from dicom_node.config import Settings
 from dicom_node.db import JobState
-from dicom_node.errors import Status
+from dicom_node.errors import ConfigError, Status
+from dicom_node.jobs import JobStore
+from dicom_node.loopback import free_port
 from dicom_node.node import Node
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
 from dicom_node.tcp import NO_DELAY
 
-from conftest import CALLING_AE, NODE_AE, free_port
 from dicom_factory import (
     chest_image,
     cr_monochrome1,
@@ -36,6 +39,8 @@ from dicom_factory import (
     part10_bytes,
     rle,
 )
+from helpers.dimse import associate, scu, store
+from helpers.environment import CALLING_AE, NODE_AE, wait_until
 
 NodeFactory = Callable[..., Node]
 
@@ -60,27 +65,6 @@ def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
     yield factory
     for node in started:
         node.stop()
-
-
-def scu(calling: str = CALLING_AE) -> AE:
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    return ae
-
-
-def store(node: Node, datasets: list[Dataset], calling: str = CALLING_AE,
-          tls: ssl.SSLContext | None = None) -> list[int]:
-    """C-STORE each data set in its own transfer syntax; return the statuses."""
-    ae = scu(calling)
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", node.settings.port, ae_title=NODE_AE,
-                         tls_args=(tls, "127.0.0.1") if tls else None)
-    assert assoc.is_established, "association rejected"
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
 
 
 def jobs(node: Node) -> list[Any]:
@@ -188,12 +172,20 @@ def test_unknown_calling_ae_rejected(make_node: NodeFactory) -> None:
     assoc.release()
 
 
-def test_default_denies_every_calling_ae(make_node: NodeFactory) -> None:
-    node = make_node(allowed_calling_ae=[])
-    for calling in (CALLING_AE, "ANY"):
-        ae = scu(calling)
-        ae.add_requested_context(Verification)
-        assert ae.associate("127.0.0.1", node.settings.port, ae_title=NODE_AE).is_rejected
+def test_no_allowed_calling_ae_refuses_to_start(tmp_path: Path) -> None:
+    # An empty allow-list means nobody: the node does not serve at all (pynetdicom
+    # itself would take an empty list as "anyone").
+    settings = Settings(data_dir=tmp_path / "var", port=free_port(), allowed_calling_ae=[],
+                        min_free_disk_mb=0)
+    with JobStore(settings.database_url) as jobs_:
+        scp = StorageSCP(settings, jobs_, Spool(settings.storage_dir))
+        try:
+            with pytest.raises(ConfigError, match="allowed_calling_ae"):
+                scp.start()
+        finally:
+            scp.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", settings.port), timeout=5).close()
 
 
 def test_accept_any_calling_ae(make_node: NodeFactory) -> None:
@@ -213,12 +205,61 @@ def test_wrong_called_ae_rejected(make_node: NodeFactory) -> None:
     assert ae.associate("127.0.0.1", node.settings.port, ae_title="SOMEONE_ELSE").is_rejected
 
 
+def disconnected_before_any_pdu(port: int, source_host: str) -> bool:
+    """Whether the node closes a connection from ``source_host`` before we send
+    anything (an allowed host's connection stays open for the A-ASSOCIATE-RQ; False
+    after 5 s without the close)."""
+    with socket.socket() as sock:
+        sock.bind((source_host, 0))
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+
 def test_peer_host_not_allowed_is_disconnected(make_node: NodeFactory) -> None:
     node = make_node(allowed_peer_hosts=["192.0.2.1"])
-    ae = scu()
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.settings.port, ae_title=NODE_AE)
-    assert not assoc.is_established
+    assert disconnected_before_any_pdu(node.settings.port, "127.0.0.1")
+    assert not associate(node.settings.port, []).is_established
+    assert jobs(node) == []
+
+
+def test_allowed_peer_host_stores_and_others_are_disconnected(make_node: NodeFactory) -> None:
+    # 127.0.0.2 is another loopback address: the same machine, another peer host.
+    node = make_node(allowed_peer_hosts=["127.0.0.1"])
+    ds = chest_image()
+    assert store(node, [ds]) == [Status.SUCCESS]
+    assert [j.sop_instance_uid for j in jobs(node)] == [ds.SOPInstanceUID]
+
+    assert disconnected_before_any_pdu(node.settings.port, "127.0.0.2")
+    other = associate(node.settings.port, [chest_image()], source_host="127.0.0.2")
+    assert not other.is_established
+    assert len(jobs(node)) == 1
+
+
+def test_second_association_rejected_at_max_associations(make_node: NodeFactory) -> None:
+    node = make_node(max_associations=1)
+    server = node.scp._server
+    assert server is not None
+    first = associate(node.settings.port, [])
+    assert first.is_established
+    try:
+        second = associate(node.settings.port, [])
+        assert not second.is_established
+        assert second.is_rejected  # A-ASSOCIATE-RJ (transient: local limit exceeded)
+        assert first.is_established and first.send_c_echo().Status == Status.SUCCESS
+    finally:
+        first.release()
+    wait_until(lambda: not server.active_associations, timeout=30,
+               what="the first association to end on the node")
+    third = associate(node.settings.port, [])
+    assert third.is_established
+    assert third.send_c_echo().Status == Status.SUCCESS
+    third.release()
 
 
 def test_deflated_is_refused_at_negotiation(make_node: NodeFactory) -> None:
@@ -239,15 +280,60 @@ def test_no_patient_data_in_logs(make_node: NodeFactory, caplog: pytest.LogCaptu
     node = make_node(max_pixels=10**7)
     patient = {"PatientName": "Doe^Jane^Q", "PatientID": "MRN-998877",
                "PatientBirthDate": "19510203", "StudyDate": "20260304"}
+    chest = chest_image(**patient)
     bad = chest_image(**patient)
     del bad.PixelData
+    head = ct_head(**patient)
     bad_name = chest_image(**{**patient, "PatientName": "Doe^" + "Jane" * 30})
+    huge = chest_image(rows=4000, columns=4000, **patient)
     with caplog.at_level(logging.DEBUG):
-        store(node, [chest_image(**patient), bad, ct_head(**patient), bad_name,
-                     chest_image(rows=4000, columns=4000, **patient)])
+        statuses = store(node, [chest, bad, head, bad_name, huge])
+    # Each path that logs ran: queued, refused as a mismatch, ignored, queued despite
+    # an over-long name, refused over the pixel budget.
+    assert statuses == [Status.SUCCESS, Status.DATASET_MISMATCH, Status.SUCCESS,
+                        Status.SUCCESS, Status.PIXEL_BUDGET_EXCEEDED]
+    by_uid = {j.sop_instance_uid: j.state for j in jobs(node)}
+    assert by_uid == {chest.SOPInstanceUID: JobState.QUEUED, head.SOPInstanceUID:
+                      JobState.IGNORED, bad_name.SOPInstanceUID: JobState.QUEUED}
     text = caplog.text
+    assert "queued" in text and "ignored" in text and "refused" in text  # the log was captured
     for value in ("Doe", "Jane", "MRN-998877", "19510203", "20260304"):
         assert value not in text
+
+
+def test_unexpected_error_is_c211_and_the_association_goes_on(
+        make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A fault nobody planned for, after the spool write has started: the catch-all
+    # answers 0xC211 with a comment, logs it, and leaves nothing behind.
+    node = make_node()
+    real_decode = intake.decode_pixels
+    faults = iter([RuntimeError("injected fault")])
+
+    def decode_once_faulty(*args: Any, **kwargs: Any) -> Any:
+        fault = next(faults, None)
+        if fault is not None:
+            raise fault
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(intake, "decode_pixels", decode_once_faulty)
+    failing, fine = chest_image(), chest_image()
+    assoc = associate(node.settings.port, [failing, fine])
+    assert assoc.is_established
+    try:
+        with caplog.at_level(logging.WARNING, logger="dicom_node"):
+            first = assoc.send_c_store(failing)
+        assert first.Status == Status.INTERNAL_ERROR
+        assert first.get("ErrorComment") == "internal error"
+        assert any(r.name.startswith("dicom_node") and "unexpectedly" in r.getMessage()
+                   for r in caplog.records)
+        assert assoc.is_established
+        assert assoc.send_c_store(fine).Status == Status.SUCCESS
+        assert assoc.send_c_echo().Status == Status.SUCCESS
+    finally:
+        assoc.release()
+    assert [j.sop_instance_uid for j in jobs(node)] == [fine.SOPInstanceUID]
+    assert len(list(node.spool.files())) == 1
 
 
 def _self_signed(tmp: Path, name: str) -> tuple[Path, Path]:

@@ -19,6 +19,7 @@ from training.splits import (
 )
 
 from dicom_factory import SHARED
+from helpers.environment import missing
 
 PAPER_SPLITS = SHARED / "reference" / "paper-splits"
 
@@ -26,7 +27,7 @@ PAPER_SPLITS = SHARED / "reference" / "paper-splits"
 @pytest.mark.parametrize("fold", [1, 2, 3, 4, 5])
 def test_authors_phases_have_the_papers_composition(fold: int) -> None:
     if not PAPER_SPLITS.is_dir():
-        pytest.skip("../shared/reference/paper-splits is absent (a fresh clone)")
+        missing("../shared/reference/paper-splits is absent (a fresh clone)")
     phases = check_paper_fold(PAPER_SPLITS / f"fold{fold}")
     covid = 150 if fold == 3 else 149
     assert phases == [PhaseComposition(covid, 34, 200, 250)] * 8
@@ -36,7 +37,7 @@ def test_authors_phases_have_the_papers_composition(fold: int) -> None:
 
 def test_a_broken_phase_file_is_named(tmp_path: Path) -> None:
     if not PAPER_SPLITS.is_dir():
-        pytest.skip("../shared/reference/paper-splits is absent (a fresh clone)")
+        missing("../shared/reference/paper-splits is absent (a fresh clone)")
     fold = tmp_path / "fold1"
     fold.mkdir()
     for p in range(1, 9):
@@ -199,7 +200,7 @@ def test_prepare_command_writes_folds_and_checks_the_papers(tmp_path: Path,
 
 def test_authors_fold_imported_as_in_their_notebook(tmp_path: Path) -> None:
     if not PAPER_SPLITS.is_dir():
-        pytest.skip("../shared/reference/paper-splits is absent (a fresh clone)")
+        missing("../shared/reference/paper-splits is absent (a fresh clone)")
     from training.splits import import_paper_fold
 
     fold = import_paper_fold(PAPER_SPLITS, 1, tmp_path / "All")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
+import uuid
 from pathlib import Path
 
 import pytest
 
 from dicom_node.errors import OutOfResources, Status
 from dicom_node.spool import Spool
+
+#: A spooled file's name: a shard directory, then 32 hex digits and .dcm.
+NAME = re.compile(r"(?P<shard>[0-9a-f]{2})/(?P<token>[0-9a-f]{32})\.dcm")
 
 
 def test_write_is_complete_private_and_named_by_us(tmp_path: Path) -> None:
@@ -21,9 +26,22 @@ def test_write_is_complete_private_and_named_by_us(tmp_path: Path) -> None:
     assert spooled.size == 4004
     mode = stat.S_IMODE(path.stat().st_mode)
     assert mode & 0o111 == 0 and mode & 0o007 == 0
-    token = Path(spooled.name).stem
-    assert len(token) == 32 and int(token, 16) >= 0
+    assert NAME.fullmatch(spooled.name)
     assert not any((tmp_path / "spool" / ".tmp").iterdir())
+
+
+def test_names_are_fresh_uuid4s_never_derived_from_the_data(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    received = b"1.2.826.0.1.3680043.8.498.1 ../../etc/passwd Doe^Jane"
+    names = [spool.write([received]).name, spool.write([received]).name,
+             spool.write([b"other"]).name]
+    assert len(set(names)) == 3  # the same bytes twice: two names
+    for name in names:
+        match = NAME.fullmatch(name)
+        assert match is not None, name
+        token = uuid.UUID(hex=match["token"])
+        assert token.version == 4 and token.variant == uuid.RFC_4122  # random, not hashed
+        assert match["shard"] == match["token"][:2]
 
 
 def test_path_refuses_names_outside_the_spool(tmp_path: Path) -> None:

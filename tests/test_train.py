@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import NodeProcess, free_port, wait_until
+from dicom_node.loopback import free_port
+
 from dicom_factory import dx_16bit, save
+from helpers.environment import wait_until
+from helpers.processes import NodeProcess
 from peers import storescu
 
 pytestmark = pytest.mark.slow

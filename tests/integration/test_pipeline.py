@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from dicom_node.db import DeliveryState, JobState
+from dicom_node.loopback import free_port
 
-from conftest import NodeProcess, free_port, wait_until
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit, save
+from helpers.environment import CALLING_AE, wait_until
+from helpers.files import sop_instance_uid
+from helpers.processes import NodeProcess
+from helpers.sr import read_result
 from peers import Orthanc, Storescp, send_each, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,7 +32,7 @@ FAST_RETRY = {
 def start_node(tmp_path: Path, artifact: Path, destination: str, name: str = "var"
                ) -> NodeProcess:
     return NodeProcess(tmp_path / name, extra_args=[
-        "--allow-calling-ae", "STORESCU", "--model", str(artifact),
+        "--allow-calling-ae", CALLING_AE, "--model", str(artifact),
         "--destination", destination], env=FAST_RETRY).start()
 
 
@@ -71,8 +77,9 @@ def test_orthanc_receives_one_sr_per_image_in_the_right_study(
             assert evidence.StudyInstanceUID == source.StudyInstanceUID
             job = jobs[str(source.SOPInstanceUID)]
             assert sr.SOPInstanceUID == job.sr_sop_instance_uid
-            codes = {"covid": "840539006", "normal": "17621005", "pneumonia": "233604007"}
-            assert codes[str(job.label)] in str(sr.ContentSequence)
+            said = read_result(sr)  # the Finding item and each class's Probability
+            assert said.finding == job.label
+            assert said.probabilities == pytest.approx(job.probabilities, abs=1e-6)
         studies = orthanc.get("/studies")
         assert len(studies) == 3  # the SRs joined the images' studies, no new study
         log = node.log  # at INFO: jobs by our ids, never the received UIDs
@@ -153,3 +160,51 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
         assert set(pacs.received_uids()) == expected
     finally:
         node.stop()
+
+
+def test_sr_returns_to_the_calling_ae(tmp_path: Path, small_artifact: Path) -> None:
+    # The sender runs its own Storage SCP (DCMTK storescp, AE title = its calling AE)
+    # on the port calling_ae_ports gives for it; no destination is configured.
+    port = free_port()
+    sender = Storescp(tmp_path / "sender", port, ae_title=CALLING_AE)
+    node = NodeProcess(tmp_path / "var", extra_args=[
+        "--allow-calling-ae", CALLING_AE, "--allow-calling-ae", "NO_PORT_SCU",
+        "--model", str(small_artifact)], env={
+        **FAST_RETRY, "DICOM_NODE_RETURN_TO_CALLING_AE": "true",
+        "DICOM_NODE_CALLING_AE_PORTS": json.dumps({CALLING_AE: port})}).start()
+    mine = save(chest_image(), tmp_path / "mine.dcm")
+    theirs = save(cr_monochrome1(), tmp_path / "theirs.dcm")
+    try:
+        assert storescu(node.port, [mine]).all_success
+        assert storescu(node.port, [theirs], calling="NO_PORT_SCU").all_success
+
+        def finished() -> bool:
+            with node.job_store() as store:
+                jobs = store.list()
+                deliveries = store.deliveries([j.id for j in jobs])
+            return (len(jobs) == 2 and all(j.state is JobState.DONE for j in jobs)
+                    and all(d.state is DeliveryState.DONE for ds in deliveries.values()
+                            for d in ds))
+
+        wait_until(finished, what="both jobs done and their deliveries made")
+        with node.job_store() as store:
+            jobs = {j.sop_instance_uid: j for j in store.list()}
+            deliveries = store.deliveries([j.id for j in jobs.values()])
+        job = jobs[sop_instance_uid(mine)]
+        (delivery,) = deliveries[job.id]
+        assert delivery.destination == f"{CALLING_AE}@127.0.0.1:{port}"
+        # An AE with no port in calling_ae_ports gets nothing back (and no delivery).
+        assert deliveries[jobs[sop_instance_uid(theirs)].id] == []
+
+        (received,) = [dcmread(p) for p in sorted(sender.folder.iterdir())]
+        assert received.SOPInstanceUID == job.sr_sop_instance_uid
+        assert received.StudyInstanceUID == job.study_instance_uid
+        referenced = received.CurrentRequestedProcedureEvidenceSequence[0] \
+            .ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == job.sop_instance_uid
+        said = read_result(received)
+        assert said.finding == job.label
+        assert said.probabilities == pytest.approx(job.probabilities, abs=1e-6)
+    finally:
+        node.stop()
+        sender.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ from pydicom import dcmread
 
 from dicom_node.db import JobState
 
-from conftest import NodeProcess
 from dicom_factory import (
     chest_image,
     cr_monochrome1,
@@ -21,6 +19,8 @@ from dicom_factory import (
     rle,
     save,
 )
+from helpers.files import dataset_sha256
+from helpers.processes import NodeProcess
 from peers import send_each, storescu
 
 pytestmark = pytest.mark.integration
@@ -37,13 +37,6 @@ def synthetic(tmp_path: Path) -> dict[str, Path]:
         "ct": ct_head(),
     }
     return {name: save(ds, tmp_path / f"{name}.dcm") for name, ds in made.items()}
-
-
-def dataset_sha256(path: Path) -> str:
-    """sha256 of the data set part of a Part 10 file (what the job row records)."""
-    meta = dcmread(path, stop_before_pixels=True).file_meta
-    offset = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
-    return hashlib.sha256(path.read_bytes()[offset:]).hexdigest()
 
 
 def test_real_chest_dicoms(node: NodeProcess, shared_dicom: Path) -> None:

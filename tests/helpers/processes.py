@@ -1,0 +1,74 @@
+"""``dicom-node serve`` as a real child process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from dicom_node.jobs import JobStore
+from dicom_node.loopback import free_port, wait_for_port
+
+from helpers.environment import CALLING_AE
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float) -> int:
+    """SIGTERM, then SIGKILL if ``proc`` has not ended after ``grace`` seconds; return
+    its exit code."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=15)
+
+
+class NodeProcess:
+    """``dicom-node serve`` as a real child process on a free loopback port."""
+
+    def __init__(self, data_dir: Path, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.extra_args = extra_args if extra_args is not None else [
+            "--allow-calling-ae", CALLING_AE]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = data_dir.parent / f"{data_dir.name}-node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), "--data-dir", str(self.data_dir), *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        log.close()
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> int:
+        """SIGTERM, bounded wait, then SIGKILL; return the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        return terminate(self.proc, 15)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=15)
+
+    def job_store(self) -> JobStore:
+        """The node's job store (a context manager: it closes on leaving)."""
+        return JobStore(f"sqlite:///{self.data_dir / 'dicom-node.db'}")
+
+    @property
+    def spool(self) -> Path:
+        """The node's spool directory (the default under its data directory)."""
+        return self.data_dir / "spool"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
