@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_node.db import (
@@ -238,24 +238,16 @@ class JobStore:
             job = session.get(Job, job_id)
             attempts = job.attempts if job is not None else 0
         state = JobState.QUEUED if retry and attempts < self.max_attempts else JobState.FAILED
-        done = self._finish(
-            job_id,
-            owner,
-            state=state,
-            last_error=error[:2000],
-            finished_at=utcnow() if state is JobState.FAILED else None,
-        )
-        return state if done else None
-
-    def _finish(self, job_id: int, owner: str, **values: Any) -> bool:
         now = utcnow()
         with self._sessions.begin() as session:
             result = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
-                .values(lease_owner=None, lease_expires_at=None, updated_at=now, **values)
+                .values(state=state, last_error=error[:2000], lease_owner=None,
+                        lease_expires_at=None, updated_at=now,
+                        finished_at=now if state is JobState.FAILED else None)
             )
-        return int(getattr(result, "rowcount", 0)) == 1
+        return state if int(getattr(result, "rowcount", 0)) == 1 else None
 
     # --- deliveries ---
 
@@ -376,7 +368,8 @@ class JobStore:
         condition = (Job.state == JobState.RUNNING) & Job.lease_owner.in_(dead)
         return self._release(condition, utcnow(), "worker process died")
 
-    def _release(self, condition: Any, now: datetime, reason: str) -> tuple[int, int]:
+    def _release(self, condition: ColumnElement[bool], now: datetime, reason: str
+                 ) -> tuple[int, int]:
         with self._sessions.begin() as session:
             failed = session.execute(
                 update(Job)
