@@ -113,6 +113,11 @@ def serve(
         destinations=destination or None,
     )
     setup_logging(settings.log_level)
+    try:
+        node = Node(settings)
+    except ConfigError as exc:  # e.g. no calling AE title allowed: nobody could send
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     if model is not None:
         from model import card
 
@@ -122,11 +127,7 @@ def serve(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
     LOGGER.info("dicom-node %s starting; data in %s", __version__, settings.data_dir)
-    try:
-        Node(settings).run()
-    except ConfigError as exc:  # e.g. no calling AE title allowed: nobody could send
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    node.run()
 
 
 @app.command()

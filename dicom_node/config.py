@@ -9,6 +9,7 @@ every field with its default.
 
 from __future__ import annotations
 
+from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,7 +101,9 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the SCP binds to.")
     port: int = Field(default=11112, ge=1, le=65535, description="TCP port of the SCP.")
     allowed_calling_ae: list[str] = Field(
-        default=[], description="Calling AE titles allowed to associate. Empty: nobody."
+        default=[],
+        description="Calling AE titles allowed to associate. Empty (and accept_any_calling_ae "
+        "false): the node refuses to start, since nobody could send to it.",
     )
     accept_any_calling_ae: bool = Field(
         default=False, description="Accept any calling AE title (opens the allow-list)."
@@ -219,7 +222,12 @@ class Settings(BaseSettings):
         """Default the spool, the model directory and the database under data_dir."""
         if not isinstance(values, dict):
             return values
-        data_dir = Path(values.get("data_dir") or "var")
+        data_dir = values.get("data_dir")
+        if data_dir is None:
+            data_dir = cls.model_fields["data_dir"].default
+        if not isinstance(data_dir, str | PathLike):
+            return values  # the field's own validation reports it
+        data_dir = Path(data_dir)
         defaults = {"storage_dir": data_dir / "spool", "model_dir": data_dir / "models",
                     "database_url": f"sqlite:///{data_dir / 'dicom-node.db'}"}
         return {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}

@@ -138,7 +138,12 @@ def _check_pixel_budget(ds: Dataset, max_pixels: int) -> None:
         raise PixelBudgetExceeded(f"image declares {declared} pixels, budget is {max_pixels}")
     transfer_syntax = UID(ds.file_meta.TransferSyntaxUID)
     if not transfer_syntax.is_compressed:
-        expected = get_expected_length(ds)
+        try:
+            expected = get_expected_length(ds)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # e.g. no Photometric Interpretation: the pixels cannot be interpreted
+            raise UndecodableDataset(f"pixel data cannot be decoded: {type(exc).__name__}"
+                                     ) from exc
         actual = len(ds.PixelData)
         # Native Pixel Data is padded to an even length (PS3.5 8.1.1).
         if actual not in (expected, expected + 1):

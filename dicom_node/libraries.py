@@ -61,6 +61,18 @@ def reactor_paused(assoc: Any) -> bool:
     return bool(assoc._is_paused)
 
 
+def mark_as_written_encoding(ds: Dataset) -> None:
+    """Mark ``ds`` as already in the encoding it will be written in (Explicit VR Little
+    Endian, its own Specific Character Set), so that writing it does not walk it to
+    correct ambiguous VRs -- which would decode every element kept as raw bytes.
+
+    ``Dataset.set_original_encoding`` is public, but the character set it must be
+    given to match is only exposed as ``Dataset._character_set``; anything else
+    leaves :attr:`Dataset.is_original_encoding` false and writing slow.
+    """
+    ds.set_original_encoding(False, True, ds._character_set)
+
+
 def only_item(template: Any) -> Dataset:
     """The single content item of a highdicom template built with one item.
 

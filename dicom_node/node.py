@@ -12,7 +12,7 @@ from dicom_node.config import Settings
 from dicom_node.jobs import JobStore
 from dicom_node.libraries import configure
 from dicom_node.scheduler import Scheduler
-from dicom_node.scp import StorageSCP
+from dicom_node.scp import StorageSCP, check_calling_ae_policy
 from dicom_node.spool import Spool
 from dicom_node.worker import Worker
 
@@ -34,6 +34,9 @@ class Node:
     """Job store, spool and SCP wired together."""
 
     def __init__(self, settings: Settings) -> None:
+        """Wire the parts; ConfigError, before anything is created, when the settings
+        let no calling AE associate."""
+        check_calling_ae_policy(settings)
         configure()
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)

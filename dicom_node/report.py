@@ -54,7 +54,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 
 from dicom_node import __version__
-from dicom_node.libraries import only_item
+from dicom_node.libraries import mark_as_written_encoding, only_item
 from model.card import ModelCard
 from model.classes import CLASSES, by_key
 
@@ -293,7 +293,7 @@ class ReportBuilder:
         # it), so that writing it does not walk the kept tree to correct ambiguous
         # VRs -- which would turn every untouched item back into elements. Every
         # item built for this image is still checked as pydicom always does.
-        sr.set_original_encoding(False, True)
+        mark_as_written_encoding(sr)
         return sr
 
     def warm_up(self) -> None:

@@ -216,6 +216,13 @@ def _handle_echo(event: Event) -> int:
     return Status.SUCCESS
 
 
+def check_calling_ae_policy(settings: Settings) -> None:
+    """ConfigError when the settings let no calling AE title associate."""
+    if not settings.accept_any_calling_ae and not settings.allowed_calling_ae:
+        raise ConfigError("no calling AE title is allowed: set allowed_calling_ae "
+                          "(--allow-calling-ae) or accept_any_calling_ae")
+
+
 def build_ae(settings: Settings) -> AE:
     """The AE with our association policy, presentation contexts, timeouts and limits.
 
@@ -223,9 +230,7 @@ def build_ae(settings: Settings) -> AE:
     *nobody*, so a node configured that way refuses to serve (ConfigError)
     rather than run a server that rejects every association.
     """
-    if not settings.accept_any_calling_ae and not settings.allowed_calling_ae:
-        raise ConfigError("no calling AE title is allowed: set allowed_calling_ae "
-                          "(--allow-calling-ae) or accept_any_calling_ae")
+    check_calling_ae_policy(settings)
     ae = AE(ae_title=settings.ae_title)
     ae.require_calling_aet = [] if settings.accept_any_calling_ae else settings.allowed_calling_ae
     ae.require_called_aet = True
@@ -285,20 +290,18 @@ class StorageSCP:
     def __init__(self, settings: Settings, store: JobStore, spool: Spool,
                  on_queued: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self._ae = build_ae(settings)
         self.service = StorageService(settings, store, spool, on_queued)
-        self._ae: AE | None = None
         self._server: _NodeServer | None = None
         self._lock = threading.Lock()
 
     def start(self) -> ThreadedAssociationServer:
-        """Bind and serve in background threads; return the server (ConfigError if the
-        settings allow no calling AE)."""
+        """Bind and serve in background threads; return the server."""
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self.service.handle_store),
             (evt.EVT_C_ECHO, _handle_echo),
             NO_DELAY,
         ]
-        self._ae = build_ae(self.settings)
         server = cast(_NodeServer, self._ae.make_server(
             (self.settings.host, self.settings.port),
             evt_handlers=handlers,
@@ -324,7 +327,6 @@ class StorageSCP:
         with self._lock:
             if self._server is not None:
                 self._server.shutdown()
-            if self._ae is not None:
-                self._ae.shutdown()
+            self._ae.shutdown()
             self.service.close()
             self._server = None

@@ -95,6 +95,7 @@ def test_serve_without_an_allowed_calling_ae_refuses_to_start(tmp_path: Path) ->
                  "--data-dir", str(tmp_path / "var"), timeout=60)
     assert result.returncode == 2
     assert "allowed_calling_ae" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "var").exists()  # no recovery, no database: nothing touched
 
 
 def _instance() -> ReceivedInstance:

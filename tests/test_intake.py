@@ -93,6 +93,15 @@ def test_short_native_pixel_data_is_a_mismatch() -> None:
         intake.decode_pixels(ds, max_pixels=1_000_000)
 
 
+@pytest.mark.parametrize("keyword", ["PhotometricInterpretation", "SamplesPerPixel"])
+def test_image_attributes_needed_to_read_the_pixels_missing_is_undecodable(
+        keyword: str) -> None:
+    ds = chest_image(rows=64, columns=64)
+    delattr(ds, keyword)
+    with pytest.raises(UndecodableDataset):  # 0xC210, never the 0xC211 catch-all
+        intake.decode_pixels(ds, max_pixels=1_000_000)
+
+
 def test_missing_pixel_data_is_a_mismatch() -> None:
     ds = chest_image()
     del ds.PixelData
@@ -131,7 +140,8 @@ def test_malformed_element_found_before_acknowledging() -> None:
         intake.decode_elements(received)
 
 
-@pytest.mark.parametrize("value", ["../../x", "1.2.3/4", "", "1." + "2" * 70, None])
+@pytest.mark.parametrize("value", ["../../x", "1.2.3/4", "", "1." + "2" * 70, None,
+                                   "1..2", "1.02", "1.2.", ".1.2"])
 def test_invalid_uids_refused(value: str | None) -> None:
     with pytest.raises(DatasetMismatch):
         intake.check_uid(value, "SOPInstanceUID")

@@ -177,13 +177,12 @@ def test_no_allowed_calling_ae_refuses_to_start(tmp_path: Path) -> None:
     # itself would take an empty list as "anyone").
     settings = Settings(data_dir=tmp_path / "var", port=free_port(), allowed_calling_ae=[],
                         min_free_disk_mb=0)
-    with JobStore(settings.database_url) as jobs_:
-        scp = StorageSCP(settings, jobs_, Spool(settings.storage_dir))
-        try:
-            with pytest.raises(ConfigError, match="allowed_calling_ae"):
-                scp.start()
-        finally:
-            scp.stop()
+    with pytest.raises(ConfigError, match="allowed_calling_ae"):
+        Node(settings)
+    assert not settings.data_dir.exists()  # refused before anything was created
+    with JobStore(f"sqlite:///{tmp_path / 'other.db'}") as jobs_, \
+            pytest.raises(ConfigError, match="allowed_calling_ae"):
+        StorageSCP(settings, jobs_, Spool(tmp_path / "spool"))
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", settings.port), timeout=5).close()
 
