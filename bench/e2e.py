@@ -47,20 +47,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dicom_node.libraries import configure  # noqa: E402
 from dicom_node.loopback import free_port, wait_for_port  # noqa: E402
 from dicom_node.tcp import NO_DELAY, send_c_store  # noqa: E402
 
-DX = "1.2.840.10008.5.1.4.1.1.1.1"
+DX = DigitalXRayImageStorageForPresentation
 _BATCH = re.compile(r"batch of (\d+): preprocess (\d+) ms, inference (\d+) ms, SR (\d+) ms")
 _READY = re.compile(r"^(\S+ \S+) INFO dicom_node.model_holder: model \S+ ready "
                     r"\(batches of up to (\d+)\)", re.MULTILINE)
 # Send files as stored (the bench is a PACS sending from its archive, not an encoder).
-_config.STORE_SEND_CHUNKED_DATASET = True
+configure()
 
 
 def process_cpu(pid: int) -> float:

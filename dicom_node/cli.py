@@ -297,8 +297,12 @@ def _program(ctx: typer.Context) -> None:
 
 def _register_packages() -> None:
     """Add the commands of every package that declares them (entry points)."""
-    for found in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
-        found.load()(app)
+    found = sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name)
+    if not found:  # run from a source tree that was never installed, or a stale install
+        print("warning: the model and training commands are missing: install the project "
+              "(make install, or pip install -e .)", file=sys.stderr)
+    for package in found:
+        package.load()(app)
 
 
 _register_packages()

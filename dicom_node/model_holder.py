@@ -58,8 +58,9 @@ class ModelHolder:
         from model.engine import Engine
 
         LOGGER.info("loading model %s", active.name)
-        # The previous model's objects go back to the collector with it.
-        self._loaded = None
+        # The previous model's objects go back to the collector with it; if this load
+        # fails, the next call tries again whichever model is active then.
+        self._loaded, self._path = None, None
         gc.unfreeze()
         s = self.settings
         engine = Engine(active, backend=s.inference_backend, device=s.inference_device,

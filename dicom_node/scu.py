@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.tcp import NO_DELAY, send_c_store
 
@@ -32,9 +33,10 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
-        """Success or warning (0x0000, 0x0001, 0xBxxx)."""
-        return self.status is not None and (self.status in (0x0000, 0x0001)
-                                            or self.status & 0xF000 == 0xB000)
+        """Stored: a success or warning status (as pynetdicom categorises it, and as
+        delivery counts it)."""
+        return self.status is not None and code_to_category(self.status) in (
+            STATUS_SUCCESS, STATUS_WARNING)
 
 
 def _ae(calling_ae: str, timeout: float) -> AE:
