@@ -28,6 +28,7 @@ from dicom_node.db import Delivery, Job, JobState
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.jobs import JobStore
 from dicom_node.libraries import configure
+from model.cli import ConfigOption, DataDirOption
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ app.add_typer(jobs_app, name="jobs")
 #: Entry point group of the packages' ``register(app)`` functions.
 COMMANDS_GROUP = "dicom_node.commands"
 
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML settings file.", exists=True)
-]
-DataDirOption = Annotated[
-    Path | None, typer.Option("--data-dir", help="Holds the database and spool by default.")
-]
 CalledAEOption = Annotated[str, typer.Option("--called-ae", "-aec", help="The peer's AE title.")]
 CallingAEOption = Annotated[str, typer.Option("--calling-ae", "-aet", help="Our AE title.")]
 TimeoutOption = Annotated[float, typer.Option(help="Network and DIMSE timeout, seconds.")]

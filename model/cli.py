@@ -17,6 +17,8 @@ import typer
 if TYPE_CHECKING:
     from model.engine import Backend, Device
 
+# The options that find the node's settings; here, in the bottom layer, so that every
+# package's commands spell them the same way.
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML settings file.", exists=True)
 ]
@@ -62,7 +64,8 @@ def register(app: typer.Typer) -> None:
     app.command()(predict)
 
 
-def _quiet_tensorflow() -> None:
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's C++ start-up chatter out of a command's output."""
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -82,7 +85,7 @@ def model_create(
     version: Annotated[str, typer.Option("--version")] = "0.1.0",
 ) -> None:
     """Build one of the paper's networks and save it as an artifact with its model card."""
-    _quiet_tensorflow()
+    quiet_tensorflow()
     _host(ctx).setup_logging("WARNING")
     from model import card, network
 
@@ -118,7 +121,7 @@ def model_import(
     version: Annotated[str, typer.Option("--version")] = "1.0.0",
 ) -> None:
     """Turn a model file published by the paper's authors into an artifact."""
-    _quiet_tensorflow()
+    quiet_tensorflow()
     _host(ctx).setup_logging("WARNING")
     import keras
 
@@ -194,7 +197,7 @@ def predict(
     data_dir: DataDirOption = None,
 ) -> None:
     """Classify DICOM or PNG/JPEG chest radiographs; print class and probabilities."""
-    _quiet_tensorflow()
+    quiet_tensorflow()
     settings = _host(ctx).settings(config, data_dir)
     _host(ctx).setup_logging("WARNING")
     from model import card, engine, preprocess

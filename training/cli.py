@@ -10,15 +10,11 @@ pipeline itself is in :mod:`training.workflow`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated
 
 import typer
 
-
-class Host(Protocol):
-    """What the program lends its commands (``ctx.obj``)."""
-
-    def setup_logging(self, level: str) -> None: ...
+from model.cli import Host, quiet_tensorflow
 
 
 def _host(ctx: typer.Context) -> Host:
@@ -30,12 +26,6 @@ def register(app: typer.Typer) -> None:
     """Add ``prepare``, ``train`` and ``evaluate`` to ``app``."""
     for command in (prepare, train, evaluate):
         app.command()(command)
-
-
-def _quiet_tensorflow() -> None:
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _require_extra() -> None:
@@ -138,7 +128,7 @@ def train(
 ) -> None:
     """Train one fold the paper's way, then evaluate it on the fold's test set."""
     _require_extra()
-    _quiet_tensorflow()
+    quiet_tensorflow()
     _host(ctx).setup_logging("INFO")
     from training import workflow
 
@@ -183,7 +173,7 @@ def evaluate(
 ) -> None:
     """Evaluate a model on labelled images: the paper's tables, AUC, intervals, plots."""
     _require_extra()
-    _quiet_tensorflow()
+    quiet_tensorflow()
     _host(ctx).setup_logging("WARNING")
     from training import evaluate as evaluation
     from training import sources

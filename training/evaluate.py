@@ -91,7 +91,19 @@ def ppv_at(sensitivity: float | None, specificity: float | None, prevalence: flo
 def metrics(truth: Sequence[int], probabilities: NDArray[np.float64],
             prevalence: dict[str, float] | None = None, bootstrap: int = 1000,
             seed: int = 0) -> dict[str, Any]:
-    """Every figure for one set of predictions (``probabilities``: N x 3)."""
+    """Every figure for one set of predictions: the paper's tables, AUC, intervals.
+
+    Parameters
+    ----------
+    truth
+        The true class index of each image.
+    probabilities
+        N x 3 network outputs, in the order of :data:`model.classes.CLASS_KEYS`.
+    prevalence
+        Class -> fraction: also report the PPV at that prevalence.
+    bootstrap, seed
+        Bootstrap rounds of the 95 % intervals, and their seed.
+    """
     y = np.asarray(truth, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
     predicted = p.argmax(axis=1)
@@ -140,7 +152,19 @@ def _pct(value: float | None) -> str:
 
 def report_markdown(result: dict[str, Any], title: str, paper: bool = False,
                     by_source: dict[str, dict[str, Any]] | None = None) -> str:
-    """The Markdown report: Table 3 (counts), Table 4 (percentages), AUC, intervals."""
+    """The Markdown report: Table 3 (counts), Table 4 (percentages), AUC, intervals.
+
+    Parameters
+    ----------
+    result
+        What :func:`metrics` returned.
+    title
+        The report's heading.
+    paper
+        Also show the paper's Table 4 row.
+    by_source
+        Metrics per data source, shown after the whole set's.
+    """
     lines = [f"# {title}", "", f"{result['images']} images; overall accuracy "
              f"{_pct(result['overall_accuracy'])} %.", "",
              "## Table 3 layout: counts per class (one vs rest)", "",
@@ -177,7 +201,17 @@ def report_markdown(result: dict[str, Any], title: str, paper: bool = False,
 
 def plots(result: dict[str, Any], truth: Sequence[int], probabilities: NDArray[np.float64],
           out: Path) -> list[Path]:
-    """confusion-matrix.png and roc.png."""
+    """confusion-matrix.png and roc.png.
+
+    Parameters
+    ----------
+    result
+        What :func:`metrics` returned.
+    truth, probabilities
+        The predictions it was computed from.
+    out
+        The folder to write to.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +255,17 @@ def plots(result: dict[str, Any], truth: Sequence[int], probabilities: NDArray[n
 def write(out: Path, result: dict[str, Any], truth: Sequence[int],
           probabilities: NDArray[np.float64], title: str, paper: bool = False,
           by_source: dict[str, dict[str, Any]] | None = None) -> None:
-    """metrics.json, report.md and the two plots in ``out``."""
+    """metrics.json, report.md and the two plots in ``out``.
+
+    Parameters
+    ----------
+    out
+        The folder to write to.
+    result, truth, probabilities
+        What :func:`metrics` returned, and the predictions it was computed from.
+    title, paper, by_source
+        As for :func:`report_markdown`.
+    """
     out.mkdir(parents=True, exist_ok=True)
     payload = {**result, "by_source": by_source or {}}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2))
@@ -232,7 +276,23 @@ def write(out: Path, result: dict[str, Any], truth: Sequence[int],
 def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: bool = False,
                       prevalence: dict[str, float] | None = None, batch_size: int = 16
                       ) -> dict[str, Any]:
-    """Predict ``records`` with the model in ``artifact`` and write the evaluation to ``out``."""
+    """Predict ``records`` with the model in ``artifact`` and write the evaluation to ``out``.
+
+    Parameters
+    ----------
+    artifact
+        A model artifact (verified against its card's hash when loaded).
+    records
+        Labelled images.
+    out
+        The folder for metrics.json, report.md and the plots.
+    paper
+        Also show the paper's Table 4 row.
+    prevalence
+        Class -> fraction: also report the PPV at that prevalence.
+    batch_size
+        Images per forward pass.
+    """
     from model import preprocess
     from model.engine import Engine
 

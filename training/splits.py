@@ -116,8 +116,24 @@ def phase_balanced(
 ) -> tuple[list[list[Record]], list[Record]]:
     """The paper's phases from a fold's training pool; returns (phases, unused records).
 
-    ``common_source`` (default: the source of the first COVID-19 record) supplies
-    the pneumonia images that every phase repeats.
+    Parameters
+    ----------
+    train
+        The fold's training pool.
+    phases
+        How many phases (the paper: 8).
+    unique_pneumonia, unique_normal
+        Images of each class that only one phase sees, per phase (whole patients).
+    common_source
+        The source whose pneumonia images every phase repeats (default: the source
+        of the first COVID-19 record).
+    seed
+        Seed of the shuffles.
+
+    Raises
+    ------
+    ValueError
+        The pool has too few pneumonia or normal images for the quotas.
     """
     covid = [r for r in train if r.label == "covid"]
     if common_source is None:
@@ -192,6 +208,27 @@ def make_folds(
     of training (every phase uses all the rest), plus up to
     ``validation_per_class`` normal and pneumonia images from patients the
     phases leave over. ``paper`` validation is a subset of the test set.
+
+    Parameters
+    ----------
+    records
+        Every labelled image, with its patient.
+    folds, phases
+        How many patient-level folds, and phases per fold.
+    unique_pneumonia, unique_normal
+        Per-phase quotas of images only one phase sees (see :func:`phase_quota`).
+    validation_per_class, validation_covid_fraction
+        The ``clean`` validation set's size.
+    protocol
+        ``clean`` or ``paper``.
+    seed
+        Seed of the folds and shuffles.
+
+    Raises
+    ------
+    ValueError
+        Fewer than two folds or fewer patients than folds, or a training pool too
+        small for the phases' quotas.
     """
     test_sets = patient_folds(records, folds, seed)
     result = []
@@ -329,6 +366,25 @@ def import_paper_fold(splits_dir: Path, fold: int, images: Path, phases: int = 8
     notebook; ``paper`` validation is their ``s_test`` recipe (all test COVID-19,
     300 normal, 300 pneumonia). The authors' files carry no patient ids, so a
     ``clean`` validation set cannot be drawn from them; it is refused.
+
+    Parameters
+    ----------
+    splits_dir
+        The folder with ``All.csv`` and ``fold<k>/``.
+    fold
+        Which fold (1-based).
+    images
+        The folder holding all their images.
+    phases
+        Phases per fold (theirs: 8).
+    protocol, seed
+        Must be ``paper``; the seed of the validation draw.
+
+    Raises
+    ------
+    ValueError
+        ``protocol`` is not ``paper``, or the fold's files do not have the paper's
+        phase composition.
     """
     if protocol != "paper":
         raise ValueError("the authors' files have no patient ids: only protocol 'paper' "
