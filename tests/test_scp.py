@@ -6,6 +6,7 @@ import logging
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -383,3 +384,29 @@ def test_both_ends_of_an_association_send_without_delay(make_node: NodeFactory) 
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         assoc.release()
+
+
+def test_stop_aborts_open_associations_and_frees_the_port(tmp_path: Path) -> None:
+    """The server is made with AE.make_server and run by the node: its stop must end
+    accepting, abort what is open (not wait for the peer to time out), and give the
+    port back."""
+    settings = Settings(data_dir=tmp_path / "var", port=free_port(),
+                        allowed_calling_ae=[CALLING_AE], min_free_disk_mb=0)
+    node = Node(settings)
+    node.start()
+    peer = scu()
+    peer.acse_timeout = peer.dimse_timeout = peer.network_timeout = 120  # a patient peer
+    peer.add_requested_context(Verification)
+    assoc = peer.associate("127.0.0.1", settings.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    stopping = threading.Thread(target=node.stop)
+    stopping.start()
+    stopping.join(timeout=30)
+    assert not stopping.is_alive(), "stop waited for the open association"
+    wait_until(lambda: not assoc.is_established, timeout=10, what="the association to end")
+    assert assoc.is_aborted
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", settings.port), timeout=5).close()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", settings.port))  # the port is free for a restart
