@@ -126,6 +126,20 @@ def serve(
 
 
 @app.command()
+def worker(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Classify and deliver only: one more worker on the node's job store and spool."""
+    from dicom_node.node import Node
+
+    settings = _settings(config, data_dir=data_dir)
+    setup_logging(settings.log_level)
+    LOGGER.info("dicom-node %s worker starting; data in %s", __version__, settings.data_dir)
+    Node(settings, receive=False).run()
+
+
+@app.command()
 def echo(
     host: str,
     port: int,

@@ -33,10 +33,15 @@ class RecoveryReport:
 class Node:
     """Job store, spool and SCP wired together."""
 
-    def __init__(self, settings: Settings) -> None:
-        """Wire the parts; ConfigError, before anything is created, when the settings
-        let no calling AE associate."""
-        check_calling_ae_policy(settings)
+    def __init__(self, settings: Settings, receive: bool = True) -> None:
+        """Wire the parts; ConfigError, before anything is created, when the node is to
+        receive and the settings let no calling AE associate.
+
+        With ``receive`` False the node only classifies and delivers (``dicom-node
+        worker``): one more worker on the same job store and spool.
+        """
+        if receive:
+            check_calling_ae_policy(settings)
         configure()
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +50,8 @@ class Node:
         self.scheduler = Scheduler(settings, self.store, self.spool)
         self.worker = Worker(settings, self.store, self.spool,
                              on_results=self.scheduler.dispatch_now)
-        self.scp = StorageSCP(settings, self.store, self.spool, on_queued=self.worker.wake)
+        self.scp = (StorageSCP(settings, self.store, self.spool, on_queued=self.worker.wake)
+                    if receive else None)
         self._stop = threading.Event()
 
     def recover(self) -> RecoveryReport:
@@ -67,14 +73,22 @@ class Node:
         LOGGER.info("recovery: %s", report)
         return report
 
-    def start(self, with_worker: bool = True) -> None:
-        """Recover, then start the SCP, the scheduler and (optionally) the worker."""
-        self.recover()
+    def start(self) -> None:
+        """Recover, then start the SCP, the scheduler and the worker.
+
+        A node that does not receive recovers only the jobs of dead local workers:
+        the spool is the receiving node's, and a file it has just renamed may not
+        have its job row yet.
+        """
+        if self.scp is not None:
+            self.recover()
+        else:
+            self.store.recover_dead_local_workers()
         self._report_model()
-        self.scp.start()
+        if self.scp is not None:
+            self.scp.start()
         self.scheduler.start()
-        if with_worker:
-            self.worker.start()
+        self.worker.start()
 
     def _report_model(self) -> None:
         # Reads the card only: TensorFlow is not loaded by the receive path.
@@ -96,7 +110,8 @@ class Node:
 
     def stop(self) -> None:
         """Stop receiving, let the current batch finish, stop the scheduler, close the DB."""
-        self.scp.stop()
+        if self.scp is not None:
+            self.scp.stop()
         if self.worker.is_alive():
             self.worker.stop()
             self.worker.join(timeout=120)

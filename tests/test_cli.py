@@ -14,8 +14,8 @@ from dicom_node.jobs import DeliveryOutcome, JobResult, JobStore, ReceivedInstan
 from dicom_node.loopback import free_port
 
 from dicom_factory import chest_image, ct_head, save
-from helpers.environment import CALLING_AE
-from helpers.processes import NodeProcess
+from helpers.environment import CALLING_AE, wait_until
+from helpers.processes import NodeProcess, terminate
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -151,3 +151,35 @@ def test_jobs_retry_requeues_dead_deliveries_and_failed_jobs(tmp_path: Path) -> 
         assert nothing.returncode == 1
         assert "error" in nothing.stderr and f"job {job_id}" in nothing.stderr
         assert nothing.stdout == ""
+
+
+def test_worker_classifies_the_queue_without_receiving_or_touching_the_spool(
+        node: NodeProcess, tmp_path: Path, small_artifact: Path) -> None:
+    """`dicom-node worker` is one more worker on the node's queue: it classifies what
+    the receiving node queued, binds no port, and leaves spool files without a job row
+    alone (a receiving node may have just renamed one and not yet committed its row)."""
+    files = [save(chest_image(seed=i), tmp_path / f"chest{i}.dcm") for i in range(2)]
+    sent = cli("send", "127.0.0.1", str(node.port), *map(str, files),
+               "--calling-ae", CALLING_AE)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert node.stop() == 0  # no model there: both jobs are still queued
+    in_flight = node.spool / "ab" / ("ab" + "0" * 30 + ".dcm")
+    in_flight.parent.mkdir(exist_ok=True)
+    in_flight.write_bytes(b"a file whose job row is not committed yet")
+    installed = cli("model", "install", str(small_artifact), "--data-dir", str(node.data_dir))
+    assert installed.returncode == 0, installed.stderr
+
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen([sys.executable, "-m", "dicom_node", "worker",
+                               "--data-dir", str(node.data_dir)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        with node.job_store() as store:
+            wait_until(lambda: store.counts() == {"done": 2}, timeout=180,
+                       what="the worker to classify both jobs")
+    finally:
+        assert terminate(worker, 60) == 0
+    assert in_flight.exists()
+    assert not (node.spool / ".quarantine").exists()
+    assert "listening on" not in (tmp_path / "worker.log").read_text()
