@@ -35,6 +35,9 @@ Protocol = Literal["clean", "paper"]
 #: The automatic quota gives the phases this share of a class's training pool; the rest is
 #: what ``clean`` validation draws from (:func:`_clean_validation` takes the phases' leftovers).
 PHASE_SHARE = 0.8
+#: The paper's per-phase quotas of images that only one phase sees (section 3.2).
+PAPER_UNIQUE_PNEUMONIA = 200
+PAPER_UNIQUE_NORMAL = 250
 PAPER_LABELS = {"covid": "COVID-19", "normal": "normal", "pneumonia": "pneumonia"}
 
 
@@ -74,6 +77,12 @@ def patient_folds(records: Sequence[Record], folds: int, seed: int) -> list[list
             for _, test in splitter.split(np.zeros((len(records), 1)), labels, groups)]
 
 
+def common_pneumonia_source(records: Sequence[Record]) -> str | None:
+    """The source whose pneumonia images every phase repeats (the paper's "common"
+    images): the source of the first COVID-19 record."""
+    return next((r.source for r in records if r.label == "covid"), None)
+
+
 def phase_quota(records: Sequence[Record], label: str, folds: int, phases: int,
                 paper: int) -> int:
     """The per-phase quota of unique ``label`` images: the paper's, or what the data allow.
@@ -100,17 +109,17 @@ def phase_quota(records: Sequence[Record], label: str, folds: int, phases: int,
         ``paper``, or for a smaller data set the images each phase can have when
         the phases share :data:`PHASE_SHARE` of a fold's training pool; at least 1.
     """
-    first_source = next((r.source for r in records if r.label == "covid"), None)
+    common = common_pneumonia_source(records)
     count = sum(1 for r in records if r.label == label
-                and not (label == "pneumonia" and r.source == first_source))
+                and not (label == "pneumonia" and r.source == common))
     return max(1, min(paper, int(count * (folds - 1) / folds * PHASE_SHARE) // phases))
 
 
 def phase_balanced(
     train: Sequence[Record],
     phases: int = 8,
-    unique_pneumonia: int = 200,
-    unique_normal: int = 250,
+    unique_pneumonia: int = PAPER_UNIQUE_PNEUMONIA,
+    unique_normal: int = PAPER_UNIQUE_NORMAL,
     common_source: str | None = None,
     seed: int = 0,
 ) -> tuple[list[list[Record]], list[Record]]:
@@ -125,8 +134,8 @@ def phase_balanced(
     unique_pneumonia, unique_normal
         Images of each class that only one phase sees, per phase (whole patients).
     common_source
-        The source whose pneumonia images every phase repeats (default: the source
-        of the first COVID-19 record).
+        The source whose pneumonia images every phase repeats (default:
+        :func:`common_pneumonia_source`).
     seed
         Seed of the shuffles.
 
@@ -136,12 +145,11 @@ def phase_balanced(
         The pool has too few pneumonia or normal images for the quotas.
     """
     covid = [r for r in train if r.label == "covid"]
-    if common_source is None:
-        common_source = covid[0].source if covid else None
-    common = [r for r in train if r.label == "pneumonia" and r.source == common_source]
+    repeated = common_pneumonia_source(train) if common_source is None else common_source
+    common_images = [r for r in train if r.label == "pneumonia" and r.source == repeated]
     rng = random.Random(seed)  # noqa: S311 - reproducible shuffling, not security
     pneumonia = _patients([r for r in train
-                           if r.label == "pneumonia" and r.source != common_source], rng)
+                           if r.label == "pneumonia" and r.source != repeated], rng)
     normal = _patients([r for r in train if r.label == "normal"], rng)
     available_p = sum(len(g) for g in pneumonia)
     available_n = sum(len(g) for g in normal)
@@ -154,7 +162,7 @@ def phase_balanced(
     for _ in range(phases):
         taken_p, pneumonia = _take(pneumonia, unique_pneumonia)
         taken_n, normal = _take(normal, unique_normal)
-        out.append(covid + common + taken_p + taken_n)
+        out.append(covid + common_images + taken_p + taken_n)
     unused = [r for group in pneumonia + normal for r in group]
     return out, unused
 
@@ -192,8 +200,8 @@ def make_folds(
     records: Sequence[Record],
     folds: int = 5,
     phases: int = 8,
-    unique_pneumonia: int = 200,
-    unique_normal: int = 250,
+    unique_pneumonia: int = PAPER_UNIQUE_PNEUMONIA,
+    unique_normal: int = PAPER_UNIQUE_NORMAL,
     validation_per_class: int = 100,
     validation_covid_fraction: float = 0.15,
     protocol: Protocol = "clean",

@@ -17,10 +17,6 @@ from training import evaluate as evaluation
 from training import sources, splits
 from training.train import TrainConfig, train
 
-#: The paper's per-phase quotas of unique pneumonia and normal images (section 3.2).
-PAPER_UNIQUE_PNEUMONIA = 200
-PAPER_UNIQUE_NORMAL = 250
-
 
 @dataclass(frozen=True)
 class FoldPlan:
@@ -61,9 +57,9 @@ def data_fold(data: Path, plan: FoldPlan, out: Path) -> ChosenFold:
     folder per class); every fold is written to ``out/splits``, ``plan.fold`` is chosen."""
     records = sources.read(data)
     per_p = plan.unique_pneumonia or splits.phase_quota(
-        records, "pneumonia", plan.folds, plan.phases, PAPER_UNIQUE_PNEUMONIA)
+        records, "pneumonia", plan.folds, plan.phases, splits.PAPER_UNIQUE_PNEUMONIA)
     per_n = plan.unique_normal or splits.phase_quota(
-        records, "normal", plan.folds, plan.phases, PAPER_UNIQUE_NORMAL)
+        records, "normal", plan.folds, plan.phases, splits.PAPER_UNIQUE_NORMAL)
     made = splits.make_folds(records, plan.folds, plan.phases, per_p, per_n,
                              protocol=plan.protocol, seed=plan.seed)  # type: ignore[arg-type]
     splits.write_folds(out / "splits", made)
