@@ -26,6 +26,7 @@ from dicom_node.config import Settings
 from dicom_node.db import Job
 from dicom_node.jobs import JobStore
 from dicom_node.spool import Spool
+from model import preprocess
 
 if TYPE_CHECKING:
     from model.engine import Engine
@@ -103,8 +104,6 @@ class BatchLoader:
     def prepare(self, jobs: list[Job], engine: Engine) -> list[Prepared]:
         """Decode ``jobs`` in parallel; a job that cannot be decoded is failed with the
         reason and left out."""
-        from model import preprocess
-
         def load(job: Job) -> Prepared:
             if job.spool_file is None:
                 raise FileNotFoundError("job has no spool file")

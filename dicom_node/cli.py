@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
@@ -285,7 +284,6 @@ def jobs_retry(
                + ("; job requeued" if job else ""))
 
 
-@dataclass(frozen=True)
 class Host:
     """What the node lends the commands of other packages: its settings (from
     ``--config``/``--data-dir``, the environment and the defaults; a bad value exits

@@ -12,15 +12,12 @@ Two kinds of thing live here and nowhere else:
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pynetdicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import _config as pynetdicom_config
-
-LOGGER = logging.getLogger(__name__)
 
 _PYNETDICOM_SETTINGS = {
     "LOG_REQUEST_IDENTIFIERS": False,
@@ -38,9 +35,10 @@ def configure() -> None:
       is on disk (the exact bytes made durable) instead of decoding and
       re-encoding it; the association must accept the file's own transfer
       syntax, the only one delivery proposes.
-    * pydicom's value validation on reading quotes the offending value (a
-      malformed Patient Name, say) in its warnings; the node checks what it
-      relies on itself (UIDs, image attributes), so reading does not validate.
+    * pydicom's value validation warns about received values that break their
+      VR's rules, and its messages can quote the value (patient data). The node
+      checks what it relies on itself (UIDs, image attributes), so reading does
+      not validate.
     """
     for name, value in _PYNETDICOM_SETTINGS.items():
         # Setting a name pynetdicom no longer has would silently do nothing.

@@ -12,8 +12,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from dicom_node.db import DeliveryState
+from dicom_node.deliver import classify
 from dicom_node.tcp import NO_DELAY, send_c_store
 
 LOGGER = logging.getLogger(__name__)
@@ -33,10 +34,8 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
-        """Stored: a success or warning status (as pynetdicom categorises it, and as
-        delivery counts it)."""
-        return self.status is not None and code_to_category(self.status) in (
-            STATUS_SUCCESS, STATUS_WARNING)
+        """Stored: what delivery counts as stored (a success or warning status)."""
+        return self.status is not None and classify(self.status) is DeliveryState.DONE
 
 
 def _ae(calling_ae: str, timeout: float) -> AE:
