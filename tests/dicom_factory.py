@@ -32,6 +32,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from model.classes import CLASS_KEYS
+
 CR = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 DX_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
@@ -52,7 +54,6 @@ SHARED_DICOM_FILES = (
 #: The cxr-dev set: PNGs listed in labels.csv, 50 per class.
 SHARED_CXR_FILES = ("labels.csv",)
 CXR_DEV_COLUMNS = ("filename", "label", "source_repo", "source_path", "patient_id", "license")
-CLASSES = ("covid", "normal", "pneumonia")
 
 
 def _gradient(rows: int, columns: int, bits: int, seed: int = 0) -> np.ndarray:
@@ -260,6 +261,7 @@ def make_dicom_samples(folder: Path) -> Path:
     # An 8-bit Secondary Capture of a DX, Implicit VR Little Endian, with a bare
     # header: no body part (the description decides), no study date or ID.
     implicit = _secondary_capture("DX", thorax(1024, 1024, "normal", 3), seed=3)
+    del implicit.StudyDate, implicit.StudyID
     implicit.StudyDescription = "No Finding"
     with pydicom_config.disable_value_validation():
         implicit.PatientAge = "81"
@@ -270,27 +272,12 @@ def make_dicom_samples(folder: Path) -> Path:
 
 
 def _secondary_capture(modality: str, image: np.ndarray, seed: int) -> Dataset:
-    """A minimal 8-bit MONOCHROME2 Secondary Capture of ``image`` (values in [0, 1])."""
-    rng = np.random.default_rng(seed)
-    ds = Dataset()
-    ds.SOPClassUID = SC
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = modality
-    ds.PatientID = f"Synthetic{int(rng.integers(10_000)):04d}"
-    ds.PatientName = ds.PatientID
-    ds.PatientSex = "M"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = image.shape
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
+    """An 8-bit MONOCHROME2 Secondary Capture of ``image`` (values in [0, 1]), with no
+    body part and no window."""
+    rows, columns = image.shape
+    ds = chest_image(sop_class=SC, rows=rows, columns=columns, bits_stored=8,
+                     modality=modality, body_part=None, window=None, seed=seed)
     ds.PixelData = (image * 255).astype(np.uint8).tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
 
@@ -318,7 +305,7 @@ def make_cxr_dev(folder: Path, per_class: int = 50) -> Path:
     in the real set), from several sources, at most two per patient."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label in CLASSES:
+    for label in CLASS_KEYS:
         sources = [name for name, count in _CXR_SOURCES[label] for _ in range(count)]
         for i in range(per_class):
             rows.append({"label": label, "source_repo": sources[i % len(sources)],
@@ -341,7 +328,7 @@ def make_cxr_dev(folder: Path, per_class: int = 50) -> Path:
 def make_cxr_folders(folder: Path, per_class: int = 10) -> Path:
     """A folder per class (``covid/``, ``normal/``, ``pneumonia/``) of synthetic chest
     PNGs, the layout ``training.sources.folder_per_class`` reads."""
-    for label in CLASSES:
+    for label in CLASS_KEYS:
         (folder / label).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             chest_png(folder / label / f"{label}-{i:03d}.png", label, 1000 + 100 * i)

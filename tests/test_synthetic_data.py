@@ -20,7 +20,9 @@ from model import preprocess
 from training.sources import folder_per_class, read
 
 from dicom_factory import (
+    CR,
     CXR_DEV_COLUMNS,
+    SC,
     SHARED_CXR,
     SHARED_DICOM,
     SHARED_DICOM_FILES,
@@ -29,7 +31,6 @@ from dicom_factory import (
     make_dicom_samples,
 )
 
-CR, SC = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.7"
 #: What each shared DICOM file is (shared/data/dicom/README.md): SOP Class,
 #: Modality, photometric, bits allocated/stored, rows x columns, transfer syntax
 #: (None: no File Meta group at all).
