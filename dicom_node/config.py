@@ -165,6 +165,18 @@ class Settings(BaseSettings):
         default=50, ge=0, description="How long the worker waits to fill a batch."
     )
 
+    allow_unvalidated_models: bool = Field(
+        default=False,
+        description="Serve a model whose card does not earn 'validated' (demos, tests). Every "
+        "result then says UNVALIDATED MODEL - NOT FOR CLINICAL USE in its title and text.",
+    )
+
+    # --- study results ---
+    study_quiet_seconds: float = Field(
+        default=30.0, ge=0, description="A study's result is formed this long after its last "
+        "frontal image arrived (and once its queued images are classified).",
+    )
+
     # --- delivery of the SR ---
     destinations: list[str] = Field(
         default=[], description="Where every SR is sent: 'AET@HOST:PORT' entries."

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Engine,
     Enum,
@@ -72,6 +73,15 @@ class JobState(enum.StrEnum):
     IGNORED = "ignored"
 
 
+class StudyState(enum.StrEnum):
+    """Life cycle of one version of a study result: open (gathering images until its
+    quiet period ends) → closed; superseded when a late image reopened the study."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+    SUPERSEDED = "superseded"
+
+
 class DeliveryState(enum.StrEnum):
     """Life cycle of one SR sent to one destination: pending → done, or dead."""
 
@@ -117,6 +127,14 @@ class Job(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
     intake_reason: Mapped[str] = mapped_column(String(128), default="")
+    #: The view intake found: ``frontal`` or ``undetermined`` for a queued job (see
+    #: :mod:`dicom_node.intake`); None for an ignored one or a job from before views.
+    view: Mapped[str | None] = mapped_column(String(16), default=None)
+    #: Keys that tell whether two images of a study belong to the same patient and the
+    #: same accession, without storing either: sha256 of (Study Instance UID, value),
+    #: cut to 16 hex digits; None when the image has no such value.
+    patient_key: Mapped[str | None] = mapped_column(String(16), default=None)
+    accession_key: Mapped[str | None] = mapped_column(String(16), default=None)
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
@@ -127,11 +145,57 @@ class Job(Base):
     label: Mapped[str | None] = mapped_column(String(32), default=None)
     probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
     model_version: Mapped[str | None] = mapped_column(String(128), default=None)
+    #: Classes whose operating-point threshold the probability reached.
+    flags: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    #: Whether the model that classified the job was validated (see model.card).
+    model_validated: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    #: Why the study result left this job out (e.g. another patient), if it did.
+    study_note: Mapped[str | None] = mapped_column(Text, default=None)
     #: Minted once when the job is created, so a re-sent SR is the same object.
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64))
     sr_series_instance_uid: Mapped[str] = mapped_column(String(64))
     #: The SR file in the spool, written once per successful classification.
     sr_file: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class StudyResult(Base):
+    """One version of the answer for a whole study, formed from its frontal images."""
+
+    __tablename__ = "study_results"
+    __table_args__ = (
+        UniqueConstraint("study_instance_uid", "version", name="uq_study_version"),
+        Index("ix_study_results_state_closes", "state", "closes_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[StudyState] = mapped_column(
+        Enum(StudyState, native_enum=False, length=16,
+             values_callable=lambda members: [m.value for m in members]),
+        default=StudyState.OPEN,
+    )
+    #: The version this one replaces (a late image reopened a closed study).
+    supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("study_results.id"),
+                                                      default=None)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_image_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: The end of the quiet period after the last image (it closes then, or once the
+    #: study's images still in the queue are done).
+    closes_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    #: Set when closed: the study's answer.
+    flagged: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    label: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: class -> {"probability": highest, "job_id": ..., "sop_instance_uid": ...}
+    probabilities: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    flags: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    job_ids: Mapped[list[int] | None] = mapped_column(JSON, default=None)
+    #: Images of the study left out, and why (no patient data).
+    problems: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    model_version: Mapped[str | None] = mapped_column(String(128), default=None)
+    model_validated: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
 class Delivery(Base):

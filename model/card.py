@@ -2,10 +2,19 @@
 
 ``model-card.json`` records what a radiologist or an auditor needs to trust a
 result: name, version, architecture, input size, class order, the
-preprocessing, the sha256 of the weights file, what the model was trained on,
-its metrics -- and ``trained: false`` for an untrained demo model. A new model
-version gets a new Device UID (IHE AI Results: the SR names the model).
-The engine refuses a weights file whose hash does not match its card.
+preprocessing, the sha256 of the weights file, what the model was trained on
+(:class:`TrainingRecord`), what it earned on a declared test set
+(:class:`TestEvidence`), the per-class operating points chosen on validation
+data (:class:`OperatingPoint`) -- and ``trained: false`` for an untrained demo
+model. A new model version gets a new Device UID (IHE AI Results: the SR names
+the model). The engine refuses a weights file whose hash does not match its card.
+
+Whether a model may serve clinical destinations is *computed* from that evidence
+by :func:`validation_status`, never read from a flag: a card is validated only
+when it carries test results on a declared data set of a stated size (from
+``dicom-node evaluate``, or imported with ``model import --metrics`` and signed
+by a named person) whose 95 % interval of balanced accuracy lies wholly above
+chance (1/3 for three classes).
 """
 
 from __future__ import annotations
@@ -15,9 +24,10 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydicom.uid import generate_uid
@@ -31,8 +41,81 @@ WEIGHTS_FILE = "model.keras"
 ACTIVE_LINK = "active"
 
 
+#: What every output of an unvalidated model says, in its title and its text (ASCII:
+#: it goes into DICOM LO/ST values and HL7 fields as it is).
+UNVALIDATED_WARNING = "UNVALIDATED MODEL - NOT FOR CLINICAL USE"
+#: Balanced accuracy of a classifier that guesses among the three classes.
+CHANCE_BALANCED_ACCURACY = 1 / len(CLASS_KEYS)
+
+
 class ModelIntegrityError(RuntimeError):
     """The weights file does not match the sha256 its card pins."""
+
+
+class UnvalidatedModelError(RuntimeError):
+    """A model without the evidence :func:`validation_status` asks for, where only a
+    validated one may serve."""
+
+
+class TrainingRecord(BaseModel):
+    """What a model was trained from and how (written by ``train`` or ``model create``)."""
+
+    starting_weights: str = Field(
+        description="imagenet, random, or file:<name> (weights of the whole network).")
+    input_size: int
+    epochs: int | None = Field(default=None, description="Epochs in all, over every phase.")
+    phases: int | None = None
+    epochs_per_phase: int | None = None
+    training_images: int | None = None
+    validation_images: int | None = None
+    test_images: int | None = None
+    data_sources: list[str] = Field(default_factory=list)
+    checkpoint_chosen_on: Literal["validation", "test", "last epoch"] | None = None
+
+
+class TestEvidence(BaseModel):
+    """Test results on a declared data set: what :func:`validation_status` judges."""
+
+    data_set: str = Field(description="What the test set is (name, origin).")
+    images: int | None = Field(description="Test set size; None: the evidence is incomplete.")
+    patients: int | None = None
+    sources: list[str] = Field(default_factory=list)
+    balanced_accuracy: float | None = None
+    balanced_accuracy_95: list[float] | None = Field(
+        default=None, description="95 % interval [low, high] of the balanced accuracy.")
+    overall_accuracy: float | None = None
+    #: class -> sensitivity, specificity, roc_auc and their ``*_95`` intervals
+    per_class: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    evaluated_by: Literal["evaluate", "import"] = "evaluate"
+    #: The person who supplied imported metrics and vouches for them.
+    signed_by: str | None = None
+    evaluated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    #: True under the paper's protocol: the checkpoint was chosen on these test images,
+    #: so every figure is optimistic.
+    checkpoint_chosen_on_test: bool = False
+
+
+class OperatingPoint(BaseModel):
+    """One class's decision threshold, chosen on validation data for a target sensitivity,
+    with what it gives on the test set."""
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    target_sensitivity: float = Field(gt=0.0, le=1.0)
+    validation_images: int
+    validation_sensitivity: float | None = None
+    validation_specificity: float | None = None
+    test_sensitivity: float | None = None
+    test_sensitivity_95: list[float] | None = None
+    test_specificity: float | None = None
+    test_specificity_95: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Whether a card earned clinical use, and why (or why not)."""
+
+    validated: bool
+    reason: str
 
 
 class ModelCard(BaseModel):
@@ -54,11 +137,40 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     framework: dict[str, str] = Field(default_factory=dict)
     notes: str = ""
+    training: TrainingRecord | None = None
+    test: TestEvidence | None = None
+    #: class key -> its operating point (classes without one are never flagged)
+    operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
 
     @property
     def display_version(self) -> str:
         """``version`` with an ``-untrained`` marker where it applies."""
         return self.version if self.trained else f"{self.version}-untrained"
+
+
+def validation_status(card: ModelCard) -> Validation:
+    """Judge the card's evidence (its ``trained`` flag and free-form metrics count for
+    nothing): validated only with test results on a declared data set of a stated
+    size, signed by a person when imported, whose 95 % interval of balanced accuracy
+    lies wholly above chance."""
+    test = card.test
+    if test is None:
+        return Validation(False, "the card carries no test results")
+    if not test.data_set.strip():
+        return Validation(False, "the test results name no data set")
+    if not test.images:
+        return Validation(False, "the card has test metrics but no test size")
+    if test.evaluated_by == "import" and not (test.signed_by or "").strip():
+        return Validation(False, "imported test metrics are not signed by a person")
+    interval = test.balanced_accuracy_95
+    if interval is None or len(interval) != 2:
+        return Validation(False, "the test results give no 95 % interval of balanced accuracy")
+    low, high = interval
+    if low <= CHANCE_BALANCED_ACCURACY:
+        return Validation(False, f"the 95 % interval of balanced accuracy ({low:.3f}-{high:.3f}) "
+                                 f"reaches chance ({CHANCE_BALANCED_ACCURACY:.3f})")
+    return Validation(True, f"balanced accuracy {low:.3f}-{high:.3f} (95 %) on "
+                            f"{test.images} test images of {test.data_set}")
 
 
 def sha256_file(path: Path) -> str:
