@@ -32,7 +32,7 @@ from dicom_node.errors import ConfigError
 
 
 class IntakeRules(BaseModel):
-    """Which received instances are chest radiographs (rules are data, not code).
+    """Which received instances are frontal chest radiographs (rules are data, not code).
 
     An instance is a candidate when its SOP Class is in ``sop_classes`` and its
     Modality in ``modalities``. It is *chest* when Body Part Examined is one of
@@ -40,6 +40,21 @@ class IntakeRules(BaseModel):
     ``chest_anatomic_codes``; *not chest* when either names something else;
     otherwise a description attribute containing one of ``chest_keywords``
     makes it chest, and with no evidence at all ``undetermined`` decides.
+
+    A chest image is then judged for its view, since the network only knows
+    frontal (PA/AP) radiographs. The strongest source that gives evidence
+    decides: the first item of View Code Sequence (0054,0220) against
+    ``frontal_view_codes``/``non_frontal_view_codes`` (CID 4010 DX View, SCT and
+    legacy SRT values), View Position (0018,5101) against
+    ``frontal_view_positions``/``non_frontal_view_positions``, a well-formed
+    Patient Orientation (0020,0020) (a coronal image plane is frontal, a
+    sagittal one lateral, anything between oblique), and last the words of the
+    ``description_attributes``, in their order, against ``frontal_view_words``/
+    ``non_frontal_view_words`` (an attribute naming both, as a two-view study's
+    "CHEST PA AND LAT" does, is no evidence). View Code Sequence and View
+    Position that contradict each other make the image non-frontal. A
+    non-frontal image is handled by ``non_frontal``; one with no evidence by
+    ``undetermined_view``.
     """
 
     sop_classes: list[str] = Field(
@@ -68,13 +83,14 @@ class IntakeRules(BaseModel):
     )
     description_attributes: list[str] = Field(
         default=[
-            "StudyDescription",
             "SeriesDescription",
             "ProtocolName",
-            "RequestedProcedureDescription",
             "PerformedProcedureStepDescription",
+            "RequestedProcedureDescription",
+            "StudyDescription",
         ],
-        description="Attributes searched for chest_keywords.",
+        description="Attributes searched for chest_keywords and view words, most specific "
+        "first: a study's description speaks for all of its images.",
     )
     non_chest: Literal["ignore", "refuse"] = Field(
         default="ignore",
@@ -84,6 +100,78 @@ class IntakeRules(BaseModel):
         default="accept",
         description="What to do with a candidate that carries no body-part evidence at all.",
     )
+    frontal_view_codes: list[str] = Field(
+        default=[
+            # SCT postero-anterior, antero-posterior, frontal; then their SRT values as
+            # pydicom's SNOMED mapping has them, and the older SRT postero-anterior
+            # (R-10214) that modalities still send
+            "272479007", "399348003", "399033003",
+            "R-40888", "R-10206", "R-10202", "R-10214",
+        ],
+        description="View Code Sequence code values that mean a frontal view (CID 4010).",
+    )
+    non_frontal_view_codes: list[str] = Field(
+        default=[
+            # lateral, medial-lateral, lateral-medial, sagittal (SCT, then SRT)
+            "399067008", "399173006", "399198007", "399260004", "399352003", "30730003",
+            "R-102CD", "R-10236", "R-10232", "R-10224", "R-10228", "G-A145",
+            # the obliques
+            "260426006", "260427002", "399004004", "399006002", "399038007", "399059000",
+            "399099002", "399132005", "399135007", "399160007", "399182000", "399184004",
+            "399225005", "399236003", "399288005", "399312000", "399325008", "399356000",
+            "399368009",
+            "R-40782", "R-40783", "R-10246", "R-10212", "R-10210", "R-10216", "R-10230",
+            "R-10252", "R-10220", "R-10204", "R-102C1", "R-10238", "R-10250", "R-10234",
+            "R-10248", "R-10208", "R-10254", "R-40985", "R-10226",
+            # every other DX view: axial, tangential, cranio-caudal, specimen, ...
+            "119376003", "260499007", "399061009", "399071006", "399110001", "399162004",
+            "399196006", "399242004", "399255003", "399272005", "399316002", "399335002",
+            "399351005", "399360002",
+            "G-8300", "R-40810", "R-10241", "R-102C3", "R-102C2", "R-10242", "R-10244",
+            "R-102C6", "R-10256", "R-102C5", "R-102C8", "R-102C4", "R-102C7", "R-10257",
+        ],
+        description="View Code Sequence code values that mean any other view (CID 4010).",
+    )
+    frontal_view_positions: list[str] = Field(
+        default=["PA", "AP", "POSTERO_ANTERIOR", "ANTERO_POSTERIOR", "POSTEROANTERIOR",
+                 "ANTEROPOSTERIOR", "FRONTAL"],
+        description="View Position (0018,5101) values that mean frontal (case-insensitive).",
+    )
+    non_frontal_view_positions: list[str] = Field(
+        default=["LL", "RL", "LLD", "RLD", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO", "LAT",
+                 "LATERAL", "OBLIQUE", "DECUBITUS"],
+        description="View Position values that mean lateral, oblique or decubitus.",
+    )
+    frontal_view_words: list[str] = Field(
+        default=["PA", "AP", "FRONTAL", "POSTEROANTERIOR", "ANTEROPOSTERIOR"],
+        description="Whole words of a description attribute that mean frontal "
+        "(case-insensitive; words are split at every character that is not a letter or digit).",
+    )
+    non_frontal_view_words: list[str] = Field(
+        default=["LAT", "LATERAL", "LL", "RL", "LLD", "RLD", "LLO", "RLO", "LAO", "RAO", "LPO",
+                 "RPO", "OBL", "OBLIQUE", "DECUB", "DECUBITUS"],
+        description="Whole words of a description attribute that mean another view.",
+    )
+    non_frontal: Literal["ignore", "refuse"] = Field(
+        default="ignore",
+        description="A chest image that is not frontal (or whose view attributes conflict): "
+        "ignore: acknowledge and record as 'ignored'; refuse: answer 0xC220.",
+    )
+    undetermined_view: Literal["accept", "ignore", "refuse"] = Field(
+        default="accept",
+        description="What to do with a chest image that carries no view evidence at all.",
+    )
+
+    @model_validator(mode="after")
+    def _views_are_one_or_the_other(self) -> IntakeRules:
+        for kind in ("view_codes", "view_positions", "view_words"):
+            frontal = getattr(self, f"frontal_{kind}")
+            other = getattr(self, f"non_frontal_{kind}")
+            both = {t.upper().strip() for t in frontal} & {t.upper().strip() for t in other}
+            if both:
+                raise ValueError(f"frontal_{kind} and non_frontal_{kind} both hold "
+                                 f"{', '.join(sorted(both))}")
+        return self
 
 
 class Settings(BaseSettings):

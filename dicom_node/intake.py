@@ -1,23 +1,32 @@
-"""Intake: decode a received data set fully and decide whether it is a chest radiograph.
+"""Intake: decode a received data set fully and decide whether it is a frontal chest
+radiograph.
 
 pydicom reads lazily: a malformed element is only noticed when it is accessed.
 :func:`decode_fully` therefore touches every element (sequences included) and
 decodes the pixel data inside a guard, so that any fault surfaces *before* the
 node acknowledges the instance. The pixel budget is checked from the declared
 attributes before a single pixel is decoded.
+
+:func:`decide` applies the :class:`~dicom_node.config.IntakeRules`: SOP Class,
+Modality and body part first, then, for a chest image, the view (the network was
+trained on frontal PA/AP radiographs only).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array  # type: ignore[attr-defined]
 from pydicom.pixels.utils import get_expected_length
+from pydicom.sr import codedict
+from pydicom.sr.coding import Code
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
 
@@ -42,12 +51,29 @@ class Disposition(StrEnum):
     IGNORE = "ignore"
 
 
+class View(StrEnum):
+    """The projection of a chest image, as intake judged it."""
+
+    FRONTAL = "frontal"
+    UNDETERMINED = "undetermined"
+    LATERAL = "lateral"
+    OBLIQUE = "oblique"
+    DECUBITUS = "decubitus"
+    #: Any other non-frontal projection (axial, tangential, ...; CID 4010 has many).
+    OTHER = "other"
+
+
 @dataclass(frozen=True)
 class IntakeDecision:
-    """The intake verdict and its reason (free of patient data, safe to log)."""
+    """The intake verdict and its reason (free of patient data, safe to log).
+
+    ``view`` is ``None`` when the image was not judged for a view (not a chest
+    image); a queued decision's view is always FRONTAL or UNDETERMINED.
+    """
 
     disposition: Disposition
     reason: str
+    view: View | None = None
 
 
 def check_uid(value: object, keyword: str) -> str:
@@ -152,7 +178,7 @@ def _words(ds: Dataset, keyword: str) -> list[str]:
     value = ds.get(keyword)
     if value is None or value == "":
         return []
-    if isinstance(value, list | tuple) or getattr(value, "is_multival", False):
+    if isinstance(value, MultiValue | list | tuple):
         return [str(v).upper().strip() for v in value if str(v).strip()]
     return [str(value).upper().strip()]
 
@@ -167,10 +193,18 @@ def _anatomic_codes(ds: Dataset) -> list[str]:
 
 
 def decide(ds: Dataset, rules: IntakeRules) -> IntakeDecision:
-    """Apply the intake rules to a decoded data set.
+    """Apply the intake rules to a decoded data set: SOP Class, Modality and body part,
+    then, for a chest image that would be queued, its view.
 
     Raises :class:`PolicyRefused` where the rules say to refuse.
     """
+    decision = _judge_body_part(ds, rules)
+    if decision.disposition is not Disposition.QUEUE:
+        return decision
+    return _judge_view(ds, rules, decision.reason)
+
+
+def _judge_body_part(ds: Dataset, rules: IntakeRules) -> IntakeDecision:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in rules.sop_classes:
         return _non_chest(rules, "SOP Class is not a radiograph class")
@@ -204,3 +238,172 @@ def _non_chest(rules: IntakeRules, reason: str) -> IntakeDecision:
     if rules.non_chest == "refuse":
         raise PolicyRefused(f"not a chest radiograph: {reason}")
     return IntakeDecision(Disposition.IGNORE, reason)
+
+
+# --- the view ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """What one source says of the view. ``value`` is quoted in reasons, so it is only
+    ever a term of the rules or orientation letters, never free text."""
+
+    view: View
+    source: str
+    value: str = ""
+
+    def describe(self) -> str:
+        where = f"{self.source} {self.value}" if self.value else self.source
+        return f"view is {self.view} ({where})"
+
+
+def _judge_view(ds: Dataset, rules: IntakeRules, chest_reason: str) -> IntakeDecision:
+    """The strongest source with evidence decides; the two coded sources must agree."""
+    coded = _coded_view(ds, rules)
+    positioned = _positioned_view(ds, rules)
+    if coded and positioned and (coded.view is View.FRONTAL) != (positioned.view is View.FRONTAL):
+        # Bad input: never classify an image whose own header contradicts itself.
+        reason = (f"view conflict: View Position {positioned.value}, "
+                  f"View Code Sequence {coded.view}")
+        other = positioned if coded.view is View.FRONTAL else coded
+        # Refused, the reason alone already says why, within the 64-character Error Comment.
+        return _not_frontal(rules, other.view, reason, refusal=reason)
+    evidence = coded or positioned or _oriented_view(ds) or _described_view(ds, rules)
+    if evidence is None:
+        return _undetermined_view(rules, chest_reason)
+    if evidence.view is View.FRONTAL:
+        return IntakeDecision(Disposition.QUEUE, f"{chest_reason}; {evidence.describe()}",
+                              View.FRONTAL)
+    return _not_frontal(rules, evidence.view, evidence.describe())
+
+
+def _not_frontal(rules: IntakeRules, view: View, reason: str,
+                 refusal: str | None = None) -> IntakeDecision:
+    if rules.non_frontal == "refuse":
+        raise PolicyRefused(refusal or f"not a frontal view: {reason}")
+    return IntakeDecision(Disposition.IGNORE, reason, view)
+
+
+def _undetermined_view(rules: IntakeRules, chest_reason: str) -> IntakeDecision:
+    if rules.undetermined_view == "accept":
+        return IntakeDecision(Disposition.QUEUE, f"{chest_reason}; view undetermined; accepted",
+                              View.UNDETERMINED)
+    if rules.undetermined_view == "ignore":
+        return IntakeDecision(Disposition.IGNORE, "view undetermined", View.UNDETERMINED)
+    raise PolicyRefused("view undetermined")
+
+
+def _coded_view(ds: Dataset, rules: IntakeRules) -> _Evidence | None:
+    """View Code Sequence (0054,0220): the code value of its first item."""
+    items = ds.get("ViewCodeSequence") or []
+    if not items:
+        return None
+    value = str(items[0].get("CodeValue", "") or "").upper().strip()
+    if value in _upper(rules.frontal_view_codes):
+        return _Evidence(View.FRONTAL, "View Code Sequence", value)
+    if value in _upper(rules.non_frontal_view_codes):
+        return _Evidence(_kind(_code_meaning(value, items[0])), "View Code Sequence", value)
+    return None
+
+
+def _positioned_view(ds: Dataset, rules: IntakeRules) -> _Evidence | None:
+    """View Position (0018,5101), one value."""
+    values = _words(ds, "ViewPosition")
+    if len(values) != 1:
+        return None
+    if values[0] in _upper(rules.frontal_view_positions):
+        return _Evidence(View.FRONTAL, "View Position", values[0])
+    if values[0] in _upper(rules.non_frontal_view_positions):
+        return _Evidence(_kind(values[0]), "View Position", values[0])
+    return None
+
+
+#: Letters of Patient Orientation (PS3.3 C.7.6.1.1.1).
+_DIRECTIONS = frozenset("LRAPHF")
+
+
+def _oriented_view(ds: Dataset) -> _Evidence | None:
+    """Patient Orientation (0020,0020): the directions of the rows and the columns.
+
+    They span the image plane: coronal (no A or P in either) is frontal, sagittal
+    (no L or R) lateral, and a plane between the two oblique. Anything but two
+    non-empty values of orientation letters is no evidence.
+    """
+    value = ds.get("PatientOrientation")
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    directions = [str(v).upper().strip() for v in values if v is not None]
+    if len(directions) != 2 or any(not d or set(d) - _DIRECTIONS for d in directions):
+        return None
+    letters = set("".join(directions))
+    across, through = bool(letters & set("LR")), bool(letters & set("AP"))
+    if not letters & set("HF"):  # an axial plane: not a projection of the chest we know
+        view = View.OTHER
+    elif across and through:
+        view = View.OBLIQUE
+    elif across:
+        view = View.FRONTAL
+    elif through:
+        view = View.LATERAL
+    else:
+        return None
+    return _Evidence(view, "Patient Orientation", "\\".join(directions))
+
+
+#: Splits a description into words: every run of characters that are not letters or
+#: digits separates two words ("CHEST_PA" is CHEST and PA; "PAIN" is not PA).
+_WORD_BREAK = re.compile(r"[\W_]+")
+
+
+def _described_view(ds: Dataset, rules: IntakeRules) -> _Evidence | None:
+    """The first description attribute, in the rules' order, that names one kind of view.
+
+    One that names both (a two-view study's "CHEST PA AND LAT") says nothing of this
+    image. The text itself is never quoted: it is free text and may hold anything.
+    """
+    frontal = _upper(rules.frontal_view_words)
+    non_frontal = _upper(rules.non_frontal_view_words)
+    for attribute in rules.description_attributes:
+        words = {w for text in _words(ds, attribute) for w in _WORD_BREAK.split(text) if w}
+        says_frontal, says_other = words & frontal, words & non_frontal
+        if says_frontal and not says_other:
+            return _Evidence(View.FRONTAL, attribute)
+        if says_other and not says_frontal:
+            return _Evidence(_kind(" ".join(sorted(says_other))), attribute)
+    return None
+
+
+#: How the kind of a non-frontal view is named, checked in this order (a "lateral
+#: oblique" is oblique): a word of the term equal to, or starting with, a marker. Only
+#: the view recorded depends on this, never whether an image is queued.
+_KINDS = (
+    (View.DECUBITUS, ("DECUB", "LLD", "RLD")),
+    (View.OBLIQUE, ("OBL", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO")),
+    (View.LATERAL, ("LAT", "LL", "RL", "SAGITTAL")),
+)
+
+
+def _kind(term: str) -> View:
+    """The kind of a non-frontal view, from a View Position, words or a code meaning."""
+    words = [w for w in _WORD_BREAK.split(term.upper()) if w]
+    for view, markers in _KINDS:
+        if any(w.startswith(markers) for w in words):
+            return view
+    return View.OTHER
+
+
+#: CID 4010 DX View as pydicom ships it (SCT; its Code compares equal to legacy SRT).
+_DX_VIEWS = tuple(codedict.codes.cid4010.concepts.values())
+
+
+def _code_meaning(value: str, item: Dataset) -> str:
+    """The standard meaning of a CID 4010 code value (SCT or SRT); else the item's own."""
+    for scheme in ("SCT", "SRT"):
+        probe = Code(value, scheme, "")
+        for code in _DX_VIEWS:
+            if code == probe:
+                return str(code.meaning)
+    return str(item.get("CodeMeaning", "") or "")
+
+
+def _upper(terms: list[str]) -> set[str]:
+    return {t.upper().strip() for t in terms}

@@ -102,7 +102,7 @@ def chest_image(
         ds.BodyPartExamined = body_part
     ds.ViewPosition = "PA"
     ds.ImageLaterality = "U"
-    ds.PatientOrientation = ["P", "F"]
+    ds.PatientOrientation = ["L", "F"]  # a PA view as displayed: rows toward the left
     ds.Rows = rows
     ds.Columns = columns
     ds.SamplesPerPixel = 1
@@ -259,9 +259,11 @@ def make_dicom_samples(folder: Path) -> Path:
         jpeg.save_as(folder / SHARED_DICOM_FILES[1], enforce_file_format=True)
 
     # An 8-bit Secondary Capture of a DX, Implicit VR Little Endian, with a bare
-    # header: no body part (the description decides), no study date or ID.
+    # header: no body part (the description decides), no view (undetermined), no study
+    # date or ID.
     implicit = _secondary_capture("DX", thorax(1024, 1024, "normal", 3), seed=3)
-    del implicit.StudyDate, implicit.StudyID
+    del implicit.StudyDate, implicit.StudyID, implicit.ViewPosition
+    del implicit.PatientOrientation
     implicit.StudyDescription = "No Finding"
     with pydicom_config.disable_value_validation():
         implicit.PatientAge = "81"
