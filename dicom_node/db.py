@@ -29,6 +29,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -257,8 +259,26 @@ def make_engine(url: str) -> Engine:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables (idempotent)."""
+    """Create missing tables, and add missing nullable columns to existing ones
+    (idempotent).
+
+    A database made by the previous release lacks the view, flag and study columns
+    of ``jobs``; each is nullable, so adding it keeps every row as it was. Any other
+    difference is refused with the names: it needs a real migration.
+    """
     Base.metadata.create_all(engine)
+    existing = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in existing.get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in present]
+        if any(not c.nullable for c in missing):
+            raise RuntimeError(f"database table {table.name} lacks the columns "
+                               f"{', '.join(c.name for c in missing)} and they cannot be "
+                               "added in place; move the database aside to start afresh")
+        with engine.begin() as conn:
+            for column in missing:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -10,6 +10,7 @@ it has used ``max_attempts``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -22,7 +23,9 @@ from typing import Any
 from pydicom.uid import generate_uid
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import studies
 from dicom_node.db import (
     Delivery,
     DeliveryState,
@@ -50,6 +53,21 @@ class ReceivedInstance:
     peer_address: str | None
     sha256: str
     size_bytes: int
+    #: ``frontal`` or ``undetermined`` for a queued instance (intake's view).
+    view: str | None = None
+    #: See :attr:`dicom_node.db.Job.patient_key` (made by :func:`study_key`).
+    patient_key: str | None = None
+    accession_key: str | None = None
+
+
+def study_key(study_instance_uid: str, value: object) -> str | None:
+    """A key that is equal for equal ``value`` within one study and tells nothing of it
+    without the study: sha256 of the study UID and the value, 16 hex digits; None for
+    an empty value."""
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        return None
+    return hashlib.sha256(f"{study_instance_uid}\0{text}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,9 @@ class JobResult:
     model_version: str
     sr_file: str | None = None
     destinations: Sequence[str] = ()
+    #: Classes whose operating-point threshold the probability reached.
+    flags: Sequence[str] = ()
+    model_validated: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,12 @@ class DeliveryOutcome:
     status: int | None
     error: str | None = None
     retry_at: datetime | None = None
+
+
+def _fresh_copy(job: Job) -> Job:
+    """An unsaved copy of ``job`` (after a rolled-back insert the object is detached)."""
+    columns = {c.key: getattr(job, c.key) for c in Job.__table__.columns if c.key != "id"}
+    return Job(**columns)
 
 
 def new_worker_id() -> str:
@@ -94,12 +121,19 @@ def _pid_alive(pid: int) -> bool:
 class JobStore:
     """Operations on the job table; every method is one short transaction."""
 
-    def __init__(self, url: str, max_attempts: int = 3) -> None:
+    def __init__(self, url: str, max_attempts: int = 3, study_quiet_seconds: float = 30.0
+                 ) -> None:
         self.engine = make_engine(url)
         self.max_attempts = max_attempts
+        self.study_quiet_seconds = study_quiet_seconds
         create_schema(self.engine)
         self._sessions = make_sessionmaker(self.engine)
         self._dialect = self.engine.dialect.name
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The session factory (for :mod:`dicom_node.studies`, which shares the schema)."""
+        return self._sessions
 
     def close(self) -> None:
         """Release every connection."""
@@ -155,16 +189,30 @@ class JobStore:
             sha256=instance.sha256,
             size_bytes=instance.size_bytes,
             intake_reason=reason[:128],
+            view=instance.view,
+            patient_key=instance.patient_key,
+            accession_key=instance.accession_key,
             sr_sop_instance_uid=generate_uid(),
             sr_series_instance_uid=generate_uid(),
             finished_at=utcnow() if state is JobState.IGNORED else None,
         )
-        try:
-            with self._sessions.begin() as session:
-                session.add(job)
-        except IntegrityError:
-            return None
-        return job
+        gathered = state is JobState.QUEUED and instance.view is not None
+        for attempt in range(2):
+            try:
+                with self._sessions.begin() as session:
+                    session.add(job)
+                    if gathered:  # the study's result waits for this image
+                        studies.touch(session, instance.study_instance_uid, utcnow(),
+                                      self.study_quiet_seconds)
+            except IntegrityError:
+                # The same instance and bytes, or (PostgreSQL) another receive opened the
+                # study's result at the same moment: then once more, joining it.
+                if attempt or self.find_duplicate(instance.sop_instance_uid, instance.sha256):
+                    return None
+                job = _fresh_copy(job)
+                continue
+            return job
+        return None
 
     # --- workers ---
 
@@ -210,7 +258,8 @@ class JobStore:
                     .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None,
                             finished_at=now, updated_at=now, last_error=None,
                             label=result.label, probabilities=result.probabilities,
-                            model_version=result.model_version, sr_file=result.sr_file)
+                            model_version=result.model_version, sr_file=result.sr_file,
+                            flags=list(result.flags), model_validated=result.model_validated)
                 )
                 ours = int(getattr(updated, "rowcount", 0)) == 1
                 stored.append(ours)
@@ -310,14 +359,19 @@ class JobStore:
         return int(getattr(result, "rowcount", 0))
 
     def requeue_failed_job(self, job_id: int) -> bool:
-        """Give a failed job a fresh set of attempts."""
+        """Give a failed job a fresh set of attempts (its study's result reopens, so that
+        it counts there once classified)."""
         now = utcnow()
         with self._sessions.begin() as session:
             result = session.execute(
                 update(Job).where(Job.id == job_id, Job.state == JobState.FAILED)
                 .values(state=JobState.QUEUED, attempts=0, finished_at=None, updated_at=now)
             )
-        return int(getattr(result, "rowcount", 0)) == 1
+            requeued = int(getattr(result, "rowcount", 0)) == 1
+            job = session.get(Job, job_id) if requeued else None
+            if job is not None and job.view is not None:
+                studies.touch(session, job.study_instance_uid, now, self.study_quiet_seconds)
+        return requeued
 
     def deliveries(self, job_ids: Sequence[int]) -> dict[int, list[Delivery]]:
         """Deliveries per job id."""

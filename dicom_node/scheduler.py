@@ -1,4 +1,5 @@
-"""Periodic work, driven by APScheduler: delivery dispatch and lease reaping.
+"""Periodic work, driven by APScheduler: delivery dispatch, lease reaping, and closing
+study results whose quiet period ended.
 
 APScheduler runs *when*; the job store holds *what* (its own job store would
 drop a job that was running when the process died). Each periodic job has
@@ -20,11 +21,15 @@ from dicom_node.deliver import Attempt, send_many
 from dicom_node.destination import Destination
 from dicom_node.jobs import DeliveryOutcome, JobStore
 from dicom_node.spool import Spool
+from dicom_node.studies import StudyBook
 
 LOGGER = logging.getLogger(__name__)
 
 DISPATCH_JOB = "dispatch-deliveries"
 REAP_JOB = "reap-leases"
+STUDIES_JOB = "close-studies"
+#: How often open study results are looked at (a result closes at most this late).
+STUDIES_INTERVAL_SECONDS = 1.0
 _BATCH = 32
 
 
@@ -102,7 +107,7 @@ class Dispatcher:
 
 
 class Scheduler:
-    """The node's APScheduler: dispatch deliveries, reap expired leases."""
+    """The node's APScheduler: dispatch deliveries, reap expired leases, close studies."""
 
     def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
         self.dispatcher = Dispatcher(settings, store, spool)
@@ -113,6 +118,10 @@ class Scheduler:
                                 max_instances=1, coalesce=True, misfire_grace_time=None,
                                 next_run_time=datetime.now(tz=utcnow().tzinfo))
         self._scheduler.add_job(store.reap_expired_leases, "interval", seconds=30, id=REAP_JOB,
+                                max_instances=1, coalesce=True, misfire_grace_time=None)
+        self.studies = StudyBook(store)
+        self._scheduler.add_job(self.studies.close_due, "interval",
+                                seconds=STUDIES_INTERVAL_SECONDS, id=STUDIES_JOB,
                                 max_instances=1, coalesce=True, misfire_grace_time=None)
 
     def start(self) -> None:

@@ -51,7 +51,7 @@ from dicom_node.errors import (
     Status,
     UndecodableDataset,
 )
-from dicom_node.jobs import JobStore, ReceivedInstance
+from dicom_node.jobs import JobStore, ReceivedInstance, study_key
 from dicom_node.spool import Spool, SpooledFile
 from dicom_node.tcp import NO_DELAY
 
@@ -138,6 +138,9 @@ class StorageService:
                 peer_address=str(event.assoc.requestor.address),
                 sha256=hashlib.sha256(raw).hexdigest(),
                 size_bytes=len(raw),
+                view=decision.view.value if decision.view else None,
+                patient_key=study_key(uids["study_instance_uid"], _patient(ds)),
+                accession_key=study_key(uids["study_instance_uid"], ds.get("AccessionNumber")),
             )
             duplicate = self.store.find_duplicate(instance.sop_instance_uid, instance.sha256)
             if duplicate is None and queue:
@@ -202,6 +205,11 @@ def _identify(event: Event, ds: Dataset) -> dict[str, str]:
         "series_instance_uid": intake.check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
         "study_instance_uid": intake.check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
     }
+
+
+def _patient(ds: Dataset) -> str:
+    """Patient ID with its issuer: what tells two patients apart (never logged)."""
+    return f"{ds.get('PatientID', '') or ''}^{ds.get('IssuerOfPatientID', '') or ''}".strip("^")
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:

@@ -221,3 +221,24 @@ def test_concurrent_writers_do_not_fail(url: str) -> None:
     assert store.counts() == {"queued": 200}
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA integrity_check")).scalar() == "ok"
+
+
+def test_a_database_of_the_previous_release_gains_the_new_columns(url: str,
+                                                                   tmp_path: Path) -> None:
+    import sqlite3
+
+    with JobStore(url) as old:
+        job = old.record(instance(1), "ab/1.dcm", JobState.QUEUED, "chest")
+    assert job is not None
+    added = ["view", "patient_key", "accession_key", "flags", "model_validated", "study_note"]
+    with sqlite3.connect(tmp_path / "jobs.db") as db:  # the previous release's jobs table
+        for column in added:
+            db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        db.execute("DROP TABLE study_results")
+    with JobStore(url) as upgraded:
+        kept = upgraded.get(job.id)
+        assert kept is not None and kept.sop_instance_uid == "1.2.3.1" and kept.view is None
+        assert upgraded.record(instance(2), "ab/2.dcm", JobState.QUEUED, "chest") is not None
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    assert set(added) <= columns

@@ -1,0 +1,215 @@
+"""Study results: one answer per study, formed from its frontal images.
+
+Radiologists read studies, not images. Every queued frontal (or view-undetermined)
+image opens or extends its study's result (:func:`touch`, in the transaction that
+records the image); a result closes ``study_quiet_seconds`` after the study's last
+image arrived -- like the series and study timers of DICOM routers -- and once none
+of its images is still waiting for the network. Closing (:meth:`StudyBook.close_due`,
+run by the node's scheduler) forms the answer from the study's classified images:
+
+* *flagged* when any image reached a class's operating-point threshold;
+* per class, the highest probability and the image it came from;
+* the label: the class with the highest of those probabilities;
+* *problems*: images left out, and why -- another patient or another accession
+  than the study's first image (compared through :func:`dicom_node.jobs.study_key`,
+  so no identifier is stored), or no result (the job failed).
+
+The per-image SRs are not changed. An image that arrives after its study's result
+closed opens a new version that supersedes it (same study, version + 1, the old
+one referenced); when it closes, the old version is marked superseded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.db import Job, JobState, StudyResult, StudyState, utcnow
+
+if TYPE_CHECKING:
+    from dicom_node.jobs import JobStore
+
+LOGGER = logging.getLogger(__name__)
+
+
+def touch(session: Session, study_instance_uid: str, now: datetime, quiet_seconds: float
+          ) -> StudyResult:
+    """Open the study's result, or extend its quiet period, for an image just queued.
+
+    A study whose latest result is closed is reopened as a new version that will
+    supersede it.
+
+    Parameters
+    ----------
+    session
+        The transaction that records the image.
+    study_instance_uid
+        The image's study.
+    now
+        When the image arrived.
+    quiet_seconds
+        How long the result stays open after the study's last image.
+    """
+    closes_at = now + timedelta(seconds=quiet_seconds)
+    latest = session.scalars(
+        select(StudyResult).where(StudyResult.study_instance_uid == study_instance_uid)
+        .order_by(StudyResult.version.desc()).limit(1)).first()
+    if latest is not None and latest.state is StudyState.OPEN:
+        latest.last_image_at, latest.closes_at = now, closes_at
+        return latest
+    opened = StudyResult(
+        study_instance_uid=study_instance_uid, state=StudyState.OPEN,
+        version=latest.version + 1 if latest is not None else 1,
+        supersedes_id=latest.id if latest is not None else None,
+        opened_at=now, last_image_at=now, closes_at=closes_at)
+    session.add(opened)
+    if latest is not None:
+        LOGGER.info("study result %d reopened by a late image as version %d", latest.id,
+                    opened.version)
+    return opened
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a study's classified images come to."""
+
+    flagged: bool | None
+    label: str | None
+    probabilities: dict[str, Any]
+    flags: list[str]
+    job_ids: list[int]
+    problems: list[str]
+    model_version: str | None
+    model_validated: bool | None
+    #: job id -> why it was left out (stored on the job as its study note)
+    left_out: dict[int, str]
+
+
+def form(jobs: list[Job]) -> Answer:
+    """The study's answer from its finished frontal jobs (oldest first).
+
+    The study's first classified image fixes its patient and accession: an image
+    of another one is left out, with the reason, rather than mixed in.
+    """
+    classified = [j for j in jobs if j.state is JobState.DONE and j.probabilities]
+    left_out = {j.id: "not classified: the job failed" for j in jobs
+                if j.state is JobState.FAILED}
+    reference = classified[0] if classified else None
+    included: list[Job] = []
+    for job in classified:
+        assert reference is not None
+        if (job.patient_key and reference.patient_key
+                and job.patient_key != reference.patient_key):
+            left_out[job.id] = (f"another patient than the study's first image "
+                                f"(job {reference.id})")
+        elif (job.accession_key and reference.accession_key
+              and job.accession_key != reference.accession_key):
+            left_out[job.id] = (f"another accession number than the study's first image "
+                                f"(job {reference.id})")
+        else:
+            included.append(job)
+    best: dict[str, Any] = {}
+    for job in included:
+        for key, p in (job.probabilities or {}).items():
+            if key not in best or p > best[key]["probability"]:
+                best[key] = {"probability": p, "job_id": job.id,
+                             "sop_instance_uid": job.sop_instance_uid}
+    flags = sorted({f for j in included for f in (j.flags or [])})
+    versions = sorted({j.model_version for j in included if j.model_version})
+    problems = [f"job {i}: {why}" for i, why in sorted(left_out.items())]
+    if len(versions) > 1:
+        problems.append(f"images classified by different models: {', '.join(versions)}")
+    label = max(best, key=lambda k: best[k]["probability"]) if best else None
+    return Answer(
+        flagged=bool(flags) if included else None, label=label, probabilities=best,
+        flags=flags, job_ids=[j.id for j in included], problems=problems,
+        model_version=versions[-1] if versions else None,
+        model_validated=(all(bool(j.model_validated) for j in included)
+                         if included else None),
+        left_out=left_out)
+
+
+class StudyBook:
+    """Closes due study results and lists them; shares the job store's database."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def close_due(self, now: datetime | None = None) -> list[StudyResult]:
+        """Close every open result whose quiet period ended and whose images are all
+        classified (or failed); return the results closed."""
+        now = now or utcnow()
+        closed: list[StudyResult] = []
+        with self.store.sessions.begin() as session:
+            due = session.scalars(select(StudyResult).where(
+                StudyResult.state == StudyState.OPEN, StudyResult.closes_at <= now)
+                .order_by(StudyResult.closes_at)).all()
+            for study in due:
+                if self._waiting(session, study.study_instance_uid):
+                    continue  # closes once the network has seen every image
+                self._close(session, study, now)
+                closed.append(study)
+        for study in closed:
+            LOGGER.info("study result %d (version %d) closed: %s%s, %d image(s)%s", study.id,
+                        study.version, study.label or "no result",
+                        ", flagged " + "+".join(study.flags or []) if study.flagged else "",
+                        len(study.job_ids or []),
+                        f"; {len(study.problems or [])} problem(s): "
+                        + "; ".join(study.problems or []) if study.problems else "")
+        return closed
+
+    @staticmethod
+    def _waiting(session: Session, study_instance_uid: str) -> bool:
+        waiting = session.scalar(select(func.count()).select_from(Job).where(
+            Job.study_instance_uid == study_instance_uid, Job.view.is_not(None),
+            Job.state.in_([JobState.QUEUED, JobState.RUNNING])))
+        return bool(waiting)
+
+    @staticmethod
+    def _close(session: Session, study: StudyResult, now: datetime) -> None:
+        jobs = list(session.scalars(select(Job).where(
+            Job.study_instance_uid == study.study_instance_uid, Job.view.is_not(None),
+            Job.state.in_([JobState.DONE, JobState.FAILED])).order_by(Job.id)))
+        answer = form(jobs)
+        for job in jobs:
+            job.study_note = answer.left_out.get(job.id)
+        study.state, study.closed_at = StudyState.CLOSED, now
+        study.flagged, study.label = answer.flagged, answer.label
+        study.probabilities, study.flags = answer.probabilities, answer.flags
+        study.job_ids, study.problems = answer.job_ids, answer.problems
+        study.model_version, study.model_validated = answer.model_version, answer.model_validated
+        if study.supersedes_id is not None:
+            previous = session.get(StudyResult, study.supersedes_id)
+            if previous is not None:
+                previous.state = StudyState.SUPERSEDED
+
+    def list(self, limit: int = 100, study_instance_uid: str | None = None
+             ) -> list[StudyResult]:
+        """The newest results first (every version), optionally of one study."""
+        query = select(StudyResult).order_by(StudyResult.id.desc()).limit(limit)
+        if study_instance_uid is not None:
+            query = query.where(StudyResult.study_instance_uid == study_instance_uid)
+        with self.store.sessions() as session:
+            return list(session.scalars(query))
+
+
+def describe(study: StudyResult) -> dict[str, Any]:
+    """A JSON-friendly view of one result (``dicom-node studies list --json``)."""
+    return {
+        "id": study.id, "study_instance_uid": study.study_instance_uid,
+        "version": study.version, "state": study.state.value,
+        "supersedes": study.supersedes_id,
+        "opened_at": study.opened_at.isoformat(),
+        "last_image_at": study.last_image_at.isoformat(),
+        "closes_at": study.closes_at.isoformat(),
+        "closed_at": study.closed_at.isoformat() if study.closed_at else None,
+        "flagged": study.flagged, "label": study.label, "flags": study.flags or [],
+        "probabilities": study.probabilities or {}, "job_ids": study.job_ids or [],
+        "problems": study.problems or [], "model_version": study.model_version,
+        "model_validated": study.model_validated,
+    }

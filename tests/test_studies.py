@@ -1,0 +1,187 @@
+"""Study results on a real SQLite job store: gathering, the quiet period, the answer,
+late images that supersede, images that disagree, and what is left out."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from dicom_node.db import JobState, StudyState, utcnow
+from dicom_node.jobs import JobResult, JobStore, ReceivedInstance, study_key
+from dicom_node.studies import StudyBook, describe
+
+STUDY = "1.2.3.1000"
+QUIET = 30.0
+
+
+def instance(n: int, study: str = STUDY, view: str | None = "frontal",
+             patient: str = "PAT-1", accession: str | None = "ACC-1") -> ReceivedInstance:
+    data = f"instance {n}".encode()
+    return ReceivedInstance(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", sop_instance_uid=f"1.2.3.{n}",
+        series_instance_uid="1.2.3.100", study_instance_uid=study,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="STORESCU",
+        peer_address="127.0.0.1", sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data), view=view, patient_key=study_key(study, patient),
+        accession_key=study_key(study, accession))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    return JobStore(f"sqlite:///{tmp_path / 'jobs.db'}", max_attempts=1,
+                    study_quiet_seconds=QUIET)
+
+
+def receive(store: JobStore, n: int, study: str = STUDY, view: str | None = "frontal",
+            patient: str = "PAT-1", accession: str | None = "ACC-1") -> int:
+    job = store.record(instance(n, study, view, patient, accession), f"ab/{n:032x}.dcm",
+                       JobState.QUEUED, "chest")
+    assert job is not None
+    return job.id
+
+
+def classify(store: JobStore, probabilities: dict[int, dict[str, float]],
+             flags: dict[int, list[str]] | None = None) -> None:
+    """Claim every queued job and store its result, as the worker does."""
+    jobs = store.claim("w", limit=100, lease_seconds=60)
+    results = [JobResult(j.id, max(probabilities[j.id], key=probabilities[j.id].__getitem__),
+                         probabilities[j.id], "cxr 1.0.0", f"sr/{j.id}.dcm",
+                         flags=(flags or {}).get(j.id, []), model_validated=True)
+               for j in jobs]
+    assert all(store.complete_batch("w", results))
+
+
+def later(seconds: float = QUIET + 1) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)
+
+
+def test_two_frontal_images_make_one_result_after_the_quiet_period(store: JobStore) -> None:
+    first, second = receive(store, 1), receive(store, 2)
+    classify(store, {first: {"normal": 0.7, "pneumonia": 0.2, "covid": 0.1},
+                     second: {"normal": 0.3, "pneumonia": 0.6, "covid": 0.1}},
+             flags={second: ["pneumonia"]})
+    book = StudyBook(store)
+    assert book.close_due(utcnow()) == []  # still within the quiet period
+    [closed] = book.close_due(later())
+    result = describe(closed)
+    assert result["state"] == "closed" and result["version"] == 1
+    assert result["flagged"] is True and result["flags"] == ["pneumonia"]
+    assert result["job_ids"] == [first, second]
+    assert result["probabilities"]["pneumonia"] == {
+        "probability": 0.6, "job_id": second, "sop_instance_uid": "1.2.3.2"}
+    assert result["probabilities"]["normal"]["job_id"] == first
+    assert result["label"] == "normal"  # the highest of the per-class maxima
+    assert result["problems"] == [] and result["model_validated"] is True
+
+
+def test_unflagged_study(store: JobStore) -> None:
+    job = receive(store, 1)
+    classify(store, {job: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1}})
+    [closed] = StudyBook(store).close_due(later())
+    assert closed.flagged is False and closed.flags == [] and closed.label == "normal"
+
+
+def test_every_image_extends_the_quiet_period(store: JobStore) -> None:
+    receive(store, 1)
+    [opened] = StudyBook(store).list()
+    receive(store, 2)
+    [extended] = StudyBook(store).list()
+    assert extended.id == opened.id and extended.closes_at > opened.closes_at
+
+
+def test_a_study_waits_for_its_queued_images(store: JobStore) -> None:
+    job = receive(store, 1)
+    book = StudyBook(store)
+    assert book.close_due(later()) == []  # not yet classified
+    classify(store, {job: {"normal": 0.5, "pneumonia": 0.3, "covid": 0.2}})
+    assert len(book.close_due(later())) == 1
+
+
+def test_a_late_image_supersedes_the_closed_result(store: JobStore) -> None:
+    first, second = receive(store, 1), receive(store, 2)
+    classify(store, {first: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1},
+                     second: {"normal": 0.7, "pneumonia": 0.2, "covid": 0.1}})
+    book = StudyBook(store)
+    [old] = book.close_due(later())
+    third = receive(store, 3)
+    classify(store, {third: {"normal": 0.1, "pneumonia": 0.1, "covid": 0.8}},
+             flags={third: ["covid"]})
+    [new] = book.close_due(later())
+    assert new.version == 2 and new.supersedes_id == old.id
+    assert new.job_ids == [first, second, third] and new.flags == ["covid"]
+    states = {s.id: s.state for s in book.list()}
+    assert states == {old.id: StudyState.SUPERSEDED, new.id: StudyState.CLOSED}
+
+
+def test_an_image_of_another_patient_is_left_out_with_the_reason(store: JobStore) -> None:
+    first, other = receive(store, 1), receive(store, 2, patient="PAT-2")
+    classify(store, {first: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1},
+                     other: {"normal": 0.1, "pneumonia": 0.1, "covid": 0.8}},
+             flags={other: ["covid"]})
+    [closed] = StudyBook(store).close_due(later())
+    assert closed.job_ids == [first] and closed.flagged is False
+    assert closed.problems == [f"job {other}: another patient than the study's first image "
+                               f"(job {first})"]
+    assert "PAT" not in " ".join(closed.problems)
+    left_out = store.get(other)
+    assert left_out is not None and left_out.study_note is not None
+    assert "another patient" in left_out.study_note
+    kept = store.get(first)
+    assert kept is not None and kept.study_note is None
+
+
+def test_an_image_of_another_accession_is_left_out(store: JobStore) -> None:
+    first, other = receive(store, 1), receive(store, 2, accession="ACC-2")
+    classify(store, {first: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1},
+                     other: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1}})
+    [closed] = StudyBook(store).close_due(later())
+    assert closed.job_ids == [first] and "another accession" in closed.problems[0]
+
+
+def test_missing_identifiers_do_not_count_as_disagreement(store: JobStore) -> None:
+    first, bare = receive(store, 1), receive(store, 2, accession=None)
+    classify(store, {first: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1},
+                     bare: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1}})
+    [closed] = StudyBook(store).close_due(later())
+    assert closed.job_ids == [first, bare] and closed.problems == []
+
+
+def test_a_failed_image_is_named_and_requeuing_it_reopens_the_study(store: JobStore) -> None:
+    good, bad = receive(store, 1), receive(store, 2)
+    jobs = store.claim("w", limit=10, lease_seconds=60)
+    store.fail(bad, "w", "preprocessing failed", retry=False)
+    store.complete_batch("w", [JobResult(good, "normal", {"normal": 0.9, "pneumonia": 0.05,
+                                                          "covid": 0.05}, "cxr 1.0.0")])
+    assert len(jobs) == 2
+    book = StudyBook(store)
+    [closed] = book.close_due(later())
+    assert closed.job_ids == [good] and closed.problems == [
+        f"job {bad}: not classified: the job failed"]
+    assert store.requeue_failed_job(bad)
+    [reopened] = [s for s in book.list() if s.state is StudyState.OPEN]
+    assert reopened.version == 2 and reopened.supersedes_id == closed.id
+
+
+def test_ignored_and_viewless_images_open_no_study(store: JobStore) -> None:
+    ignored = instance(1)
+    assert store.record(ignored, None, JobState.IGNORED, "view is lateral")
+    receive(store, 2, view=None)  # a job from before views were recorded
+    assert StudyBook(store).list() == []
+
+
+def test_studies_are_kept_apart(store: JobStore) -> None:
+    a, b = receive(store, 1), receive(store, 2, study="1.2.3.2000")
+    classify(store, {a: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1},
+                     b: {"normal": 0.1, "pneumonia": 0.8, "covid": 0.1}})
+    closed = {s.study_instance_uid: s for s in StudyBook(store).close_due(later())}
+    assert closed[STUDY].job_ids == [a] and closed["1.2.3.2000"].job_ids == [b]
+
+
+def test_study_key_hides_the_value_and_depends_on_the_study() -> None:
+    key = study_key(STUDY, "PAT-1")
+    assert key is not None and len(key) == 16 and "PAT" not in key
+    assert key == study_key(STUDY, " PAT-1 ") and key != study_key("1.2.3.2000", "PAT-1")
+    assert study_key(STUDY, "") is None and study_key(STUDY, None) is None
