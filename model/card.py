@@ -14,13 +14,15 @@ by :func:`validation_status`, never read from a flag: a card is validated only
 when it carries test results on a declared data set of a stated size (from
 ``dicom-node evaluate``, or imported with ``model import --metrics`` and signed
 by a named person) whose 95 % interval of balanced accuracy lies wholly above
-chance (1/3 for three classes).
+chance (1/3 for three classes). Images that chose the checkpoint (the paper's
+protocol) are not test images: such results never validate.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -77,7 +79,8 @@ class TestEvidence(BaseModel):
     """Test results on a declared data set: what :func:`validation_status` judges."""
 
     data_set: str = Field(description="What the test set is (name, origin).")
-    images: int | None = Field(description="Test set size; None: the evidence is incomplete.")
+    images: int | None = Field(default=None,
+                               description="Test set size; None: the evidence is incomplete.")
     patients: int | None = None
     sources: list[str] = Field(default_factory=list)
     balanced_accuracy: float | None = None
@@ -108,6 +111,14 @@ class OperatingPoint(BaseModel):
     test_sensitivity_95: list[float] | None = None
     test_specificity: float | None = None
     test_specificity_95: list[float] | None = None
+
+
+def starting_weights(weights: str) -> str:
+    """The card's name for a ``--weights`` value: imagenet, random (for ``none``) or
+    ``file:<name>`` (the file's name only: where it lay says nothing about the model)."""
+    if weights in ("imagenet", "none"):
+        return "imagenet" if weights == "imagenet" else "random"
+    return f"file:{Path(weights).name}"
 
 
 @dataclass(frozen=True)
@@ -151,8 +162,8 @@ class ModelCard(BaseModel):
 def validation_status(card: ModelCard) -> Validation:
     """Judge the card's evidence (its ``trained`` flag and free-form metrics count for
     nothing): validated only with test results on a declared data set of a stated
-    size, signed by a person when imported, whose 95 % interval of balanced accuracy
-    lies wholly above chance."""
+    size, signed by a person when imported, not used to choose the checkpoint, whose
+    95 % interval of balanced accuracy lies wholly above chance."""
     test = card.test
     if test is None:
         return Validation(False, "the card carries no test results")
@@ -162,10 +173,17 @@ def validation_status(card: ModelCard) -> Validation:
         return Validation(False, "the card has test metrics but no test size")
     if test.evaluated_by == "import" and not (test.signed_by or "").strip():
         return Validation(False, "imported test metrics are not signed by a person")
+    if test.checkpoint_chosen_on_test:
+        return Validation(False, "the checkpoint was chosen on these test images (protocol "
+                                 "paper): the figures are optimistic, not test results")
     interval = test.balanced_accuracy_95
     if interval is None or len(interval) != 2:
         return Validation(False, "the test results give no 95 % interval of balanced accuracy")
     low, high = interval
+    # NaN compares false with everything: without this check it would pass as "above chance".
+    if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low <= high <= 1.0):
+        return Validation(False, f"the 95 % interval of balanced accuracy ({low}, {high}) is "
+                                 "not an interval within 0-1")
     if low <= CHANCE_BALANCED_ACCURACY:
         return Validation(False, f"the 95 % interval of balanced accuracy ({low:.3f}-{high:.3f}) "
                                  f"reaches chance ({CHANCE_BALANCED_ACCURACY:.3f})")
@@ -254,13 +272,31 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def install(artifact: Path, models_dir: Path) -> Path:
+def install(artifact: Path, models_dir: Path, allow_unvalidated: bool = False) -> Path:
     """Verify ``artifact``, copy it under ``models_dir`` and make it the active model.
 
-    The switch is atomic: a new symlink is created beside ``active`` and renamed
-    over it, so a reader sees either the old model or the new one, never neither.
+    A model whose card is not validated (:func:`validation_status`) is refused unless
+    ``allow_unvalidated``; its results then carry :data:`UNVALIDATED_WARNING`. The
+    switch is atomic: a new symlink is created beside ``active`` and renamed over it,
+    so a reader sees either the old model or the new one, never neither.
+
+    Raises
+    ------
+    ModelIntegrityError
+        The weights do not match the card.
+    UnvalidatedModelError
+        The card is not validated and ``allow_unvalidated`` is false.
     """
     card = verify(artifact)
+    status = validation_status(card)
+    if not status.validated:
+        if not allow_unvalidated:
+            raise UnvalidatedModelError(
+                f"model {card.name} {card.display_version} is not validated: {status.reason}; "
+                "install it anyway with --allow-unvalidated (or the setting "
+                f"allow_unvalidated_models; results will say {UNVALIDATED_WARNING})")
+        LOGGER.warning("installing unvalidated model %s %s: %s", card.name,
+                       card.display_version, status.reason)
     models_dir.mkdir(parents=True, exist_ok=True)
     name = f"{card.name}-{card.display_version}-{card.sha256[:12]}"
     target = models_dir / name

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 import typer
 
 if TYPE_CHECKING:
+    from model.card import ModelCard, OperatingPoint, TestEvidence
     from model.engine import Backend, Device
 
 # The options that find the node's settings; here, in the bottom layer, so that every
@@ -40,6 +41,8 @@ class NodeSettings(Protocol):
     def batch_size(self) -> int: ...
     @property
     def inference_threads(self) -> int: ...
+    @property
+    def allow_unvalidated_models(self) -> bool: ...
 
 
 class Host(Protocol):
@@ -100,6 +103,8 @@ def model_create(
         "trained": from_file,
         "training_data": ({"weights_imported_from": Path(weights).name} if from_file else
                           {"backbones": "ImageNet" if weights == "imagenet" else "random"}),
+        "training": card.TrainingRecord(starting_weights=card.starting_weights(weights),
+                                        input_size=input_size),
         "notes": "" if from_file else "UNTRAINED: for tests and demos; outputs mean nothing.",
     }
     try:
@@ -111,6 +116,17 @@ def model_create(
                f"{created.display_version} sha256 {created.sha256[:16]}")
 
 
+METRICS_HELP = """\
+JSON test evidence of the model on a declared data set, in the shape of the card's
+'test': {"data_set": "NAME (origin)", "images": N, "sources": [...],
+"balanced_accuracy": X, "balanced_accuracy_95": [LOW, HIGH], "overall_accuracy": X,
+"per_class": {"covid": {"sensitivity": X, "sensitivity_95": [LOW, HIGH], "specificity":
+X, ...}, ...}, "operating_points": {"covid": {"threshold": T, "target_sensitivity": S,
+"validation_images": N, "validation_sensitivity": X, ...}, ...}} (operating_points
+optional). Needs --signed-by. Without "images" the card keeps the metrics but stays
+unvalidated."""
+
+
 @model_app.command("import")
 def model_import(
     ctx: typer.Context,
@@ -119,13 +135,27 @@ def model_import(
     out: Annotated[Path, typer.Option("--out", help="New artifact directory.")],
     arch: Annotated[str, typer.Option("--arch")] = "concatenated",
     version: Annotated[str, typer.Option("--version")] = "1.0.0",
+    metrics: Annotated[Path | None, typer.Option(
+        "--metrics", exists=True, dir_okay=False, help=METRICS_HELP)] = None,
+    signed_by: Annotated[str | None, typer.Option(
+        "--signed-by", help="The person who supplies --metrics and vouches for them.")] = None,
 ) -> None:
-    """Turn a model file published by the paper's authors into an artifact."""
+    """Turn a model file published by the paper's authors into an artifact.
+
+    With --metrics FILE --signed-by NAME, the card also carries that test evidence
+    (evaluated_by "import", signed by NAME): JSON with data_set, images,
+    balanced_accuracy_95 ([low, high]), per_class ({class: {sensitivity,
+    sensitivity_95, specificity, specificity_95, roc_auc, roc_auc_95}}) and optional
+    operating_points ({class: {threshold, target_sensitivity, validation_images, ...}}).
+    The model is validated only when that evidence earns it; the command prints
+    whether it does.
+    """
     quiet_tensorflow()
     _host(ctx).setup_logging("WARNING")
-    import keras
-
     from model import card
+
+    evidence = _imported_evidence(metrics, signed_by)
+    import keras
 
     try:
         loaded = keras.models.load_model(h5_file, compile=False)
@@ -133,33 +163,96 @@ def model_import(
         typer.echo(f"error: {h5_file.name} cannot be loaded: {exc}", err=True)
         raise typer.Exit(2) from exc
     size = int(loaded.input_shape[1])
+    test, points = evidence if evidence is not None else (None, {})
     created = card.save_artifact(loaded, out, {
         "version": version, "architecture": arch, "input_size": size, "trained": True,
         "training_data": {"weights_imported_from": h5_file.name},
+        "training": card.TrainingRecord(starting_weights=card.starting_weights(str(h5_file)),
+                                        input_size=size),
+        "test": test, "operating_points": points,
         "notes": "Imported from a Keras 2 HDF5 file; validate before clinical evaluation.",
     })
     typer.echo(f"{out}: imported, {size}px, sha256 {created.sha256[:16]}")
+    _echo_validation(created)
+
+
+def _imported_evidence(metrics: Path | None, signed_by: str | None
+                       ) -> tuple[TestEvidence, dict[str, OperatingPoint]] | None:
+    """The test evidence and operating points of ``--metrics``; exit 2 when they cannot be
+    read or nobody signs them."""
+    from pydantic import ValidationError
+
+    from model import card
+    from model.classes import CLASS_KEYS
+
+    if metrics is None:
+        if signed_by is not None:
+            typer.echo("error: --signed-by signs --metrics; give both", err=True)
+            raise typer.Exit(2)
+        return None
+    if not (signed_by or "").strip():
+        typer.echo("error: --metrics needs --signed-by NAME: the person who vouches for them",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        given = json.loads(metrics.read_text())
+        if not isinstance(given, dict):
+            raise ValueError("expected a JSON object")
+        raw_points = given.pop("operating_points", None) or {}
+        unknown = sorted(set(raw_points) | set(given.get("per_class") or {}))
+        unknown = [key for key in unknown if key not in CLASS_KEYS]
+        if unknown:
+            raise ValueError(f"unknown class {unknown}; classes are {list(CLASS_KEYS)}")
+        test = card.TestEvidence.model_validate(
+            {**given, "evaluated_by": "import", "signed_by": signed_by})
+        points = {key: card.OperatingPoint.model_validate(value)
+                  for key, value in raw_points.items()}
+    except (OSError, ValueError, ValidationError) as exc:
+        typer.echo(f"error: --metrics {metrics.name}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return test, points
+
+
+def _echo_validation(shown: ModelCard) -> None:
+    """One line: validated or not, and why; the warning line when not."""
+    from model import card
+
+    status = card.validation_status(shown)
+    typer.echo(f"validated: {'yes' if status.validated else 'no'} ({status.reason})")
+    if not status.validated:
+        typer.echo(f"WARNING: {card.UNVALIDATED_WARNING}", err=True)
 
 
 @model_app.command("install")
 def model_install(
     ctx: typer.Context,
     artifact: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    allow_unvalidated: Annotated[bool, typer.Option(
+        "--allow-unvalidated", help="Install a model whose card does not earn 'validated' "
+        "(demos, tests); its results then say UNVALIDATED MODEL - NOT FOR CLINICAL USE. "
+        "The setting allow_unvalidated_models allows it too.")] = False,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Verify an artifact, copy it into the node's model directory and activate it."""
+    """Verify an artifact, copy it into the node's model directory and activate it.
+
+    A model that is not validated (test evidence on its card, see 'model show') is
+    refused unless --allow-unvalidated or the setting allow_unvalidated_models.
+    """
     from model import card
 
     settings = _host(ctx).settings(config, data_dir)
     try:
-        target = card.install(artifact, settings.model_dir)
-    except (card.ModelIntegrityError, FileNotFoundError, ValueError) as exc:
+        target = card.install(artifact, settings.model_dir, allow_unvalidated=(
+            allow_unvalidated or settings.allow_unvalidated_models))
+    except (card.ModelIntegrityError, card.UnvalidatedModelError, FileNotFoundError,
+            ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     installed = card.read_card(target)
     typer.echo(f"installed and active: {installed.name} {installed.display_version} "
                f"({target})")
+    _echo_validation(installed)
 
 
 @model_app.command("show")
@@ -183,7 +276,10 @@ def model_show(
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(json.dumps({"path": str(artifact), **card.describe(shown)}, indent=2))
+    status = card.validation_status(shown)  # computed from the evidence, never stored
+    typer.echo(json.dumps({"path": str(artifact), "validated": status.validated,
+                           "validation_reason": status.reason, **card.describe(shown)},
+                          indent=2))
 
 
 def predict(
@@ -232,13 +328,19 @@ def predict(
                                                                          strict=True)}}
                for p, row in zip(readable, probabilities, strict=True)]
     results += [{"file": f, "error": why} for f, why in failures.items()]
+    status = card.validation_status(loaded.card)
     if as_json:
+        warning = {} if status.validated else {"warning": card.UNVALIDATED_WARNING}
         typer.echo(json.dumps({"model": loaded.card.name,
                                "model_version": loaded.card.display_version,
-                               "trained": loaded.card.trained, "results": results}, indent=2))
+                               "trained": loaded.card.trained, "validated": status.validated,
+                               "validation": status.reason, **warning, "results": results},
+                              indent=2))
     else:
         if not loaded.card.trained:
             typer.echo("WARNING: this model is UNTRAINED; its outputs mean nothing.", err=True)
+        if not status.validated:
+            typer.echo(f"WARNING: {card.UNVALIDATED_WARNING} ({status.reason})", err=True)
         for row in results:
             if "error" in row:
                 typer.echo(f"{row['file']}: error: {row['error']}")

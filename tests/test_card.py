@@ -1,4 +1,5 @@
-"""Model artifacts: card contents, hash verification, atomic install, Keras 2 HDF5 import."""
+"""Model artifacts: card contents, hash verification, the validation rule and the install
+gate, atomic install, Keras 2 HDF5 import."""
 
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ def test_card_cannot_point_outside_its_directory(small_artifact: Path, tmp_path:
 def test_install_activates_atomically_and_twice_is_harmless(small_artifact: Path,
                                                            tmp_path: Path) -> None:
     models = tmp_path / "models"
-    first = card.install(small_artifact, models)
+    first = card.install(small_artifact, models, allow_unvalidated=True)
     assert card.active(models) == first.resolve()
-    assert card.install(small_artifact, models) == first
+    assert card.install(small_artifact, models, allow_unvalidated=True) == first
     assert (models / "active").is_symlink()
     assert [p.name for p in models.iterdir() if p.name.startswith(".")] == []
 
@@ -91,3 +92,89 @@ def test_keras2_hdf5_import_predicts_the_same(tmp_path: Path) -> None:
     x = np.random.default_rng(1).random((2, 80, 80, 3), dtype=np.float32)
     loaded = keras.models.load_model(out / "model.keras", compile=False)
     np.testing.assert_allclose(source(x, training=False), loaded(x, training=False), atol=1e-7)
+
+
+def _card_with(test: card.TestEvidence | None) -> card.ModelCard:
+    return card.ModelCard(version="1.0.0", architecture="xception", input_size=80,
+                          sha256="ab" * 32, trained=True, test=test)
+
+
+def _evidence(interval: list[float] | None = None, **fields: object) -> card.TestEvidence:
+    given: dict[str, object] = {"data_set": "fold 1 of 5 test set of cxr", "images": 600,
+                                "balanced_accuracy_95": interval or [0.60, 0.80], **fields}
+    return card.TestEvidence.model_validate(given)
+
+
+@pytest.mark.parametrize(("evidence", "reason"), [
+    (None, "no test results"),
+    (_evidence(data_set="  "), "no data set"),
+    (_evidence(images=None), "no test size"),
+    (_evidence(images=0), "no test size"),
+    (_evidence(evaluated_by="import"), "not signed"),
+    (_evidence(evaluated_by="import", signed_by=" "), "not signed"),
+    (_evidence(balanced_accuracy_95=None), "no 95 % interval"),
+    (_evidence([0.30, 0.45]), "reaches chance"),
+    (_evidence([1 / 3, 0.45]), "reaches chance"),
+    (_evidence([float("nan"), float("nan")]), "not an interval"),
+    (_evidence([0.80, 0.60]), "not an interval"),
+    (_evidence(checkpoint_chosen_on_test=True), "chosen on these test images"),
+])
+def test_unvalidated_for_each_missing_piece_of_evidence(evidence: card.TestEvidence | None,
+                                                         reason: str) -> None:
+    status = card.validation_status(_card_with(evidence))
+    assert status.validated is False
+    assert reason in status.reason
+
+
+def test_validated_when_the_interval_lies_above_chance() -> None:
+    status = card.validation_status(_card_with(_evidence([0.60, 0.80])))
+    assert status.validated is True and "0.600-0.800" in status.reason
+    signed = _evidence([0.34, 0.80], evaluated_by="import", signed_by="Dr. A. Reader")
+    assert card.validation_status(_card_with(signed)).validated is True
+
+
+def test_a_card_that_claims_validation_without_evidence_is_not_validated(tmp_path: Path
+                                                                        ) -> None:
+    made = _card_with(None)
+    card.write_card(tmp_path, made)
+    claims = json.loads((tmp_path / "model-card.json").read_text())
+    claims.update(trained=True, validated=True, metrics={"test_overall_accuracy": 0.99})
+    (tmp_path / "model-card.json").write_text(json.dumps(claims))
+    status = card.validation_status(card.read_card(tmp_path))
+    assert status == card.Validation(False, "the card carries no test results")
+
+
+def test_evidence_without_a_size_still_loads(tmp_path: Path) -> None:
+    # An imported metrics file may lack "images": the card keeps it, unvalidated.
+    evidence = card.TestEvidence.model_validate({"data_set": "x", "signed_by": "A"})
+    assert evidence.images is None
+
+
+def test_install_refuses_an_unvalidated_model_unless_allowed(small_artifact: Path,
+                                                             tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    with pytest.raises(card.UnvalidatedModelError,
+                       match=r"0\.0\.1-untrained is not validated: the card carries no test "
+                             r"results; install it anyway with --allow-unvalidated"):
+        card.install(small_artifact, models)
+    assert card.active(models) is None
+    installed = card.install(small_artifact, models, allow_unvalidated=True)
+    assert card.active(models) == installed.resolve()
+
+
+def test_install_takes_a_validated_model_without_the_flag(small_artifact: Path,
+                                                          tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(small_artifact, copy)
+    validated = card.read_card(copy)
+    validated.test = _evidence([0.60, 0.80])
+    card.write_card(copy, validated)
+    assert card.active(tmp_path / "models") is None
+    installed = card.install(copy, tmp_path / "models")
+    assert card.active(tmp_path / "models") == installed.resolve()
+
+
+def test_starting_weights_names() -> None:
+    assert card.starting_weights("none") == "random"
+    assert card.starting_weights("imagenet") == "imagenet"
+    assert card.starting_weights("/data/weights/fold1.h5") == "file:fold1.h5"

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dicom_node.loopback import free_port
+from model import card as card_module
 
 from dicom_factory import dx_16bit, save
 from helpers.environment import wait_until
@@ -67,22 +68,53 @@ def test_train_evaluate_install_classify(tmp_path: Path, shared_cxr: Path) -> No
     assert (run / "fold1" / "work" / "log-phase2.csv").is_file()
     assert (run / "splits" / "fold3" / "train2.csv").is_file()
 
+    # What the card says the model earned: how it was trained, its test evidence, its
+    # operating points -- and, on 150 dev images, no validation.
+    record = card["training"]
+    assert record["starting_weights"] == "random" and record["input_size"] == 96
+    assert (record["phases"], record["epochs_per_phase"], record["epochs"]) == (2, 1, 2)
+    assert record["checkpoint_chosen_on"] == "validation"
+    assert record["training_images"] > 0 and record["validation_images"] > 0
+    assert record["test_images"] == card["test"]["images"] > 0
+    assert len(record["data_sources"]) >= 2
+    test = card["test"]
+    assert test["data_set"].startswith("fold 1 of 3 test set of ")
+    assert test["evaluated_by"] == "evaluate" and test["checkpoint_chosen_on_test"] is False
+    assert set(test["per_class"]) == {"covid", "normal", "pneumonia"}
+    assert set(card["operating_points"]) == {"covid", "pneumonia"}
+    assert card["operating_points"]["covid"]["target_sensitivity"] == 0.9
+    assert "## Operating points" in (run / "fold1" / "evaluation" / "report.md").read_text()
+    shown = json.loads(cli("model", "show", str(artifact)).stdout)
+    assert shown["validated"] is False and "reaches chance" in shown["validation_reason"]
+
     evaluated = cli("evaluate", "--model", str(artifact), "--data",
                     str(shared_cxr / "labels.csv"), "--out", str(tmp_path / "ev"),
-                    "--prevalence", "covid=0.05")
+                    "--prevalence", "covid=0.05", "--data-set", "cxr-dev, all 150",
+                    "--validation-data", str(run / "splits" / "fold1" / "validation.csv"),
+                    "--target-sensitivity", "covid=0.95", "--record")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "validated: no" in evaluated.stdout
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["images"] == 150 and 0.0 <= metrics["overall_accuracy"] <= 1.0
     assert "ppv_at_0.05" in metrics["per_class"]["covid"]
     assert len(metrics["by_source"]) >= 3  # the dev set mixes sources: reported apart
+    recorded = json.loads((artifact / "model-card.json").read_text())
+    assert recorded["test"]["data_set"] == "cxr-dev, all 150"
+    assert recorded["test"]["images"] == 150
+    assert recorded["operating_points"]["covid"]["target_sensitivity"] == 0.95
+    assert recorded["operating_points"]["pneumonia"]["target_sensitivity"] == 0.9
 
     data = tmp_path / "var"
-    assert cli("model", "install", str(artifact), "--data-dir", str(data)).returncode == 0
+    refused = cli("model", "install", str(artifact), "--data-dir", str(data))
+    assert refused.returncode == 1 and "is not validated" in refused.stderr
+    assert cli("model", "install", str(artifact), "--allow-unvalidated",
+               "--data-dir", str(data)).returncode == 0
     dicom = save(dx_16bit(rows=256, columns=200), tmp_path / "chest.dcm")
     predicted = cli("predict", str(dicom), "--json", "--data-dir", str(data))
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     report = json.loads(predicted.stdout)
     assert report["trained"] is True
+    assert report["validated"] is False and report["warning"] == card_module.UNVALIDATED_WARNING
     assert report["results"][0]["label"] in ("covid", "normal", "pneumonia")
 
     # ... and the running node classifies a received DICOM with the installed model.

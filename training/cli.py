@@ -154,10 +154,15 @@ def train(
                                    epochs_per_phase=epochs_per_phase, batch_size=batch_size,
                                    weights=weights, version=version)
     run = workflow.train_and_evaluate(chosen, config, out / f"fold{fold}")
+    from model import card
+
+    status = card.validation_status(run.card)
+    flag = "" if status.validated else " --allow-unvalidated"
     typer.echo(f"model: {run.artifact} ({run.card.architecture} {run.card.input_size}px); "
                f"test accuracy {run.evaluation['overall_accuracy']:.4f} on "
-               f"{run.evaluation['images']} images; "
-               f"install with: dicom-node model install {run.artifact}")
+               f"{run.evaluation['images']} images; validated: "
+               f"{'yes' if status.validated else 'no'} ({status.reason}); "
+               f"install with: dicom-node model install{flag} {run.artifact}")
 
 
 def evaluate(
@@ -170,23 +175,77 @@ def evaluate(
         "--prevalence", help="CLASS=FRACTION: report the PPV at this prevalence.")] = None,
     paper: Annotated[bool, typer.Option("--paper", help="Show the paper's Table 4 row.")
                      ] = False,
+    data_set: Annotated[str | None, typer.Option(
+        "--data-set", help="What the test set is, as the model card names it (default: the "
+        "--data folder's name, or folder/file of a CSV list).")] = None,
+    record: Annotated[bool, typer.Option(
+        "--record", help="Write the test evidence (and operating points) into the model "
+        "card, where 'validated' is judged from it. Without it only the report is written.")
+    ] = False,
+    validation_data: Annotated[Path | None, typer.Option(
+        "--validation-data", exists=True,
+        help="Labelled images (never the test set's) that choose each class's threshold "
+        "for its target sensitivity. Without it the card's own thresholds, if any, are "
+        "measured.")] = None,
+    target_sensitivity: Annotated[list[str] | None, typer.Option(
+        "--target-sensitivity", help="CLASS=FRACTION (repeatable), or CLASS=none to drop "
+        "a class; default covid=0.9 and pneumonia=0.9. Needs --validation-data.")] = None,
 ) -> None:
-    """Evaluate a model on labelled images: the paper's tables, AUC, intervals, plots."""
+    """Evaluate a model on labelled images: the paper's tables, balanced accuracy, AUC,
+    intervals, operating points, plots."""
     _require_extra()
     quiet_tensorflow()
     _host(ctx).setup_logging("WARNING")
+    from model import card
     from training import evaluate as evaluation
     from training import sources
 
-    given: dict[str, float] = {}
-    for item in prevalence or []:
+    given = {k: v for k, v in _class_fractions(prevalence or [], "--prevalence").items()
+             if v is not None}
+    if target_sensitivity and validation_data is None:
+        typer.echo("error: --target-sensitivity needs --validation-data", err=True)
+        raise typer.Exit(2)
+    targets = {**evaluation.DEFAULT_TARGET_SENSITIVITY,
+               **_class_fractions(target_sensitivity or [], "--target-sensitivity",
+                                  allow_none=True)}
+    try:
+        validation = sources.read(validation_data) if validation_data is not None else []
+        result = evaluation.evaluate_artifact(
+            model_dir, sources.read(data), out, paper=paper, prevalence=given,
+            data_set=data_set or evaluation.data_set_name(data), validation=validation,
+            targets={k: v for k, v in targets.items() if v is not None})
+    except (ValueError, OSError, card.ModelIntegrityError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"overall accuracy {result['overall_accuracy']:.4f}, balanced accuracy "
+               f"{_maybe(result['balanced_accuracy'])} on {result['images']} images; "
+               f"report: {out / 'report.md'}")
+    if record:
+        recorded = evaluation.record_in_card(model_dir, result)
+        status = card.validation_status(recorded)
+        typer.echo(f"recorded in {model_dir / card.CARD_FILE}; validated: "
+                   f"{'yes' if status.validated else 'no'} ({status.reason})")
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _class_fractions(items: list[str], option: str, allow_none: bool = False
+                     ) -> dict[str, float | None]:
+    """CLASS=FRACTION items (CLASS=none too, with ``allow_none``); exit 2 on a bad one."""
+    from model.classes import CLASS_KEYS, index_of
+
+    given: dict[str, float | None] = {}
+    for item in items:
         key, _, value = item.partition("=")
         try:
-            given[key.strip()] = float(value)
+            name = CLASS_KEYS[index_of(key)]
+            number = None if allow_none and value.strip() == "none" else float(value)
+            if number is not None and not 0.0 < number <= 1.0:
+                raise ValueError(f"{number} is not in (0, 1]")
         except ValueError as exc:
-            typer.echo(f"error: --prevalence {item!r} is not CLASS=FRACTION", err=True)
+            typer.echo(f"error: {option} {item!r}: expected CLASS=FRACTION ({exc})", err=True)
             raise typer.Exit(2) from exc
-    result = evaluation.evaluate_artifact(model_dir, sources.read(data), out, paper=paper,
-                                          prevalence=given)
-    typer.echo(f"overall accuracy {result['overall_accuracy']:.4f} on {result['images']} "
-               f"images; report: {out / 'report.md'}")
+        given[name] = number
+    return given

@@ -2,33 +2,48 @@
 
 For each class: TP, FP, FN, TN, sensitivity, specificity, precision and
 accuracy (one-vs-rest), and the overall accuracy -- the paper's tables -- plus
-per-class ROC AUC, bootstrap 95 % intervals, the PPV at a prevalence the user
-gives (precision on a test set depends on its class mix: the paper's COVID-19
-precision of 35 % came from 31 positives among 11,302 images), the confusion
-matrix and ROC curves as PNG, ``metrics.json`` and a Markdown report. When
-records come from several sources, results per source are reported too: a model
-can learn the source instead of the disease.
+balanced accuracy, per-class ROC AUC, bootstrap 95 % intervals, the PPV at a
+prevalence the user gives (precision on a test set depends on its class mix: the
+paper's COVID-19 precision of 35 % came from 31 positives among 11,302 images),
+the confusion matrix and ROC curves as PNG, ``metrics.json`` and a Markdown
+report. When records come from several sources, results per source are reported
+too: a model can learn the source instead of the disease.
 
-Counting and ROC come from scikit-learn, the plots from matplotlib (both in the
-``training`` extra; the node never imports this package).
+Operating points: per class, the threshold chosen on *validation* data for a
+target sensitivity (:func:`choose_operating_points`), then measured on the test
+set (:func:`operating_points_on_test`). :func:`record_in_card` writes the test
+evidence and the operating points into the model card, where
+:func:`model.card.validation_status` judges them.
+
+ROC curves come from scikit-learn, the plots from matplotlib (both in the
+``training`` extra; the node never imports this package). The confusion matrix
+and the AUC are counted by hand (:func:`confusion`, :func:`roc_auc`): the
+bootstrap asks for them thousands of times, and scikit-learn's input checks cost
+milliseconds a call; the tests hold them equal to scikit-learn's.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.metrics import (  # type: ignore[import-untyped]  # no py.typed marker
-    confusion_matrix,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.exceptions import UndefinedMetricWarning  # type: ignore[import-untyped]
+from sklearn.metrics import roc_curve  # type: ignore[import-untyped]  # no py.typed marker
 
+from model import card as model_card
 from model.classes import CLASS_KEYS, CLASSES
+
+if TYPE_CHECKING:
+    from model.engine import Engine
+
+#: Target sensitivity of each class that gets an operating point (normal gets none: a
+#: threshold on "normal" would flag nothing a radiologist acts on).
+DEFAULT_TARGET_SENSITIVITY: dict[str, float] = {"covid": 0.90, "pneumonia": 0.90}
 
 #: The paper's Table 4 average row for the concatenated network (percent).
 PAPER_TABLE4_CONCATENATED = {
@@ -40,20 +55,32 @@ PAPER_TABLE4_CONCATENATED = {
 
 
 def confusion(truth: NDArray[np.int_], predicted: NDArray[np.int_]) -> NDArray[np.int_]:
-    """Rows: true class, columns: predicted class, in :data:`CLASS_KEYS` order."""
-    if len(truth) == 0:  # scikit-learn refuses empty input; an empty test set counts nothing
-        return np.zeros((len(CLASS_KEYS), len(CLASS_KEYS)), dtype=np.int64)
-    matrix: NDArray[np.int_] = confusion_matrix(truth, predicted,
-                                                labels=list(range(len(CLASS_KEYS))))
+    """Rows: true class, columns: predicted class, in :data:`CLASS_KEYS` order (as
+    scikit-learn's ``confusion_matrix`` with ``labels=[0, 1, 2]``; an empty set counts
+    nothing)."""
+    k = len(CLASS_KEYS)
+    cells = np.asarray(truth, dtype=np.int64) * k + np.asarray(predicted, dtype=np.int64)
+    matrix: NDArray[np.int_] = np.bincount(cells, minlength=k * k).reshape(k, k)
     return matrix
 
 
 def roc_auc(truth: NDArray[np.bool_], score: NDArray[np.float64]) -> float | None:
-    """Area under the ROC curve (ties count half); None when ``truth`` holds one class only."""
+    """Area under the ROC curve (ties count half); None when ``truth`` holds one class only.
+
+    Hand-written, the Mann-Whitney form (scikit-learn's ``roc_auc_score`` gives the same
+    figure, and a test holds them equal): the bootstrap asks for it thousands of times,
+    and scikit-learn's input checks cost milliseconds a call.
+    """
     truth = np.asarray(truth, dtype=bool)
-    if truth.all() or not truth.any():  # scikit-learn raises; the report shows "-"
+    positives = int(truth.sum())
+    negatives = len(truth) - positives
+    if not positives or not negatives:  # scikit-learn raises; the report shows "-"
         return None
-    return float(roc_auc_score(truth, score))
+    _, inverse, counts = np.unique(np.asarray(score, dtype=np.float64), return_inverse=True,
+                                   return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
+    wins = float(ranks[truth].sum()) - positives * (positives + 1) / 2
+    return wins / (positives * negatives)
 
 
 def _per_class(matrix: NDArray[np.int_]) -> dict[str, dict[str, float | int | None]]:
@@ -72,6 +99,18 @@ def _per_class(matrix: NDArray[np.int_]) -> dict[str, dict[str, float | int | No
             "accuracy": (tp + tn) / total if total else None,
         }
     return out
+
+
+def _balanced_accuracy(per_class: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """Mean of the per-class sensitivities (scikit-learn's ``balanced_accuracy_score``).
+
+    None unless every class has images: over fewer classes, chance is no longer 1/3,
+    and :func:`model.card.validation_status` compares with 1/3.
+    """
+    values = [stats["sensitivity"] for stats in per_class.values()]
+    if any(value is None for value in values):
+        return None
+    return float(np.mean(values))
 
 
 def ppv_at(sensitivity: float | None, specificity: float | None, prevalence: float
@@ -108,12 +147,14 @@ def metrics(truth: Sequence[int], probabilities: NDArray[np.float64],
     p = np.asarray(probabilities, dtype=np.float64)
     predicted = p.argmax(axis=1)
     matrix = confusion(y, predicted)
+    per_class = _per_class(matrix)
     result: dict[str, Any] = {
         "images": len(y),
         "overall_accuracy": float((predicted == y).mean()) if len(y) else None,
+        "balanced_accuracy": _balanced_accuracy(per_class),
         "confusion_matrix": matrix.tolist(),
         "classes": list(CLASS_KEYS),
-        "per_class": _per_class(matrix),
+        "per_class": per_class,
     }
     for i, key in enumerate(CLASS_KEYS):
         result["per_class"][key]["roc_auc"] = roc_auc(y == i, p[:, i])
@@ -130,6 +171,8 @@ def _bootstrap(y: NDArray[np.int_], p: NDArray[np.float64], rounds: int, seed: i
     # Hand-written: scipy.stats.bootstrap needs every statistic defined in every
     # resample; here a resample without, say, a COVID-19 case just skips that
     # class's sensitivity, and one set of resamples serves every figure.
+    # The same goes for balanced accuracy (a resample missing a class has none) and
+    # for a class's ROC AUC (a resample with only one side of it).
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {"overall_accuracy": []}
     for _ in range(rounds):
@@ -137,13 +180,110 @@ def _bootstrap(y: NDArray[np.int_], p: NDArray[np.float64], rounds: int, seed: i
         yy, pp = y[pick], p[pick]
         samples["overall_accuracy"].append(float((pp.argmax(1) == yy).mean()))
         stats = _per_class(confusion(yy, pp.argmax(1)))
-        for key, values in stats.items():
+        balanced = _balanced_accuracy(stats)
+        if balanced is not None:
+            samples.setdefault("balanced_accuracy", []).append(balanced)
+        for i, (key, values) in enumerate(stats.items()):
             for name in ("sensitivity", "specificity", "precision"):
                 value = values[name]
                 if value is not None:
                     samples.setdefault(f"{key}.{name}", []).append(float(value))
+            auc = roc_auc(yy == i, pp[:, i])
+            if auc is not None:
+                samples.setdefault(f"{key}.roc_auc", []).append(auc)
     return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
             for name, v in samples.items() if v}
+
+
+def choose_operating_points(truth_val: Sequence[int], probs_val: NDArray[np.float64],
+                            targets: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """Per class with a target sensitivity: the threshold chosen on validation data.
+
+    The *highest* threshold whose validation sensitivity (one vs rest, positive when
+    ``p >= threshold``) reaches the target, so that the specificity is as high as that
+    sensitivity allows. A class without positives in the validation data gets none
+    (it is left out of the result).
+
+    Returns
+    -------
+    dict
+        class -> threshold, target_sensitivity, validation_images,
+        validation_positives, validation_sensitivity, validation_specificity (None
+        without negatives).
+    """
+    y = np.asarray(truth_val, dtype=np.int64)
+    p = np.asarray(probs_val, dtype=np.float64)
+    chosen: dict[str, dict[str, Any]] = {}
+    for key, target in targets.items():
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target sensitivity of {key}: {target} is not in (0, 1]")
+        positives = y == CLASS_KEYS.index(key)
+        if not positives.any():
+            continue
+        with warnings.catch_warnings():  # no negatives: fpr is undefined, said below as None
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            # drop_intermediate would drop points on straight stretches of the curve, and
+            # with them, maybe, the highest threshold that reaches the target.
+            fpr, tpr, thresholds = roc_curve(positives, p[:, CLASS_KEYS.index(key)],
+                                             drop_intermediate=False)
+        at = int(np.argmax(tpr >= target))  # thresholds fall as tpr rises: the first is highest
+        chosen[key] = {
+            "threshold": min(float(thresholds[at]), 1.0),
+            "target_sensitivity": float(target),
+            "validation_images": len(y),
+            "validation_positives": int(positives.sum()),
+            "validation_sensitivity": float(tpr[at]),
+            "validation_specificity": float(1 - fpr[at]) if (~positives).any() else None,
+        }
+    return chosen
+
+
+def operating_points_on_test(chosen: Mapping[str, Mapping[str, Any]], truth: Sequence[int],
+                             probabilities: NDArray[np.float64], rounds: int = 1000,
+                             seed: int = 0) -> dict[str, dict[str, Any]]:
+    """What the thresholds of :func:`choose_operating_points` give on the test set.
+
+    Parameters
+    ----------
+    chosen
+        class -> at least ``threshold`` (what :func:`choose_operating_points` returned).
+    truth, probabilities
+        The test set's classes and network outputs.
+    rounds, seed
+        Bootstrap rounds of the 95 % intervals, and their seed.
+
+    Returns
+    -------
+    dict
+        ``chosen`` with test_sensitivity, test_specificity and their ``*_95`` intervals
+        (None where the test set has no positives, or no negatives, of the class).
+    """
+    y = np.asarray(truth, dtype=np.int64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(y), (rounds, len(y))) if rounds and len(y) else None
+    out: dict[str, dict[str, Any]] = {}
+    for key, point in chosen.items():
+        i = CLASS_KEYS.index(key)
+        positives = y == i
+        flagged = p[:, i] >= point["threshold"]
+        out[key] = {**point}
+        for name, cases, hits in (("sensitivity", positives, positives & flagged),
+                                  ("specificity", ~positives, ~positives & ~flagged)):
+            out[key][f"test_{name}"] = float(hits.sum() / cases.sum()) if cases.any() else None
+            out[key][f"test_{name}_95"] = _rate_interval(cases, hits, picks)
+    return out
+
+
+def _rate_interval(cases: NDArray[np.bool_], hits: NDArray[np.bool_],
+                   picks: NDArray[np.int_] | None) -> list[float] | None:
+    # Percentile bootstrap of hits / cases; resamples without a case are skipped, as in
+    # _bootstrap.
+    if picks is None or not cases.any():
+        return None
+    counted = cases[picks].sum(axis=1)
+    rates = hits[picks].sum(axis=1)[counted > 0] / counted[counted > 0]
+    return [float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))]
 
 
 def _pct(value: float | None) -> str:
@@ -165,10 +305,18 @@ def report_markdown(result: dict[str, Any], title: str, paper: bool = False,
     by_source
         Metrics per data source, shown after the whole set's.
     """
-    lines = [f"# {title}", "", f"{result['images']} images; overall accuracy "
-             f"{_pct(result['overall_accuracy'])} %.", "",
-             "## Table 3 layout: counts per class (one vs rest)", "",
-             "| class | TP | FP | FN | TN |", "|---|---|---|---|---|"]
+    lines = [f"# {title}", ""]
+    if result.get("data_set"):
+        lines += [f"Test set: {result['data_set']} (sources: "
+                  f"{', '.join(result.get('sources') or ['-'])}).", ""]
+    if result.get("checkpoint_chosen_on_test"):
+        lines += [CHECKPOINT_ON_TEST_NOTE, ""]
+    lines += [f"{result['images']} images; overall accuracy {_pct(result['overall_accuracy'])} "
+              f"%; balanced accuracy {_pct(result.get('balanced_accuracy'))} %"
+              + _interval_text(result.get("intervals_95", {}).get("balanced_accuracy"))
+              + ".", "",
+              "## Table 3 layout: counts per class (one vs rest)", "",
+              "| class | TP | FP | FN | TN |", "|---|---|---|---|---|"]
     names = {c.key: c.display_name for c in CLASSES}
     for key in CLASS_KEYS:
         s = result["per_class"][key]
@@ -189,14 +337,55 @@ def report_markdown(result: dict[str, Any], title: str, paper: bool = False,
                   + f"; overall accuracy {PAPER_TABLE4_CONCATENATED['overall_accuracy']} %."]
     if result.get("intervals_95"):
         lines += ["", "## Bootstrap 95 % intervals", ""]
-        lines += [f"- {name}: {_pct(lo)}-{_pct(hi)} %" for name, (lo, hi) in
+        lines += [f"- {name}: {lo:.3f}-{hi:.3f}" if name.endswith(".roc_auc") else
+                  f"- {name}: {_pct(lo)}-{_pct(hi)} %" for name, (lo, hi) in
                   sorted(result["intervals_95"].items())]
+    if "operating_points" in result:
+        lines += ["", *_operating_points_markdown(result)]
     if by_source and len(by_source) > 1:
         lines += ["", "## Per source (a model can learn the source, not the disease)", "",
                   "| source | images | overall accuracy |", "|---|---|---|"]
         lines += [f"| {name} | {r['images']} | {_pct(r['overall_accuracy'])} |"
                   for name, r in sorted(by_source.items())]
     return "\n".join(lines) + "\n"
+
+
+#: What the report says beside the figures of a model whose checkpoint the test set chose.
+CHECKPOINT_ON_TEST_NOTE = ("**The checkpoint was chosen on these test images (protocol "
+                           "paper): every figure below is optimistic, and none of it is "
+                           "evidence of how the model does on new images.**")
+
+
+def _interval_text(interval: Sequence[float] | None) -> str:
+    return "" if not interval else f" (95 %: {_pct(interval[0])}-{_pct(interval[1])} %)"
+
+
+def _operating_points_markdown(result: dict[str, Any]) -> list[str]:
+    names = {c.key: c.display_name for c in CLASSES}
+    lines = ["## Operating points", "",
+             "Thresholds chosen on the validation data (a class is flagged when its "
+             "probability is at least the threshold), measured on this test set.", ""]
+    if result.get("checkpoint_chosen_on_test"):
+        lines += ["The validation data are part of these test images (protocol paper).", ""]
+    points: dict[str, dict[str, Any]] = result["operating_points"]
+    if points:
+        lines += ["| class | target sensitivity | threshold | validation sensitivity | "
+                  "validation specificity | test sensitivity | test specificity |",
+                  "|---|---|---|---|---|---|---|"]
+        # .get: operating points imported with a model may give only some of these
+        lines += [f"| {names[key]} | {_pct(pt.get('target_sensitivity'))} | "
+                  f"{pt['threshold']:.4f} | {_pct(pt.get('validation_sensitivity'))} | "
+                  f"{_pct(pt.get('validation_specificity'))} | "
+                  f"{_pct(pt.get('test_sensitivity'))}"
+                  f"{_interval_text(pt.get('test_sensitivity_95'))} | "
+                  f"{_pct(pt.get('test_specificity'))}"
+                  f"{_interval_text(pt.get('test_specificity_95'))} |"
+                  for key, pt in points.items()]
+    missing: dict[str, str] = result.get("operating_points_missing", {})
+    lines += [f"- {names[key]}: no operating point: {why}." for key, why in missing.items()]
+    if not points and not missing:
+        lines += ["No class has a target sensitivity: no operating point."]
+    return lines
 
 
 def plots(result: dict[str, Any], truth: Sequence[int], probabilities: NDArray[np.float64],
@@ -273,9 +462,32 @@ def write(out: Path, result: dict[str, Any], truth: Sequence[int],
     plots(result, truth, probabilities, out)
 
 
+def data_set_name(data: Path) -> str:
+    """A data set's default name: a folder's name, or ``folder/file`` for a CSV list."""
+    data = data.resolve()
+    return data.name if data.is_dir() else f"{data.parent.name}/{data.name}"
+
+
+def predict_records(engine: Engine, records: Sequence[Any]) -> NDArray[np.float64]:
+    """N x 3 probabilities of ``records`` (each with a ``path``), 64 images at a time."""
+    from model import preprocess
+
+    probabilities = []
+    for start in range(0, len(records), 64):
+        chunk = records[start:start + 64]
+        images = np.stack([preprocess.load(r.path, engine.input_size,
+                                           engine.card.interpolation)  # type: ignore[arg-type]
+                           for r in chunk])
+        probabilities.append(engine.predict(images))
+    return (np.concatenate(probabilities) if probabilities else np.zeros((0, 3))
+            ).astype(np.float64)
+
+
 def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: bool = False,
-                      prevalence: dict[str, float] | None = None, batch_size: int = 16
-                      ) -> dict[str, Any]:
+                      prevalence: dict[str, float] | None = None, batch_size: int = 16, *,
+                      data_set: str = "", validation: Sequence[Any] = (),
+                      targets: Mapping[str, float] | None = None,
+                      checkpoint_chosen_on_test: bool = False) -> dict[str, Any]:
     """Predict ``records`` with the model in ``artifact`` and write the evaluation to ``out``.
 
     Parameters
@@ -283,7 +495,7 @@ def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: 
     artifact
         A model artifact (verified against its card's hash when loaded).
     records
-        Labelled images.
+        Labelled images: the test set.
     out
         The folder for metrics.json, report.md and the plots.
     paper
@@ -292,25 +504,38 @@ def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: 
         Class -> fraction: also report the PPV at that prevalence.
     batch_size
         Images per forward pass.
+    data_set
+        What the test set is, as the card's evidence will name it.
+    validation
+        Labelled images that choose the operating points (never the test set's, unless
+        ``checkpoint_chosen_on_test``). Without them, the card's own operating points,
+        if any, are measured on the test set.
+    targets
+        Class -> target sensitivity of its operating point; default
+        :data:`DEFAULT_TARGET_SENSITIVITY`.
+    checkpoint_chosen_on_test
+        The checkpoint was chosen on these test images (protocol ``paper``): said in
+        the report, and recorded in the evidence.
     """
-    from model import preprocess
     from model.engine import Engine
 
     engine = Engine(artifact, batch_size=batch_size)
-    probabilities = []
-    for start in range(0, len(records), 64):
-        chunk = records[start:start + 64]
-        images = np.stack([preprocess.load(r.path, engine.input_size,
-                                           engine.card.interpolation)  # type: ignore[arg-type]
-                           for r in chunk])
-        probabilities.append(engine.predict(images))
-    p = (np.concatenate(probabilities) if probabilities else np.zeros((0, 3))).astype(np.float64)
+    p = predict_records(engine, records)
     truth = [CLASS_KEYS.index(r.label) for r in records]
     result = metrics(truth, p, prevalence)
+    result.update(data_set=data_set, sources=sorted({r.source for r in records}),
+                  checkpoint_chosen_on_test=checkpoint_chosen_on_test)
+    if validation:
+        _choose_and_measure(result, engine, validation, targets, truth, p)
+    elif engine.card.operating_points:
+        chosen = {key: point.model_dump(include={"threshold", "target_sensitivity",
+                                                 "validation_images", "validation_sensitivity",
+                                                 "validation_specificity"})
+                  for key, point in engine.card.operating_points.items()}
+        result["operating_points"] = operating_points_on_test(chosen, truth, p)
     by_source: dict[str, dict[str, Any]] = {}
-    sources = sorted({r.source for r in records})
-    if len(sources) > 1:
-        for source in sources:
+    if len(result["sources"]) > 1:
+        for source in result["sources"]:
             pick = [i for i, r in enumerate(records) if r.source == source]
             by_source[source] = metrics([truth[i] for i in pick], p[pick], bootstrap=0)
     title = f"Evaluation of {engine.card.name} {engine.card.display_version}"
@@ -318,14 +543,62 @@ def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: 
     return result
 
 
-def record_in_card(artifact: Path, result: dict[str, Any]) -> None:
-    """Put the headline figures into the model card (the weights, and so the hash, stay)."""
-    from model import card
+def _choose_and_measure(result: dict[str, Any], engine: Engine, validation: Sequence[Any],
+                        targets: Mapping[str, float] | None, truth: Sequence[int],
+                        probabilities: NDArray[np.float64]) -> None:
+    """Operating points chosen on ``validation``, measured on the test set, into ``result``."""
+    targets = DEFAULT_TARGET_SENSITIVITY if targets is None else targets
+    truth_val = [CLASS_KEYS.index(r.label) for r in validation]
+    chosen = choose_operating_points(truth_val, predict_records(engine, validation), targets)
+    result["validation_images"] = len(validation)
+    result["operating_points"] = operating_points_on_test(chosen, truth, probabilities)
+    result["operating_points_missing"] = {
+        key: f"no {key} image in the {len(validation)} validation images"
+        for key in targets if key not in chosen}
 
-    current = card.read_card(artifact)
+
+def evidence_of(result: dict[str, Any], data_set: str, checkpoint_chosen_on_test: bool = False
+                ) -> model_card.TestEvidence:
+    """The card's test evidence from what :func:`metrics` returned (sources from
+    ``result['sources']`` where :func:`evaluate_artifact` put them)."""
+    intervals = result.get("intervals_95", {})
+    per_class = {
+        key: {name: stats.get(name) for name in ("sensitivity", "specificity", "roc_auc")}
+        | {f"{name}_95": intervals.get(f"{key}.{name}")
+           for name in ("sensitivity", "specificity", "roc_auc")}
+        for key, stats in result["per_class"].items()}
+    return model_card.TestEvidence(
+        data_set=data_set, images=result["images"], sources=list(result.get("sources", [])),
+        balanced_accuracy=result.get("balanced_accuracy"),
+        balanced_accuracy_95=intervals.get("balanced_accuracy"),
+        overall_accuracy=result["overall_accuracy"], per_class=per_class,
+        evaluated_by="evaluate", checkpoint_chosen_on_test=checkpoint_chosen_on_test)
+
+
+def operating_points_of(result: dict[str, Any]) -> dict[str, model_card.OperatingPoint]:
+    """The card's operating points from what :func:`evaluate_artifact` returned."""
+    fields = model_card.OperatingPoint.model_fields
+    return {key: model_card.OperatingPoint(**{k: v for k, v in point.items() if k in fields})
+            for key, point in result.get("operating_points", {}).items()}
+
+
+def record_in_card(artifact: Path, result: dict[str, Any]) -> model_card.ModelCard:
+    """Write an evaluation into the model card (the weights, and so the hash, stay).
+
+    ``result`` is what :func:`evaluate_artifact` returned: its data set, sources and
+    checkpoint flag become the card's :class:`~model.card.TestEvidence`, its operating
+    points (when it measured any) the card's. The headline figures also go into the
+    free-form ``metrics``, as before.
+    """
+    current = model_card.read_card(artifact)
     current.metrics = {**current.metrics, "test_overall_accuracy": result["overall_accuracy"],
                        "test_images": result["images"],
                        "test_per_class": {k: {m: v[m] for m in ("sensitivity", "specificity",
                                                                 "precision", "roc_auc")}
                                           for k, v in result["per_class"].items()}}
-    card.write_card(artifact, current)
+    current.test = evidence_of(result, result.get("data_set", ""),
+                               bool(result.get("checkpoint_chosen_on_test", False)))
+    if "operating_points" in result:
+        current.operating_points = operating_points_of(result)
+    model_card.write_card(artifact, current)
+    return current

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import tensorflow as tf
@@ -170,5 +170,35 @@ def train(
         "training_data": {"training": _summary(all_training), "validation": _summary(validation),
                           "phases": len(phases), "config": asdict(config)},
         "metrics": {"best_validation_accuracy": progress["best"]},
+        "training": training_record(phases, validation, config, best_path.is_file()),
         "notes": "Trained with dicom-node's training package (paper's phase-balanced scheme).",
     })
+
+
+def training_record(phases: Sequence[Sequence[Record]], validation: Sequence[Record],
+                    config: TrainConfig, checkpoint_kept: bool) -> model_card.TrainingRecord:
+    """What the card says the model was trained from and how.
+
+    Parameters
+    ----------
+    phases, validation
+        The training phases and the validation set, as :func:`train` got them.
+    config
+        The run's configuration; ``extra["protocol"] == "paper"`` means the validation
+        set is part of the test set, so the checkpoint was chosen on test images.
+    checkpoint_kept
+        A best checkpoint was saved (else the last epoch's weights were kept).
+    """
+    chosen_on: Literal["validation", "test", "last epoch"] = (
+        "last epoch" if not checkpoint_kept
+        else "test" if config.extra.get("protocol") == "paper" else "validation")
+    everything = [r for phase in phases for r in phase] + list(validation)
+    return model_card.TrainingRecord(
+        starting_weights=model_card.starting_weights(config.weights), input_size=config.input_size,
+        epochs=len(phases) * config.epochs_per_phase, phases=len(phases),
+        epochs_per_phase=config.epochs_per_phase,
+        # distinct images: phases share their common pneumonia images
+        training_images=len({r.path for phase in phases for r in phase}),
+        validation_images=len(validation),
+        data_sources=sorted({r.source for r in everything}),
+        checkpoint_chosen_on=chosen_on)

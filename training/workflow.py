@@ -41,6 +41,14 @@ class ChosenFold:
     protocol: str
     unique_pneumonia: int
     unique_normal: int
+    #: Where the fold was cut from, as the test evidence names it.
+    data_name: str = ""
+
+    @property
+    def test_set_name(self) -> str:
+        """The declared name of the fold's test set (the card's ``test.data_set``)."""
+        return (f"fold {self.plan.fold} of {self.plan.folds} test set of "
+                f"{self.data_name or 'unnamed data'}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,8 @@ def data_fold(data: Path, plan: FoldPlan, out: Path) -> ChosenFold:
     made = splits.make_folds(records, plan.folds, plan.phases, per_p, per_n,
                              protocol=plan.protocol, seed=plan.seed)  # type: ignore[arg-type]
     splits.write_folds(out / "splits", made)
-    return ChosenFold(made[plan.fold - 1], plan, plan.protocol, per_p, per_n)
+    return ChosenFold(made[plan.fold - 1], plan, plan.protocol, per_p, per_n,
+                      evaluation.data_set_name(data))
 
 
 def paper_fold(split_files: Path, images: Path, plan: FoldPlan, out: Path) -> ChosenFold:
@@ -88,7 +97,8 @@ def paper_fold(split_files: Path, images: Path, plan: FoldPlan, out: Path) -> Ch
     chosen = splits.import_paper_fold(split_files, plan.fold, images, plan.phases,
                                       seed=plan.seed)
     splits.write_folds(out / "splits", [chosen])
-    return ChosenFold(chosen, plan, "paper", 0, 0)
+    return ChosenFold(chosen, plan, "paper", 0, 0,
+                      f"the authors' splits in {split_files.resolve().name}")
 
 
 def train_config(chosen: ChosenFold, **options: Any) -> TrainConfig:
@@ -103,10 +113,18 @@ def train_config(chosen: ChosenFold, **options: Any) -> TrainConfig:
 
 def train_and_evaluate(chosen: ChosenFold, config: TrainConfig, out: Path) -> FoldRun:
     """Train ``chosen`` into ``out/model``, evaluate it on the fold's test set into
-    ``out/evaluation`` and record the evaluation in the model card."""
-    created = train(chosen.fold.phases, chosen.fold.validation, config, out)
+    ``out/evaluation`` -- operating points chosen on the fold's validation set for
+    :data:`~training.evaluate.DEFAULT_TARGET_SENSITIVITY` -- and record the evidence in
+    the model card (which says so when the checkpoint was chosen on test images)."""
+    train(chosen.fold.phases, chosen.fold.validation, config, out)
     artifact = out / "model"
-    result = evaluation.evaluate_artifact(artifact, chosen.fold.test, out / "evaluation",
-                                          paper=chosen.protocol == "paper")
-    evaluation.record_in_card(artifact, result)
-    return FoldRun(artifact, created, result)
+    paper = chosen.protocol == "paper"
+    result = evaluation.evaluate_artifact(
+        artifact, chosen.fold.test, out / "evaluation", paper=paper,
+        data_set=chosen.test_set_name, validation=chosen.fold.validation,
+        checkpoint_chosen_on_test=paper)
+    recorded = evaluation.record_in_card(artifact, result)
+    if recorded.training is not None:
+        recorded.training.test_images = len(chosen.fold.test)
+        model_card.write_card(artifact, recorded)
+    return FoldRun(artifact, recorded, result)
