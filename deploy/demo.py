@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "dicom"
 sys.path.insert(0, str(ROOT))
 NODE_AE, PACS_AE, SENDER_AE = "DICOM_NODE", "DEMO_PACS", "DEMO_SCU"
+#: The demo's study results close this many seconds after the last image (node: 30).
+STUDY_QUIET_SECONDS = 3
 
 from dicom_node.loopback import free_port, wait_for_port  # noqa: E402
 
@@ -139,15 +141,21 @@ def main() -> None:
         made = cli("model", "create", "--arch", "concatenated", "--out", str(model))
         if made.returncode != 0:
             sys.exit(made.stderr)
-    trained = json.loads((model / "model-card.json").read_text()).get("trained", False)
+    from model.card import read_card, validation_status
+
+    shown_card = read_card(model)
+    trained, validated = shown_card.trained, validation_status(shown_card).validated
     pacs = PACS(work)
     node_port = free_port()
     node = subprocess.Popen(
         [sys.executable, "-m", "dicom_node", "serve", "--port", str(node_port),
          "--data-dir", str(work / "var"), "--allow-calling-ae", SENDER_AE,
-         "--model", str(model), "--destination", f"{PACS_AE}@127.0.0.1:{pacs.port}"],
+         "--model", str(model), "--destination", f"{PACS_AE}@127.0.0.1:{pacs.port}",
+         # A demo model is not validated: the node serves it, and every result says so.
+         "--allow-unvalidated-models"],
         cwd=ROOT, stdout=(work / "node.log").open("wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, "DICOM_NODE_RETRY_BASE_SECONDS": "1"},
+        env={**os.environ, "DICOM_NODE_RETRY_BASE_SECONDS": "1",
+             "DICOM_NODE_STUDY_QUIET_SECONDS": str(STUDY_QUIET_SECONDS)},
     )
     try:
         wait_for_port(node_port)
@@ -165,6 +173,9 @@ def main() -> None:
                 break
             time.sleep(0.5)
         print()
+        if not validated:
+            print("*** UNVALIDATED MODEL - NOT FOR CLINICAL USE: the node served it because "
+                  "the demo allows it; every SR says so. ***")
         if not trained:
             print("*** The model is UNTRAINED: these classes and probabilities mean nothing. ***")
         for job in results(work / "var"):
@@ -176,6 +187,9 @@ def main() -> None:
             where = ", ".join(f"{d['destination']} ({d['state']})" for d in job["deliveries"])
             print(f"job {job['id']}: {job['label']:<9} " +
                   " ".join(f"{k}={v:.3f}" for k, v in probs.items()) + f"  SR -> {where}")
+        time.sleep(STUDY_QUIET_SECONDS + 2)  # the study results close after the quiet period
+        shown = cli("studies", "list", "--data-dir", str(work / "var"))
+        print("\nstudy results:\n" + shown.stdout.rstrip())
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=120)

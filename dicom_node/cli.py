@@ -38,6 +38,8 @@ app = typer.Typer(
 )
 jobs_app = typer.Typer(help="Inspect the job store.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+studies_app = typer.Typer(help="Study results: one answer per study.", no_args_is_help=True)
+app.add_typer(studies_app, name="studies")
 
 #: Entry point group of the packages' ``register(app)`` functions.
 COMMANDS_GROUP = "dicom_node.commands"
@@ -61,6 +63,12 @@ def setup_logging(level: str) -> None:
     for name, quiet in (("pynetdicom", logging.WARNING), ("highdicom", logging.WARNING),
                         ("apscheduler", logging.ERROR)):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else quiet)
+
+
+AllowUnvalidatedOption = Annotated[bool | None, typer.Option(
+    "--allow-unvalidated-models/--no-allow-unvalidated-models",
+    help="Serve a model whose card is not validated (demos, tests); every result then "
+    "says UNVALIDATED MODEL - NOT FOR CLINICAL USE.")]
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
@@ -92,6 +100,7 @@ def serve(
         help="Install and activate this model artifact before serving.")] = None,
     destination: Annotated[list[str] | None, typer.Option(
         "--destination", help="Send every SR to AET@HOST:PORT (repeatable).")] = None,
+    allow_unvalidated_models: AllowUnvalidatedOption = None,
 ) -> None:
     """Run the node: receive chest radiographs, classify them, send the SRs back."""
     from dicom_node.node import Node
@@ -105,6 +114,7 @@ def serve(
         allowed_calling_ae=allow_calling_ae or None,
         accept_any_calling_ae=accept_any_calling_ae,
         destinations=destination or None,
+        allow_unvalidated_models=allow_unvalidated_models,
     )
     setup_logging(settings.log_level)
     try:
@@ -116,26 +126,42 @@ def serve(
         from model import card
 
         try:
-            card.install(model, settings.model_dir)
-        except (card.ModelIntegrityError, FileNotFoundError, ValueError) as exc:
+            card.install(model, settings.model_dir,
+                         allow_unvalidated=settings.allow_unvalidated_models)
+        except (card.ModelIntegrityError, card.UnvalidatedModelError, FileNotFoundError,
+                ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
+    _check_model(node)
     LOGGER.info("dicom-node %s starting; data in %s", __version__, settings.data_dir)
     node.run()
+
+
+def _check_model(node: Any) -> None:
+    """Exit 2 with the reason when the active model may not serve."""
+    try:
+        node.check_model()
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()
 def worker(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
+    allow_unvalidated_models: AllowUnvalidatedOption = None,
 ) -> None:
     """Classify and deliver only: one more worker on the node's job store and spool."""
     from dicom_node.node import Node
 
-    settings = _settings(config, data_dir=data_dir)
+    settings = _settings(config, data_dir=data_dir,
+                         allow_unvalidated_models=allow_unvalidated_models)
     setup_logging(settings.log_level)
+    node = Node(settings, receive=False)
+    _check_model(node)
     LOGGER.info("dicom-node %s worker starting; data in %s", __version__, settings.data_dir)
-    Node(settings, receive=False).run()
+    node.run()
 
 
 @app.command()
@@ -198,6 +224,7 @@ def _job_dict(job: Job, deliveries: list[Delivery]) -> dict[str, Any]:
         "calling_ae": job.calling_ae,
         "attempts": job.attempts,
         "intake_reason": job.intake_reason,
+        "view": job.view,
         "spool_file": job.spool_file,
         "sha256": job.sha256,
         "size_bytes": job.size_bytes,
@@ -208,6 +235,9 @@ def _job_dict(job: Job, deliveries: list[Delivery]) -> dict[str, Any]:
         "label": job.label,
         "probabilities": job.probabilities,
         "model_version": job.model_version,
+        "model_validated": job.model_validated,
+        "flags": job.flags,
+        "study_note": job.study_note,
         "sr_sop_instance_uid": job.sr_sop_instance_uid,
         "sr_series_instance_uid": job.sr_series_instance_uid,
         "deliveries": [
@@ -222,7 +252,8 @@ def _job_dict(job: Job, deliveries: list[Delivery]) -> dict[str, Any]:
 
 def _store(config: Path | None, data_dir: Path | None) -> JobStore:
     settings = _settings(config, data_dir=data_dir)
-    return JobStore(settings.database_url, max_attempts=settings.max_attempts)
+    return JobStore(settings.database_url, max_attempts=settings.max_attempts,
+                    study_quiet_seconds=settings.study_quiet_seconds)
 
 
 @jobs_app.command("list")
@@ -282,6 +313,36 @@ def jobs_retry(
         raise typer.Exit(1)
     typer.echo(f"job {job_id}: {deliveries} delivery(ies) requeued"
                + ("; job requeued" if job else ""))
+
+
+@studies_app.command("list")
+def studies_list(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    study: Annotated[str | None, typer.Option("--study", help="Only this Study Instance UID.")
+                     ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+) -> None:
+    """List study results (every version), newest first."""
+    from dicom_node.studies import StudyBook, describe
+
+    with _store(config, data_dir) as store:
+        found = [describe(s) for s in StudyBook(store).list(limit, study)]
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    table = Table("id", "study", "version", "state", "flagged", "label", "images", "model",
+                  "problems")
+    for row in found:
+        flagged = "" if row["flagged"] is None else ("+".join(row["flags"]) or "no")
+        model = row["model_version"] or ""
+        if row["model_validated"] is False:
+            model += " (UNVALIDATED)"
+        table.add_row(str(row["id"]), row["study_instance_uid"], str(row["version"]),
+                      row["state"], flagged, row["label"] or "", str(len(row["job_ids"])),
+                      model, "; ".join(row["problems"]))
+    Console().print(table)
 
 
 class Host:

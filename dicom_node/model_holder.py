@@ -27,6 +27,20 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 
+def unservable_reason(card: model_card.ModelCard, settings: Settings) -> str | None:
+    """Why the node must not serve the model of ``card`` (None: it may).
+
+    A model serves when :func:`model.card.validation_status` validates its card, or
+    when ``allow_unvalidated_models`` is on -- and then every result says so.
+    """
+    status = model_card.validation_status(card)
+    if status.validated or settings.allow_unvalidated_models:
+        return None
+    return (f"{card.name} {card.display_version} is not validated ({status.reason}); "
+            "install a validated model, or set allow_unvalidated_models = true for demos "
+            f"and tests (every result then says {model_card.UNVALIDATED_WARNING})")
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """An engine ready for batches, and the SR builder bound to its model card."""
@@ -42,17 +56,37 @@ class ModelHolder:
         self.settings = settings
         self._loaded: LoadedModel | None = None
         self._path: Path | None = None
+        self._refused: Path | None = None
         #: Set once a model is loaded and warm.
         self.ready = threading.Event()
 
     def current(self) -> LoadedModel | None:
-        """The active model, loaded; None while no model is installed."""
+        """The active model, loaded; None while no model is installed, or while the
+        active one is not validated and ``allow_unvalidated_models`` is off (jobs wait)."""
         active = model_card.active(self.settings.model_dir)
         if active is None:
             return None
         if active != self._path:
+            if not self._servable(active):
+                return None
             self._load(active)
         return self._loaded
+
+    def _servable(self, active: Path) -> bool:
+        """Whether ``active`` may serve; says why not once per model."""
+        try:
+            refusal = unservable_reason(model_card.read_card(active), self.settings)
+        except (OSError, ValueError) as exc:
+            refusal = f"its card cannot be read: {exc}"
+        if refusal is None:
+            self._refused = None
+            return True
+        if self._refused != active:
+            LOGGER.error("model %s will not serve: %s; jobs wait in the queue", active.name,
+                         refusal)
+            self._refused = active
+        self._loaded, self._path = None, None
+        return False
 
     def _load(self, active: Path) -> None:
         from model.engine import Engine

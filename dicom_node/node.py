@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from types import FrameType
 
 from dicom_node.config import Settings
+from dicom_node.errors import ConfigError
 from dicom_node.jobs import JobStore
 from dicom_node.libraries import configure
+from dicom_node.model_holder import unservable_reason
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP, check_calling_ae_policy
 from dicom_node.spool import Spool
@@ -45,7 +47,8 @@ class Node:
         configure()
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(settings.database_url, max_attempts=settings.max_attempts)
+        self.store = JobStore(settings.database_url, max_attempts=settings.max_attempts,
+                              study_quiet_seconds=settings.study_quiet_seconds)
         self.spool = Spool(settings.storage_dir, settings.min_free_disk_mb * 2**20)
         self.scheduler = Scheduler(settings, self.store, self.spool)
         self.worker = Worker(settings, self.store, self.spool,
@@ -90,22 +93,39 @@ class Node:
         self.scheduler.start()
         self.worker.start()
 
+    def check_model(self) -> None:
+        """ConfigError when the active model may not serve (see
+        :func:`dicom_node.model_holder.unservable_reason`); no model is fine: instances
+        are received and wait for one."""
+        from model import card
+
+        artifact = card.active(self.settings.model_dir)
+        if artifact is None:
+            return
+        try:
+            active = card.read_card(artifact)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"the active model's card cannot be read: {exc}") from exc
+        refusal = unservable_reason(active, self.settings)
+        if refusal is not None:
+            raise ConfigError(f"the active model {refusal}")
+
     def _report_model(self) -> None:
         # Reads the card only: TensorFlow is not loaded by the receive path.
         from model import card
 
+        self.check_model()
         artifact = card.active(self.settings.model_dir)
         if artifact is None:
             LOGGER.warning("no model installed: instances are received and queued; "
                            "install one with `dicom-node model install DIR`")
             return
-        try:
-            active = card.read_card(artifact)
-        except (OSError, ValueError) as exc:
-            LOGGER.error("active model unreadable: %s", exc)
-            return
-        LOGGER.info("active model: %s %s (%s, %dpx)%s", active.name, active.display_version,
+        active = card.read_card(artifact)
+        status = card.validation_status(active)
+        LOGGER.info("active model: %s %s (%s, %dpx), %s%s", active.name, active.display_version,
                     active.architecture, active.input_size,
+                    "validated" if status.validated else
+                    f"{card.UNVALIDATED_WARNING} ({status.reason})",
                     "" if active.trained else " -- UNTRAINED, for demos only")
 
     def stop(self) -> None:

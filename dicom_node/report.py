@@ -3,14 +3,36 @@
 Content (PS3.16 TID 1500, with TID 1001 observation context and TID 4019
 algorithm identification):
 
+* document title: CID 7021 "Imaging Measurement Report" for a validated model
+  (:func:`model.card.validation_status`); for any other the local code
+  99DCMNODE UNVALIDATED-IMR, whose meaning is :data:`~model.card.UNVALIDATED_WARNING`
+  (the Template Identifier stays 1500: only the title differs);
+* first in the root (TID 1500 is extensible), TEXT items DCM 121106 "Comment":
+  for an unvalidated model the warning with the reason, then always the intended
+  use -- research and decision support, not a diagnosis, to be read by a
+  radiologist -- so that a viewer shows them before anything else;
 * observer: a device -- this node (Device Observer UID, name, manufacturer, model);
 * procedure reported: SCT 399208008 "Plain X-ray of chest";
-* one measurement group (TID 1501) holding the predicted class as a qualitative
-  evaluation, DCM 121071 "Finding" = SNOMED CT code of the class;
+* one measurement group (TID 1501) holding the predicted class (the most
+  probable) as a qualitative evaluation, DCM 121071 "Finding" = SNOMED CT code
+  of the class; when the model has operating points, the evaluation 99DCMNODE
+  FLAGGED = SCT Yes/No (Yes when any class reached its threshold); and a
+  Comment naming the view the image was classified as (frontal, or undetermined
+  and classified as if frontal);
 * one group per class whose finding type is that class and whose NUM item
-  DCM 122157 "Probability" (UCUM "1") carries the network's output;
+  DCM 122157 "Probability" (UCUM "1") carries the network's output; when the
+  model has an operating point for the class, also a NUM DCM 122411 "Threshold
+  Value" (UCUM "1"), the evaluation 99DCMNODE THRESHOLD-MET = SCT Yes/No
+  (probability >= threshold) and a TEXT DCM 111081 "CAD Operating Point
+  Description" (TEXT, as in TID 4023) saying how the threshold was chosen and
+  what it gave on the test set;
 * every group names the algorithm (name, version, parameters) and references
   the source image.
+
+The Series Description, which viewers show first, says the same in 64
+characters: ``AI RESULT - NOT A DIAGNOSIS (model <version>)``, or for an
+unvalidated model ``UNVALIDATED MODEL - NOT FOR CLINICAL USE - AI, NOT A DIAGNOSIS``.
+The local coding scheme is declared in the Coding Scheme Identification Sequence.
 
 The SR lives in the source study (patient and study attributes are copied from
 the source by highdicom), in a series of its own, with the model also in
@@ -29,6 +51,7 @@ from io import BytesIO
 from typing import Literal
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
@@ -42,7 +65,9 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -51,11 +76,18 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 
 from dicom_node import __version__
 from dicom_node.libraries import mark_as_written_encoding, only_item
-from model.card import ModelCard
+from model.card import (
+    UNVALIDATED_WARNING,
+    ModelCard,
+    OperatingPoint,
+    Validation,
+    validation_status,
+)
 from model.classes import CLASSES, by_key
 
 LOGGER = logging.getLogger(__name__)
@@ -68,15 +100,85 @@ FINDING = codes.DCM.Finding
 PROBABILITY = codes.DCM.Probability
 IMAGING_MEASUREMENTS = codes.DCM.ImagingMeasurements
 TRACKING_UID = codes.DCM.TrackingUniqueIdentifier
+COMMENT = codes.DCM.Comment
+THRESHOLD = codes.DCM.ThresholdValue
+OPERATING_POINT = codes.DCM.CADOperatingPointDescription
+YES, NO = codes.SCT.Yes, codes.SCT.No
+#: Our own codes, for what no standard concept says (PS3.16 section 8: a private
+#: Coding Scheme Designator begins with "99").
+LOCAL_SCHEME = "99DCMNODE"
+UNVALIDATED_TITLE = CodedConcept("UNVALIDATED-IMR", LOCAL_SCHEME, UNVALIDATED_WARNING)
+THRESHOLD_MET = CodedConcept("THRESHOLD-MET", LOCAL_SCHEME,
+                                 "Probability at or above threshold")
+FLAGGED = CodedConcept("FLAGGED", LOCAL_SCHEME,
+                       "Flagged: a class probability at or above its threshold")
+INTENDED_USE = ("Intended use: research and decision support. This automated result is "
+                "not a diagnosis and must be read by a radiologist.")
+#: The view intake found, as the SR says it.
+VIEW_TEXTS = {
+    "frontal": "View: frontal",
+    "undetermined": "View undetermined: the image carries no view information; "
+                    "it was classified as if frontal.",
+}
 _CLASS_BY_CODE = {c.snomed_code: c.key for c in CLASSES}
 
 
 @dataclass(frozen=True)
 class Classification:
-    """What the network said about one image."""
+    """What the network said about one image, and the view it was classified as
+    (``frontal``, or ``undetermined``: intake found no view and it was classified
+    as if frontal)."""
 
     label: str
     probabilities: dict[str, float]
+    view: str = "frontal"
+
+    def __post_init__(self) -> None:
+        if self.view not in VIEW_TEXTS:
+            raise ValueError(f"view must be one of {sorted(VIEW_TEXTS)}, not {self.view!r}")
+
+
+def title(card: ModelCard) -> CodedConcept | Code:
+    """The document title: CID 7021 for a validated model, the warning for any other."""
+    return TITLE if validation_status(card).validated else UNVALIDATED_TITLE
+
+
+def reached_thresholds(card: ModelCard, probabilities: dict[str, float]) -> list[str]:
+    """The classes, in class order, whose probability is at or above the threshold of
+    their operating point (a class without one is never flagged)."""
+    return [cls.key for cls in CLASSES
+            if (point := card.operating_points.get(cls.key)) is not None
+            and probabilities[cls.key] >= point.threshold]
+
+
+def series_description(card: ModelCard) -> str:
+    """What viewers show first (LO, 64 characters): not a diagnosis, and for an
+    unvalidated model the warning before anything else."""
+    if not validation_status(card).validated:
+        return f"{UNVALIDATED_WARNING} - AI, NOT A DIAGNOSIS"[:64]
+    head = "AI RESULT - NOT A DIAGNOSIS"
+    return f"{head} (model {card.display_version[:64 - len(head) - len(' (model )')]})"
+
+
+def operating_point_text(point: OperatingPoint) -> str:
+    """How a threshold was chosen, and what it gave on the test set where measured."""
+    text = (f"threshold {point.threshold:.3f} chosen for sensitivity >= "
+            f"{point.target_sensitivity:.2f} on {point.validation_images} validation images")
+    figures = [figure for figure in (
+        _figure("sensitivity", point.test_sensitivity, point.test_sensitivity_95),
+        _figure("specificity", point.test_specificity, point.test_specificity_95),
+    ) if figure]
+    if not figures:
+        return f"{text}; not measured on a test set"
+    return f"{text}; on the test set {', '.join(figures)}"
+
+
+def _figure(name: str, value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return ""
+    if interval is not None and len(interval) == 2:
+        return f"{name} {value:.2f} ({interval[0]:.2f}-{interval[1]:.2f})"
+    return f"{name} {value:.2f}"
 
 
 def _class_concept(key: str) -> CodedConcept:
@@ -134,7 +236,7 @@ def build_sr(
     source
         The classified image (its header is copied; pixel data is not needed).
     result
-        The class and the probabilities.
+        The class, the probabilities and the view.
     card
         The model's card: algorithm identification and Contributing Equipment.
     sop_instance_uid, series_instance_uid
@@ -159,30 +261,48 @@ def build_sr(
     algorithm = _algorithm(card)
     source = _evidence(source)
     source_image = SourceImageForMeasurementGroup.from_source_image(source)
+    reached = reached_thresholds(card, result.probabilities)
+    main = [QualitativeEvaluation(name=FINDING, value=_class_concept(result.label))]
+    if card.operating_points:
+        main.append(QualitativeEvaluation(name=FLAGGED, value=YES if reached else NO))
     groups = [MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=generate_uid(),
                                                identifier="Chest radiograph classification"),
         algorithm_id=algorithm,
         source_images=[source_image],
-        qualitative_evaluations=[QualitativeEvaluation(
-            name=FINDING, value=_class_concept(result.label))],
+        qualitative_evaluations=main,
     )]
+    _contains(groups[0], _view(result))
     for cls in CLASSES:
-        groups.append(MeasurementsAndQualitativeEvaluations(
+        point = card.operating_points.get(cls.key)
+        measurements = [_probability(result.probabilities[cls.key])]
+        evaluations = []
+        if point is not None:
+            measurements.append(_threshold(point))
+            evaluations.append(QualitativeEvaluation(
+                name=THRESHOLD_MET, value=YES if cls.key in reached else NO))
+        group = MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=generate_uid(),
                                                    identifier=f"Probability {cls.display_name}"),
             finding_type=_class_concept(cls.key),
             algorithm_id=algorithm,
             source_images=[source_image],
-            # The group's algorithm identification (TID 1501) covers its measurement.
-            measurements=[_probability(result.probabilities[cls.key])],
-        ))
+            # The group's algorithm identification (TID 1501) covers its measurements.
+            measurements=measurements,
+            qualitative_evaluations=evaluations or None,
+        )
+        if point is not None:
+            _contains(group, _text(OPERATING_POINT, operating_point_text(point)))
+        groups.append(group)
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
-        title=TITLE,
+        title=title(card),
     )
+    root = only_item(report)
+    for position, notice in enumerate(_notices(card)):
+        root.ContentSequence.insert(position, notice)
     return _document(source, report, card, sop_instance_uid, series_instance_uid,
                      institution_name)
 
@@ -212,12 +332,15 @@ def _document(source: Dataset, content: Dataset | Sequence, card: ModelCard, sop
         is_final=False,
         is_verified=False,
         contributing_equipment=[equipment],
+        coding_schemes=[CodingSchemeIdentificationItem(
+            LOCAL_SCHEME, name="dicom-node local codes",
+            responsible_organization=MANUFACTURER)],
     )
     # The model's own Device UID (a new one per model version) identifies it in its
     # Contributing Equipment item (IHE AIR); highdicom has no argument for it. That
     # item is not the first when highdicom lists the source's acquisition equipment.
     _model_equipment(sr, card).DeviceUID = card.device_uid
-    sr.SeriesDescription = f"AI chest classification ({card.display_version})"[:64]
+    sr.SeriesDescription = series_description(card)
     return sr
 
 
@@ -239,25 +362,32 @@ class ReportBuilder:
     """:func:`build_sr`'s SRs for one model, assembled at a fraction of the CPU.
 
     highdicom's cost grows with the content tree it copies, converts and walks,
-    and most of our tree -- observer, procedure, algorithm identification, the
+    and most of our tree -- title, intended use and warning, observer,
+    procedure, algorithm identification, thresholds and operating points, the
     groups' structure -- is the same for every image of a model. So highdicom
     builds the whole SR for the first image, and its content tree, encoded, is
     kept. For each later image highdicom builds the document around a content
     tree holding only the source image reference -- patient, study, evidence
     and equipment copied from the source by highdicom exactly as before -- and
     the kept tree takes its place, re-read lazily (untouched items are written
-    back as their bytes), with the items that differ between images built anew
-    by highdicom: tracking UIDs, source image references, the finding and the
-    probabilities. Tests check the result equals :func:`build_sr`'s element for
-    element, apart from the fresh tracking UIDs and creation times.
+    back as their bytes), with the items that differ between images put in
+    their slots: tracking UIDs, source image references and probabilities built
+    anew by highdicom; the finding, Flagged, each class's threshold met and the
+    view, which take a few values each, built by highdicom the first time a
+    value is needed and then kept encoded too. Tests check the result equals
+    :func:`build_sr`'s element for element, apart from the fresh tracking UIDs
+    and creation times.
     """
 
     def __init__(self, card: ModelCard, institution_name: str | None = None) -> None:
         self.card = card
+        #: What :func:`model.card.validation_status` says of the card (the SRs say it too).
+        self.validation: Validation = validation_status(card)
         self.institution_name = institution_name
         self._tree: bytes | None = None
         self._measurements = 0
         self._slots: list[_Slot] = []
+        self._variants: dict[tuple[object, ...], bytes] = {}
 
     def build(self, source: Dataset, result: Classification, sop_instance_uid: str,
               series_instance_uid: str) -> Comprehensive3DSR:
@@ -268,7 +398,7 @@ class ReportBuilder:
         source
             The classified image.
         result
-            The class and the probabilities.
+            The class, the probabilities and the view.
         sop_instance_uid, series_instance_uid
             The SR's identity, minted when the job was created.
 
@@ -283,7 +413,7 @@ class ReportBuilder:
             self._keep(sr)
             return sr
         evidence = _evidence(source)
-        root = ContainerContentItem(name=TITLE, template_id="1500")
+        root = ContainerContentItem(name=title(self.card), template_id="1500")
         root.ContentSequence = ContentSequence(
             [SourceImageForMeasurementGroup.from_source_image(evidence)])
         sr = _document(evidence, root, self.card, sop_instance_uid, series_instance_uid,
@@ -317,65 +447,153 @@ class ReportBuilder:
         """Keep the content tree of ``sr`` as bytes, and where its per-image items are."""
         holder = Dataset()
         holder.ContentSequence = sr.ContentSequence
-        encoded = DicomBytesIO()
-        encoded.is_little_endian, encoded.is_implicit_VR = True, False
-        write_dataset(encoded, holder)
         measurements = next(i for i, item in enumerate(sr.ContentSequence)
-                            if _concept(item) == IMAGING_MEASUREMENTS.value)
+                            if _concept(item) == _code(IMAGING_MEASUREMENTS))
         slots: list[_Slot] = []
         for g, group in enumerate(sr.ContentSequence[measurements].ContentSequence):
             items = group.ContentSequence
             concepts = [_concept(item) for item in items]
-            finding = items[concepts.index(FINDING.value)]
+            finding = items[concepts.index(_code(FINDING))]
             key = _CLASS_BY_CODE.get(str(finding.ConceptCodeSequence[0].CodeValue))
+            main = _code(PROBABILITY) not in concepts  # the group of the result
             for i, (item, concept) in enumerate(zip(items, concepts, strict=True)):
-                if concept == TRACKING_UID.value:
-                    slots.append(_Slot(g, i, "uid"))
-                elif item.ValueType == "IMAGE":
-                    slots.append(_Slot(g, i, "image"))
-                elif concept == PROBABILITY.value and key is not None:
-                    slots.append(_Slot(g, i, "probability", key))
-                elif concept == FINDING.value and PROBABILITY.value not in concepts:
-                    slots.append(_Slot(g, i, "finding"))
+                kind = _slot_kind(item, concept, main)
+                if kind is not None:
+                    slots.append(_Slot(g, i, kind, "" if main or key is None else key))
         self._measurements, self._slots = measurements, slots
-        self._tree = encoded.getvalue()
+        self._tree = _encoded(holder)
 
     def _content(self, evidence: Dataset, result: Classification) -> Sequence:
         """The kept content tree with this image's items in their places."""
         assert self._tree is not None
-        tree = read_dataset(BytesIO(self._tree), is_implicit_VR=False, is_little_endian=True)
+        tree = _decoded(self._tree)
         groups = tree.ContentSequence[self._measurements].ContentSequence
+        reached = reached_thresholds(self.card, result.probabilities)
         for slot in self._slots:
-            item: Dataset
-            if slot.kind == "uid":
-                item = only_item(TrackingIdentifier(uid=generate_uid()))  # the UIDREF item
-            elif slot.kind == "image":
-                item = SourceImageForMeasurementGroup.from_source_image(evidence)
-            elif slot.kind == "probability":
-                item = only_item(_probability(result.probabilities[slot.key]))
-            else:
-                item = only_item(QualitativeEvaluation(name=FINDING,
-                                                       value=_class_concept(result.label)))
-            groups[slot.group].ContentSequence[slot.index] = item
+            groups[slot.group].ContentSequence[slot.index] = self._item(
+                slot, evidence, result, reached)
         content: Sequence = tree.ContentSequence
         return content
+
+    def _item(self, slot: _Slot, evidence: Dataset, result: Classification,
+              reached: list[str]) -> Dataset:
+        """This image's item for ``slot``. An item that takes one of a few values
+        (finding, flags, view) is built by highdicom the first time it is needed and
+        kept encoded, like the tree."""
+        if slot.kind not in _FEW_VALUES:
+            return _slot_item(slot, evidence, result, reached)
+        # Everything such an item depends on (more than each kind needs: a few more
+        # variants, never a wrong one).
+        key = (slot.kind, slot.key, result.label, result.view, slot.key in reached,
+               bool(reached))
+        encoded = self._variants.get(key)
+        if encoded is None:
+            encoded = self._variants[key] = _encoded(_slot_item(slot, evidence, result, reached))
+        return _decoded(encoded)
+
+
+_SlotKind = Literal["uid", "image", "probability", "finding", "flagged", "view", "threshold_met"]
+_FEW_VALUES: frozenset[_SlotKind] = frozenset({"finding", "flagged", "view", "threshold_met"})
+
+
+def _encoded(ds: Dataset) -> bytes:
+    """``ds`` as Explicit VR Little Endian bytes (the SR's encoding)."""
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_dataset(encoded, ds)
+    return encoded.getvalue()
+
+
+def _decoded(encoded: bytes) -> Dataset:
+    """:func:`_encoded`'s data set, read lazily: its elements stay bytes until used."""
+    return read_dataset(BytesIO(encoded), is_implicit_VR=False, is_little_endian=True)
+
+
+def _slot_kind(item: Dataset, concept: tuple[str, str] | None, main: bool) -> _SlotKind | None:
+    """What a measurement group's item holds if it differs between images, else None."""
+    if concept == _code(TRACKING_UID):
+        return "uid"
+    if item.ValueType == "IMAGE":
+        return "image"
+    if main:
+        kinds: dict[tuple[str, str], _SlotKind] = {
+            _code(FINDING): "finding", _code(FLAGGED): "flagged", _code(COMMENT): "view"}
+    else:
+        kinds = {_code(PROBABILITY): "probability", _code(THRESHOLD_MET): "threshold_met"}
+    return kinds.get(concept) if concept is not None else None
+
+
+def _slot_item(slot: _Slot, evidence: Dataset, result: Classification,
+               reached: list[str]) -> Dataset:
+    """This image's content item for ``slot``, built by highdicom as :func:`build_sr`
+    builds it."""
+    if slot.kind == "uid":
+        return only_item(TrackingIdentifier(uid=generate_uid()))  # the UIDREF item
+    if slot.kind == "image":
+        return SourceImageForMeasurementGroup.from_source_image(evidence)
+    if slot.kind == "probability":
+        return only_item(_probability(result.probabilities[slot.key]))
+    if slot.kind == "finding":
+        return only_item(QualitativeEvaluation(name=FINDING, value=_class_concept(result.label)))
+    if slot.kind == "flagged":
+        return only_item(QualitativeEvaluation(name=FLAGGED, value=YES if reached else NO))
+    if slot.kind == "threshold_met":
+        return only_item(QualitativeEvaluation(name=THRESHOLD_MET,
+                                               value=YES if slot.key in reached else NO))
+    return _view(result)
 
 
 @dataclass(frozen=True)
 class _Slot:
     """A content item that differs between images: group, position, kind (and for a
-    probability, its class)."""
+    class's probability or threshold met, the class)."""
 
     group: int
     index: int
-    kind: Literal["uid", "image", "probability", "finding"]
+    kind: _SlotKind
     key: str = ""
 
 
-def _concept(item: Dataset) -> str | None:
+def _code(code: Code | CodedConcept) -> tuple[str, str]:
+    return str(code.value), str(code.scheme_designator)
+
+
+def _concept(item: Dataset) -> tuple[str, str] | None:
     names = item.get("ConceptNameCodeSequence")
-    return str(names[0].CodeValue) if names else None
+    return (str(names[0].CodeValue), str(names[0].CodingSchemeDesignator)) if names else None
 
 
 def _probability(value: float) -> Measurement:
     return Measurement(name=PROBABILITY, value=round(float(value), 6), unit=codes.UCUM.NoUnits)
+
+
+def _threshold(point: OperatingPoint) -> Measurement:
+    return Measurement(name=THRESHOLD, value=round(float(point.threshold), 6),
+                       unit=codes.UCUM.NoUnits)
+
+
+def _text(name: Code | CodedConcept, value: str) -> TextContentItem:
+    return TextContentItem(name=name, value=value,
+                           relationship_type=RelationshipTypeValues.CONTAINS)
+
+
+def _view(result: Classification) -> TextContentItem:
+    return _text(COMMENT, VIEW_TEXTS[result.view])
+
+
+def _notices(card: ModelCard) -> list[TextContentItem]:
+    """The root's first items: an unvalidated model's warning with the reason, then
+    the intended use."""
+    status = validation_status(card)
+    notices = [] if status.validated else [
+        _text(COMMENT, f"{UNVALIDATED_WARNING}: {status.reason}.")]
+    return [*notices, _text(COMMENT, INTENDED_USE)]
+
+
+def _contains(group: MeasurementsAndQualitativeEvaluations, item: TextContentItem) -> None:
+    """Add a TEXT item to a measurement group, after its evaluations and before its
+    source image (TID 1501 is extensible; highdicom 0.28 builds qualitative
+    evaluations as CODE items only)."""
+    items = only_item(group).ContentSequence
+    images = [i for i, existing in enumerate(items) if existing.ValueType == "IMAGE"]
+    items.insert(images[0] if images else len(items), item)

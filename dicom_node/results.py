@@ -20,8 +20,9 @@ from dicom_node.config import Settings
 from dicom_node.db import Job
 from dicom_node.destination import Destination
 from dicom_node.jobs import JobResult, JobStore
-from dicom_node.report import Classification, ReportBuilder
+from dicom_node.report import Classification, ReportBuilder, reached_thresholds
 from dicom_node.spool import Spool
+from model.card import UNVALIDATED_WARNING
 from model.classes import CLASS_KEYS
 
 LOGGER = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ class ResultWriter:
         stored = self.store.complete_batch(self.owner, results)
         for result, ours in zip(results, stored, strict=True):
             if ours:
-                LOGGER.info("job %d: %s (%s)", result.job_id, result.label,
-                            ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()))
+                LOGGER.info("job %d: %s (%s)%s%s", result.job_id, result.label,
+                            ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()),
+                            f", flagged {'+'.join(result.flags)}" if result.flags else "",
+                            "" if result.model_validated else f" -- {UNVALIDATED_WARNING}")
             else:
                 LOGGER.warning("job %d: lease lost before the result was stored",
                                result.job_id)
@@ -67,7 +70,8 @@ class ResultWriter:
                 # highdicom's warnings quote attribute values (patient names): keep them
                 # out of the log.
                 warnings.simplefilter("ignore")
-                sr = reports.build(item.source, Classification(label, probabilities),
+                result = Classification(label, probabilities, view=job.view or "frontal")
+                sr = reports.build(item.source, result,
                                    job.sr_sop_instance_uid, job.sr_series_instance_uid)
             encoded = BytesIO()
             sr.save_as(encoded, enforce_file_format=True)
@@ -77,7 +81,9 @@ class ResultWriter:
             LOGGER.warning("job %d: SR could not be built (%s)", job.id, type(exc).__name__)
             return None
         return JobResult(job.id, label, probabilities, f"{card.name} {card.display_version}",
-                         sr_name, self.destinations(job))
+                         sr_name, self.destinations(job),
+                         flags=reached_thresholds(card, probabilities),
+                         model_validated=reports.validation.validated)
 
     def destinations(self, job: Job) -> list[str]:
         """Where ``job``'s SR goes: the configured destinations, and the calling AE when

@@ -166,11 +166,13 @@ def test_worker_classifies_the_queue_without_receiving_or_touching_the_spool(
     in_flight = node.spool / "ab" / ("ab" + "0" * 30 + ".dcm")
     in_flight.parent.mkdir(exist_ok=True)
     in_flight.write_bytes(b"a file whose job row is not committed yet")
-    installed = cli("model", "install", str(small_artifact), "--data-dir", str(node.data_dir))
+    installed = cli("model", "install", str(small_artifact), "--allow-unvalidated",
+                    "--data-dir", str(node.data_dir))
     assert installed.returncode == 0, installed.stderr
 
     log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen([sys.executable, "-m", "dicom_node", "worker",
+                               "--allow-unvalidated-models",
                                "--data-dir", str(node.data_dir)], stdout=log,
                               stderr=subprocess.STDOUT)
     log.close()

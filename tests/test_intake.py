@@ -27,7 +27,6 @@ from dicom_node.intake import Disposition, View
 from dicom_factory import (
     CT,
     SC,
-    SHARED_DICOM,
     SHARED_DICOM_FILES,
     chest_image,
     ct_head,

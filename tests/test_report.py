@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pytest
 from pydicom import config as pydicom_config
 from pydicom import dcmread
@@ -15,21 +17,48 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_node.report import Classification, ReportBuilder, build_sr
-from model.card import ModelCard
+from model.card import ModelCard, OperatingPoint
+from model.card import TestEvidence as Evidence  # not "Test*": pytest would collect it
 
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit, jpeg2000
 from helpers.environment import require_tool
-from helpers.sr import Result, read_result, tracking_uids
+from helpers.sr import Result, comments, measurement_groups, read_result, tracking_uids
 
+#: Unvalidated (no test evidence), no operating points.
 CARD = ModelCard(version="1.2.0", architecture="concatenated", input_size=300,
                  sha256="0123456789abcdef" * 4, trained=False)
+OPERATING_POINTS = {
+    "covid": OperatingPoint(threshold=0.30, target_sensitivity=0.90, validation_images=60,
+                            test_sensitivity=0.91, test_sensitivity_95=[0.85, 0.95],
+                            test_specificity=0.80, test_specificity_95=[0.74, 0.86]),
+    "pneumonia": OperatingPoint(threshold=0.60, target_sensitivity=0.85, validation_images=60),
+}
+#: Validated (test evidence whose interval lies above chance), with operating points
+#: for covid and pneumonia.
+VALIDATED = ModelCard(version="1.0.0", architecture="concatenated", input_size=300,
+                      sha256="fedcba9876543210" * 4, trained=True,
+                      test=Evidence(balanced_accuracy_95=[0.6, 0.8], images=200,
+                                    data_set="synthetic chest radiographs"),
+                      operating_points=OPERATING_POINTS)
+CARDS = [pytest.param(CARD, id="unvalidated"), pytest.param(VALIDATED, id="validated")]
 RESULT = Classification("covid", {"covid": 0.81, "normal": 0.07, "pneumonia": 0.12})
-#: One result per class, so that an SR carrying another image's Finding or
-#: probabilities (or a fixed one) is caught.
+#: Below pneumonia's threshold but the most probable; covid above its own.
+BELOW_ARGMAX = Classification("pneumonia", {"covid": 0.35, "normal": 0.25, "pneumonia": 0.40},
+                              view="undetermined")
+#: Every class as the Finding, so that an SR carrying another image's Finding or
+#: probabilities (or a fixed one) is caught; with VALIDATED's thresholds they flag
+#: covid, pneumonia, nothing, covid and nothing -- pneumonia with either flag, or
+#: none -- and the views alternate.
 RESULTS = [RESULT,
            Classification("pneumonia", {"covid": 0.1234567, "normal": 1e-7,
-                                        "pneumonia": 0.8765432}),
-           Classification("normal", {"covid": 0.25, "normal": 0.5, "pneumonia": 0.25})]
+                                        "pneumonia": 0.8765432}, view="undetermined"),
+           Classification("normal", {"covid": 0.25, "normal": 0.5, "pneumonia": 0.25}),
+           BELOW_ARGMAX,
+           Classification("pneumonia", {"covid": 0.25, "normal": 0.2, "pneumonia": 0.55})]
+WARNING = "UNVALIDATED MODEL - NOT FOR CLINICAL USE"
+VIEWS = {"frontal": "View: frontal",
+         "undetermined": "View undetermined: the image carries no view information; "
+                         "it was classified as if frontal."}
 
 
 @pytest.fixture(autouse=True)
@@ -53,14 +82,21 @@ def sources(shared_dicom: Path) -> list[Dataset]:
     return made
 
 
-def expected(result: Classification) -> Result:
-    """What the SR must say: the predicted class, and each probability as written
-    (rounded to 6 decimals)."""
-    return Result(result.label, {k: round(v, 6) for k, v in result.probabilities.items()})
+def expected(result: Classification, card: ModelCard = CARD) -> Result:
+    """What the SR must say: the predicted class, each probability as written
+    (rounded to 6 decimals), the title, the classes at or above their threshold,
+    the view, and the warning where the card has no test evidence."""
+    points = card.operating_points
+    flags = tuple(key for key in ("covid", "normal", "pneumonia")
+                  if key in points and result.probabilities[key] >= points[key].threshold)
+    return Result(result.label, {k: round(v, 6) for k, v in result.probabilities.items()},
+                  WARNING if card.test is None else "Imaging Measurement Report", flags,
+                  {key: point.threshold for key, point in points.items()},
+                  bool(flags) if points else None, VIEWS[result.view], card.test is None)
 
 
 def check(path: Path, source: Dataset, result: Classification, sr_uid: str,
-          series_uid: str) -> None:
+          series_uid: str, card: ModelCard = CARD) -> None:
     with pydicom_config.strict_reading():
         sr = dcmread(path)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
@@ -68,14 +104,19 @@ def check(path: Path, source: Dataset, result: Classification, sr_uid: str,
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
     model = [item for item in sr.ContributingEquipmentSequence
-             if item.get("DeviceUID") == CARD.device_uid]
+             if item.get("DeviceUID") == card.device_uid]
     assert len(model) == 1  # the model's item carries its Device UID, and only that item
-    assert model[0].Manufacturer == CARD.manufacturer
+    assert model[0].Manufacturer == card.manufacturer
     assert model[0].PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Equipment"
     referenced = sr.CurrentRequestedProcedureEvidenceSequence[0] \
         .ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert read_result(sr) == expected(result)
+    said = read_result(sr)
+    assert said == expected(result, card)
+    # The local coding scheme is declared (PS3.3 C.12.1.1.2.1).
+    assert [item.CodingSchemeDesignator
+            for item in sr.CodingSchemeIdentificationSequence] == ["99DCMNODE"]
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
     dciodvfy = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True,
                               text=True, timeout=60)
@@ -83,24 +124,30 @@ def check(path: Path, source: Dataset, result: Classification, sr_uid: str,
     assert errors == [], dciodvfy.stderr
     dsrdump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True,
                              text=True, timeout=60)
-    assert dsrdump.returncode == 0 and "Imaging Measurement Report" in dsrdump.stdout
+    assert dsrdump.returncode == 0 and f'(,,"{said.title}")' in dsrdump.stdout
     assert "W:" not in dsrdump.stderr and "E:" not in dsrdump.stderr, dsrdump.stderr
+    # highdicom reads it back as a TID 1500 report, whatever its title.
+    back = hd.sr.srread(path)
+    assert isinstance(back.content, hd.sr.MeasurementReport)
+    assert back.content[0].name.meaning == said.title
+    assert len(back.content.get_image_measurement_groups()) == 4
 
 
-def test_every_sr_is_valid(tmp_path: Path, shared_dicom: Path) -> None:
-    builder = ReportBuilder(CARD)
+@pytest.mark.parametrize("card", CARDS)
+def test_every_sr_is_valid(card: ModelCard, tmp_path: Path, shared_dicom: Path) -> None:
+    builder = ReportBuilder(card)
     for i, source in enumerate(sources(shared_dicom)):
         # Each image gets another result than the one before: the builder's kept
         # tree holds the first image's items, which must never show through.
         result = RESULTS[i % len(RESULTS)]
-        for how, build in (("highdicom", lambda *a: build_sr(*a, CARD.device_uid)),
+        for how, build in (("highdicom", lambda *a: build_sr(*a, card.device_uid)),
                            ("builder", lambda src, r, _c, *uids: builder.build(src, r, *uids))):
             sr_uid, series_uid = generate_uid(), generate_uid()
             with pydicom_config.disable_value_validation():
-                sr = build(source, result, CARD, sr_uid, series_uid)
+                sr = build(source, result, card, sr_uid, series_uid)
             path = tmp_path / f"sr{i}-{how}.dcm"
             sr.save_as(path, enforce_file_format=True)
-            check(path, source, result, sr_uid, series_uid)
+            check(path, source, result, sr_uid, series_uid, card)
 
 
 def _latin1_patient() -> Dataset:
@@ -138,29 +185,140 @@ def _comparable(sr: Dataset) -> dict[str, Any]:
     return again.to_json_dict()
 
 
-@pytest.mark.parametrize("result", RESULTS[:2])
-def test_builder_gives_what_highdicom_gives(result: Classification, shared_dicom: Path
-                                            ) -> None:
-    builder = ReportBuilder(CARD, institution_name="General")
+@pytest.mark.parametrize("card", CARDS)
+def test_builder_gives_what_highdicom_gives(card: ModelCard, shared_dicom: Path) -> None:
+    builder = ReportBuilder(card, institution_name="General")
     made = [dx_16bit(), cr_monochrome1(), jpeg2000(), _latin1_patient(), _bare_source()]
     with pydicom_config.disable_value_validation():
         made += [dcmread(p, force=True) for p in sorted(shared_dicom.glob("*.dcm"))]
+    # The kept tree is the first SR's: a normal, unflagged, frontal result; the
+    # later ones differ from it and from each other in finding, flags and view, each
+    # with both views (the builder keeps the items that take a few values).
+    kept = Classification("normal", {"covid": 0.05, "normal": 0.9, "pneumonia": 0.05})
+    other_view = {"frontal": "undetermined", "undetermined": "frontal"}
+    varied = RESULTS + [replace(result, view=other_view[result.view]) for result in RESULTS]
     with pydicom_config.disable_value_validation():
-        first = builder.build(chest_image(), RESULTS[2], generate_uid(), generate_uid())
+        first = builder.build(chest_image(), kept, generate_uid(), generate_uid())
+        assert read_result(first) == expected(kept, card)
         seen = set(tracking_uids(first))  # the kept tree's: none may come back
         assert len(seen) == 4
-        for source in made:
+        for i, result in enumerate(varied):
+            source = made[i % len(made)]
             uids = generate_uid(), generate_uid()
             fast = builder.build(source, result, *uids)
-            reference = build_sr(source, result, CARD, *uids, CARD.device_uid, "General")
+            reference = build_sr(source, result, card, *uids, card.device_uid, "General")
             assert _comparable(fast) == _comparable(reference)
-            assert read_result(fast) == expected(result)
+            assert read_result(fast) == expected(result, card)
             # Fresh tracking UIDs for every group of every SR (TID 1501: a group's
             # UID identifies that measurement, in that SR).
             fresh = tracking_uids(fast)
             assert len(set(fresh)) == len(fresh) == 4
             assert not seen & set(fresh), "a tracking UID was reused"
             seen |= set(fresh)
+
+
+def _build(result: Classification, card: ModelCard) -> Dataset:
+    sr: Dataset = build_sr(dx_16bit(), result, card, generate_uid(), generate_uid(),
+                           card.device_uid)
+    return sr
+
+
+def test_unvalidated_model_says_so_in_title_series_and_first_item() -> None:
+    sr = _build(RESULT, CARD)
+    (title,) = sr.ConceptNameCodeSequence
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+        "UNVALIDATED-IMR", "99DCMNODE", WARNING)
+    assert sr.SeriesDescription.startswith(WARNING) and len(sr.SeriesDescription) <= 64
+    assert "NOT A DIAGNOSIS" in sr.SeriesDescription
+    first, intended_use = comments(sr)[:2]
+    assert sr.ContentSequence[0].TextValue == first
+    assert first == f"{WARNING}: the card carries no test results."  # the reason given
+    assert intended_use.startswith("Intended use: research and decision support.")
+    assert "not a diagnosis" in intended_use and "radiologist" in intended_use
+    assert read_result(sr).warning
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+
+def test_validated_model_has_the_standard_title_and_still_its_intended_use() -> None:
+    sr = _build(RESULT, VALIDATED)
+    (title,) = sr.ConceptNameCodeSequence
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+        "126000", "DCM", "Imaging Measurement Report")
+    assert sr.SeriesDescription == "AI RESULT - NOT A DIAGNOSIS (model 1.0.0)"
+    (intended_use,) = comments(sr)
+    assert sr.ContentSequence[0].TextValue == intended_use
+    assert "not a diagnosis and must be read by a radiologist" in intended_use
+    assert "UNVALIDATED" not in str(sr.to_json_dict())
+    assert not read_result(sr).warning
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_series_description_fits_a_long_version(card: ModelCard) -> None:
+    long = card.model_copy(update={"version": "1.0.0+" + "build" * 20})
+    description = _build(RESULT, long).SeriesDescription  # LO checked on assignment
+    assert len(description) <= 64
+    assert description.startswith(WARNING if card.test is None else "AI RESULT - NOT A DIAGNOSIS")
+    assert "NOT A DIAGNOSIS" in description
+
+
+def test_thresholds_flag_classes_while_the_finding_stays_the_most_probable() -> None:
+    said = read_result(_build(BELOW_ARGMAX, VALIDATED))
+    assert said.finding == "pneumonia"  # the argmax, though below its threshold
+    assert said.flags == ("covid",)  # 0.35 >= 0.30; pneumonia 0.40 < 0.60
+    assert said.flagged is True
+    assert said.thresholds == {"covid": 0.30, "pneumonia": 0.60}
+    unflagged = read_result(_build(RESULTS[2], VALIDATED))  # 0.25 and 0.25: neither
+    assert unflagged.flags == () and unflagged.flagged is False
+
+
+def test_threshold_met_at_exactly_the_threshold() -> None:
+    result = Classification("normal", {"covid": 0.30, "normal": 0.40, "pneumonia": 0.30})
+    assert read_result(_build(result, VALIDATED)).flags == ("covid",)
+
+
+def test_operating_point_is_described_in_its_class_group() -> None:
+    groups = {_group_class(group): group for group in measurement_groups(
+        _build(BELOW_ARGMAX, VALIDATED))[1:]}
+    texts = {key: [str(item.TextValue) for item in group.ContentSequence
+                   if item.ValueType == "TEXT"
+                   and item.ConceptNameCodeSequence[0].CodeValue == "111081"]
+             for key, group in groups.items()}
+    assert texts["covid"] == [
+        "threshold 0.300 chosen for sensitivity >= 0.90 on 60 validation images; "
+        "on the test set sensitivity 0.91 (0.85-0.95), specificity 0.80 (0.74-0.86)"]
+    assert texts["pneumonia"] == [
+        "threshold 0.600 chosen for sensitivity >= 0.85 on 60 validation images; "
+        "not measured on a test set"]
+    assert texts["normal"] == []
+
+
+def _group_class(group: Dataset) -> str:
+    """The class of a probability group, by its finding type's code."""
+    codes = {"840539006": "covid", "17621005": "normal", "233604007": "pneumonia"}
+    return next(codes[str(item.ConceptCodeSequence[0].CodeValue)]
+                for item in group.ContentSequence
+                if item.ValueType == "CODE"
+                and item.ConceptNameCodeSequence[0].CodeValue == "121071")
+
+
+def test_a_card_without_operating_points_neither_thresholds_nor_flags() -> None:
+    sr = _build(BELOW_ARGMAX, CARD)
+    said = read_result(sr)
+    assert said.flags == () and said.thresholds == {} and said.flagged is None
+    concepts = {item.ConceptNameCodeSequence[0].CodeValue
+                for group in measurement_groups(sr) for item in group.ContentSequence}
+    assert not concepts & {"122411", "THRESHOLD-MET", "FLAGGED", "111081"}
+
+
+@pytest.mark.parametrize("view", ["frontal", "undetermined"])
+def test_sr_names_the_view(view: str) -> None:
+    result = Classification("covid", RESULT.probabilities, view=view)
+    assert read_result(_build(result, CARD)).view == VIEWS[view]
+
+
+def test_classification_refuses_an_unknown_view() -> None:
+    with pytest.raises(ValueError, match="view"):
+        Classification("covid", RESULT.probabilities, view="lateral")
 
 
 def test_invalid_patient_age_is_left_out() -> None:

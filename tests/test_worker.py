@@ -70,7 +70,7 @@ def pacs() -> Iterator[FakePACS]:
 
 @pytest.fixture
 def node(tmp_path: Path, pacs: FakePACS) -> Iterator[Node]:
-    settings = Settings(data_dir=tmp_path / "var", port=free_port(),
+    settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
                         destinations=[f"PACS@127.0.0.1:{pacs.port}"], max_attempts=2,
                         batch_size=4, max_batch_delay_ms=300, retry_base_seconds=0.5,
@@ -90,7 +90,7 @@ def test_jobs_wait_for_a_model_then_flow_to_the_pacs(node: Node, pacs: FakePACS,
     wait_until(lambda: node.worker.idle_passes >= passes + 2, timeout=30)
     assert node.store.counts() == {"queued": 3}  # no model: nothing runs, nothing is lost
 
-    card.install(small_artifact, node.settings.model_dir)
+    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
     wait_until(lambda: len(pacs.received) == 3)
     wait_until(lambda: node.store.delivery_counts() == {"done": 3})
     jobs = node.store.list()
@@ -113,7 +113,7 @@ def test_poison_input_fails_and_the_queue_drains(node: Node, pacs: FakePACS,
     assert store(node, [good, bad]) == [0, 0]
     poisoned = next(j for j in node.store.list() if j.sop_instance_uid == bad.SOPInstanceUID)
     node.spool.path(poisoned.spool_file).write_bytes(b"\0" * 300)  # disk corruption
-    card.install(small_artifact, node.settings.model_dir)
+    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
     wait_until(lambda: node.store.counts().get("failed") == 1
                and node.store.counts().get("done") == 1)
     failed = node.store.get(poisoned.id)
@@ -125,7 +125,7 @@ def test_poison_input_fails_and_the_queue_drains(node: Node, pacs: FakePACS,
 def test_permanent_refusal_is_dead_then_retry_on_request(node: Node, pacs: FakePACS,
                                                          small_artifact: Path) -> None:
     pacs.status = 0xA900
-    card.install(small_artifact, node.settings.model_dir)
+    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
     assert store(node, [chest_image()]) == [0]
     wait_until(lambda: node.store.delivery_counts() == {"dead": 1})
     (job,) = node.store.list()
@@ -140,7 +140,7 @@ def test_permanent_refusal_is_dead_then_retry_on_request(node: Node, pacs: FakeP
 def test_out_of_resources_is_retried_with_the_same_sr(node: Node, pacs: FakePACS,
                                                       small_artifact: Path) -> None:
     pacs.status = 0xA700
-    card.install(small_artifact, node.settings.model_dir)
+    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
     assert store(node, [chest_image()]) == [0]
     wait_until(lambda: any(d.attempts >= 2 for ds in node.store.deliveries(
         [j.id for j in node.store.list()]).values() for d in ds))
@@ -153,7 +153,7 @@ def test_out_of_resources_is_retried_with_the_same_sr(node: Node, pacs: FakePACS
 def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS,
                                                   small_artifact: Path) -> None:
     """The batch decoded ahead of time is finished on stop, not left under a lease."""
-    settings = Settings(data_dir=tmp_path / "var", port=free_port(),
+    settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
                         destinations=[f"PACS@127.0.0.1:{pacs.port}"], batch_size=2,
                         max_batch_delay_ms=0, dispatch_interval_seconds=0.3)
@@ -161,7 +161,7 @@ def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS
     running.start()
     try:
         assert store(running, [chest_image(seed=i) for i in range(12)]) == [0] * 12
-        card.install(small_artifact, settings.model_dir)
+        card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
         wait_until(lambda: running.store.counts().get("done", 0) >= 2)
     finally:
         running.stop()
@@ -197,14 +197,15 @@ def test_a_new_model_is_picked_up_and_the_old_one_freed(
     card.save_artifact(network.build("concatenated", 96, seed=8), other,
                        {"version": "0.0.2", "architecture": "concatenated", "input_size": 96,
                         "trained": False})
-    settings = Settings(data_dir=tmp_path / "var", min_free_disk_mb=0)
+    settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True,
+                        min_free_disk_mb=0)
     with JobStore(settings.database_url) as jobs:
         worker = Worker(settings, jobs, Spool(settings.storage_dir))
         try:
-            card.install(small_artifact, settings.model_dir)
+            card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
             assert _serving(worker) == "0.0.1"
             assert gc.get_freeze_count() > 0
-            card.install(other, settings.model_dir)
+            card.install(other, settings.model_dir, allow_unvalidated=True)
             assert _serving(worker) == "0.0.2"
             gc.collect()
             assert len(loaded) == 2 and loaded[0]() is None and loaded[1]() is not None
@@ -218,11 +219,11 @@ def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
     """The receive path wakes the worker: with the idle poll far longer than the wait
     below, the image is classified and its SR delivered all the same."""
     monkeypatch.setattr(worker_module, "IDLE_POLL_SECONDS", 300.0)
-    settings = Settings(data_dir=tmp_path / "var", port=free_port(),
+    settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
                         destinations=[f"PACS@127.0.0.1:{pacs.port}"],
                         dispatch_interval_seconds=300)
-    card.install(small_artifact, settings.model_dir)
+    card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
     running = Node(settings)
     running.start()
     try:

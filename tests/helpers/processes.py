@@ -29,12 +29,16 @@ class NodeProcess:
     """``dicom-node serve`` as a real child process on a free loopback port."""
 
     def __init__(self, data_dir: Path, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, allow_unvalidated: bool = True) -> None:
+        """``allow_unvalidated``: the node serves the tests' small untrained models (its
+        results then say so), as ``make demo`` does; False for the clinical gate."""
         self.data_dir = data_dir
         self.port = free_port()
         self.extra_args = extra_args if extra_args is not None else [
             "--allow-calling-ae", CALLING_AE]
         self.env = {**os.environ, **(env or {})}
+        self.env.setdefault("DICOM_NODE_ALLOW_UNVALIDATED_MODELS",
+                            "true" if allow_unvalidated else "false")
         self.log_path = data_dir.parent / f"{data_dir.name}-node.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

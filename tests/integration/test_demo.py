@@ -18,6 +18,7 @@ def test_demo_with_a_given_model(small_artifact: Path) -> None:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "UNTRAINED" in out
+    assert "UNTRAINED" in out and "UNVALIDATED MODEL - NOT FOR CLINICAL USE" in out
+    assert "study results:" in out
     rows = [line for line in out.splitlines() if line.startswith("job ")]
     assert len(rows) == 3 and all("(done)" in row and "covid=" in row for row in rows)
