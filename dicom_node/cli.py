@@ -27,6 +27,7 @@ from dicom_node.db import Delivery, Job, JobState
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.jobs import JobStore
 from dicom_node.libraries import configure
+from model.card import UNVALIDATED_WARNING
 from model.cli import ConfigOption, DataDirOption
 
 LOGGER = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ def _job_dict(job: Job, deliveries: list[Delivery]) -> dict[str, Any]:
         "probabilities": job.probabilities,
         "model_version": job.model_version,
         "model_validated": job.model_validated,
+        **({"warning": UNVALIDATED_WARNING} if job.model_validated is False else {}),
         "flags": job.flags,
         "study_note": job.study_note,
         "sr_sop_instance_uid": job.sr_sop_instance_uid,
@@ -277,7 +279,9 @@ def jobs_list(
         sent = ", ".join(f"{d.destination.split('@')[0]}:{d.state.value}"
                          for d in deliveries[job.id])
         table.add_row(str(job.id), job.state.value, job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                      job.calling_ae, str(job.attempts), job.label or "", sent,
+                      job.calling_ae, str(job.attempts),
+                      f"{job.label} ({UNVALIDATED_WARNING})" if job.model_validated is False
+                      else job.label or "", sent,
                       job.last_error or job.intake_reason)
     Console().print(table)
 
@@ -338,7 +342,7 @@ def studies_list(
         flagged = "" if row["flagged"] is None else ("+".join(row["flags"]) or "no")
         model = row["model_version"] or ""
         if row["model_validated"] is False:
-            model += " (UNVALIDATED)"
+            model += f" ({UNVALIDATED_WARNING})"
         table.add_row(str(row["id"]), row["study_instance_uid"], str(row["version"]),
                       row["state"], flagged, row["label"] or "", str(len(row["job_ids"])),
                       model, "; ".join(row["problems"]))

@@ -129,12 +129,14 @@ class Job(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
     intake_reason: Mapped[str] = mapped_column(String(128), default="")
-    #: The view intake found: ``frontal`` or ``undetermined`` for a queued job (see
-    #: :mod:`dicom_node.intake`); None for an ignored one or a job from before views.
+    #: The view intake found (see :mod:`dicom_node.intake`): ``frontal`` or
+    #: ``undetermined`` for a queued job, ``lateral`` etc. for one ignored for its view;
+    #: None when the view was not judged (not chest) or for a job from before views.
     view: Mapped[str | None] = mapped_column(String(16), default=None)
     #: Keys that tell whether two images of a study belong to the same patient and the
-    #: same accession, without storing either: sha256 of (Study Instance UID, value),
-    #: cut to 16 hex digits; None when the image has no such value.
+    #: same accession, without storing either: HMAC-SHA256 under the node's secret
+    #: (:func:`dicom_node.jobs.study_key`) of (Study Instance UID, value), cut to 16 hex
+    #: digits; None when the image has no such value.
     patient_key: Mapped[str | None] = mapped_column(String(16), default=None)
     accession_key: Mapped[str | None] = mapped_column(String(16), default=None)
 

@@ -11,6 +11,7 @@ it has used ``max_attempts``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import generate_uid
@@ -60,14 +62,41 @@ class ReceivedInstance:
     accession_key: str | None = None
 
 
-def study_key(study_instance_uid: str, value: object) -> str | None:
-    """A key that is equal for equal ``value`` within one study and tells nothing of it
-    without the study: sha256 of the study UID and the value, 16 hex digits; None for
-    an empty value."""
+#: The node's secret for :func:`study_key`, in the data directory (beside the database,
+#: never in it).
+STUDY_KEY_SECRET_FILE = "study-key.secret"  # noqa: S105  # a file name, not a secret
+
+
+def study_key_secret(data_dir: Path) -> bytes:
+    """The node's secret for :func:`study_key`: 32 random bytes in ``data_dir``, made
+    once (mode 0600) and read afterwards."""
+    path = data_dir / STUDY_KEY_SECRET_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_bytes()
+        if len(secret) < 32:
+            raise RuntimeError(f"{path} is damaged (shorter than 32 bytes)") from None
+        return secret
+    secret = os.urandom(32)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+        f.flush()
+        os.fsync(f.fileno())
+    return secret
+
+
+def study_key(secret: bytes, study_instance_uid: str, value: object) -> str | None:
+    """A key that is equal for equal ``value`` within one study and tells nothing of it:
+    HMAC-SHA256 under the node's secret (kept out of the database, so that a copy of the
+    database alone cannot be searched for a Patient ID) of the study UID and the value,
+    16 hex digits; None for an empty value."""
     text = str(value).strip() if value is not None else ""
     if not text:
         return None
-    return hashlib.sha256(f"{study_instance_uid}\0{text}".encode()).hexdigest()[:16]
+    message = f"{study_instance_uid}\0{text}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -80,8 +109,9 @@ class JobResult:
     model_version: str
     sr_file: str | None = None
     destinations: Sequence[str] = ()
-    #: Classes whose operating-point threshold the probability reached.
-    flags: Sequence[str] = ()
+    #: Classes whose operating-point threshold the probability reached; None when the
+    #: model has no operating points (nothing was checked).
+    flags: Sequence[str] | None = ()
     model_validated: bool | None = None
 
 
@@ -202,8 +232,13 @@ class JobStore:
                 with self._sessions.begin() as session:
                     session.add(job)
                     if gathered:  # the study's result waits for this image
-                        studies.touch(session, instance.study_instance_uid, utcnow(),
-                                      self.study_quiet_seconds)
+                        opened, reopened = studies.touch(
+                            session, instance.study_instance_uid, utcnow(),
+                            self.study_quiet_seconds)
+                        if reopened:
+                            job.intake_reason = (f"{reason}; arrived after the "
+                                                 f"study's result was formed: reopened as "
+                                                 f"version {opened.version}")[:128]
             except IntegrityError:
                 # The same instance and bytes, or (PostgreSQL) another receive opened the
                 # study's result at the same moment: then once more, joining it.
@@ -259,7 +294,8 @@ class JobStore:
                             finished_at=now, updated_at=now, last_error=None,
                             label=result.label, probabilities=result.probabilities,
                             model_version=result.model_version, sr_file=result.sr_file,
-                            flags=list(result.flags), model_validated=result.model_validated)
+                            flags=None if result.flags is None else list(result.flags),
+                            model_validated=result.model_validated)
                 )
                 ours = int(getattr(updated, "rowcount", 0)) == 1
                 stored.append(ours)

@@ -146,9 +146,11 @@ def title(card: ModelCard) -> CodedConcept | Code:
 def reached_thresholds(card: ModelCard, probabilities: dict[str, float]) -> list[str]:
     """The classes, in class order, whose probability is at or above the threshold of
     their operating point (a class without one is never flagged)."""
+    # Compared as the SR writes both values (6 decimals), so the SR never shows a
+    # probability that equals its threshold beside "not reached".
     return [cls.key for cls in CLASSES
             if (point := card.operating_points.get(cls.key)) is not None
-            and probabilities[cls.key] >= point.threshold]
+            and round(float(probabilities[cls.key]), 6) >= round(float(point.threshold), 6)]
 
 
 def series_description(card: ModelCard) -> str:

@@ -70,7 +70,7 @@ class ResultWriter:
                 # highdicom's warnings quote attribute values (patient names): keep them
                 # out of the log.
                 warnings.simplefilter("ignore")
-                result = Classification(label, probabilities, view=job.view or "frontal")
+                result = Classification(label, probabilities, view=job.view or "undetermined")
                 sr = reports.build(item.source, result,
                                    job.sr_sop_instance_uid, job.sr_series_instance_uid)
             encoded = BytesIO()
@@ -82,7 +82,8 @@ class ResultWriter:
             return None
         return JobResult(job.id, label, probabilities, f"{card.name} {card.display_version}",
                          sr_name, self.destinations(job),
-                         flags=reached_thresholds(card, probabilities),
+                         flags=(reached_thresholds(card, probabilities)
+                                if card.operating_points else None),
                          model_validated=reports.validation.validated)
 
     def destinations(self, job: Job) -> list[str]:

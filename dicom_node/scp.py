@@ -51,7 +51,7 @@ from dicom_node.errors import (
     Status,
     UndecodableDataset,
 )
-from dicom_node.jobs import JobStore, ReceivedInstance, study_key
+from dicom_node.jobs import JobStore, ReceivedInstance, study_key, study_key_secret
 from dicom_node.spool import Spool, SpooledFile
 from dicom_node.tcp import NO_DELAY
 
@@ -97,6 +97,7 @@ class StorageService:
         self.store = store
         self.spool = spool
         self._on_queued = on_queued
+        self._secret = study_key_secret(settings.data_dir)
         self._io = ThreadPoolExecutor(max_workers=settings.max_associations,
                                       thread_name_prefix="spool")
 
@@ -139,8 +140,9 @@ class StorageService:
                 sha256=hashlib.sha256(raw).hexdigest(),
                 size_bytes=len(raw),
                 view=decision.view.value if decision.view else None,
-                patient_key=study_key(uids["study_instance_uid"], _patient(ds)),
-                accession_key=study_key(uids["study_instance_uid"], ds.get("AccessionNumber")),
+                patient_key=study_key(self._secret, uids["study_instance_uid"], _patient(ds)),
+                accession_key=study_key(self._secret, uids["study_instance_uid"],
+                                        ds.get("AccessionNumber")),
             )
             duplicate = self.store.find_duplicate(instance.sop_instance_uid, instance.sha256)
             if duplicate is None and queue:

@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_node.db import Job, JobState, StudyResult, StudyState, utcnow
+from model.card import UNVALIDATED_WARNING
 
 if TYPE_CHECKING:
     from dicom_node.jobs import JobStore
@@ -38,8 +39,9 @@ LOGGER = logging.getLogger(__name__)
 
 
 def touch(session: Session, study_instance_uid: str, now: datetime, quiet_seconds: float
-          ) -> StudyResult:
-    """Open the study's result, or extend its quiet period, for an image just queued.
+          ) -> tuple[StudyResult, bool]:
+    """Open the study's result, or extend its quiet period, for an image just queued;
+    return it, and whether it reopened a closed one.
 
     A study whose latest result is closed is reopened as a new version that will
     supersede it.
@@ -56,12 +58,14 @@ def touch(session: Session, study_instance_uid: str, now: datetime, quiet_second
         How long the result stays open after the study's last image.
     """
     closes_at = now + timedelta(seconds=quiet_seconds)
+    # FOR UPDATE (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers): a
+    # result being closed is not extended behind the closer's back, and vice versa.
     latest = session.scalars(
         select(StudyResult).where(StudyResult.study_instance_uid == study_instance_uid)
-        .order_by(StudyResult.version.desc()).limit(1)).first()
+        .order_by(StudyResult.version.desc()).limit(1).with_for_update()).first()
     if latest is not None and latest.state is StudyState.OPEN:
         latest.last_image_at, latest.closes_at = now, closes_at
-        return latest
+        return latest, False
     opened = StudyResult(
         study_instance_uid=study_instance_uid, state=StudyState.OPEN,
         version=latest.version + 1 if latest is not None else 1,
@@ -71,7 +75,7 @@ def touch(session: Session, study_instance_uid: str, now: datetime, quiet_second
     if latest is not None:
         LOGGER.info("study result %d reopened by a late image as version %d", latest.id,
                     opened.version)
-    return opened
+    return opened, latest is not None
 
 
 @dataclass(frozen=True)
@@ -99,18 +103,19 @@ def form(jobs: list[Job]) -> Answer:
     classified = [j for j in jobs if j.state is JobState.DONE and j.probabilities]
     left_out = {j.id: "not classified: the job failed" for j in jobs
                 if j.state is JobState.FAILED}
-    reference = classified[0] if classified else None
+    # Each identifier's reference is the first classified image that carries it: an
+    # image without a Patient ID neither defines nor breaks the study's patient.
+    patient = next((j for j in classified if j.patient_key), None)
+    accession = next((j for j in classified if j.accession_key), None)
     included: list[Job] = []
     for job in classified:
-        assert reference is not None
-        if (job.patient_key and reference.patient_key
-                and job.patient_key != reference.patient_key):
+        if patient is not None and job.patient_key and job.patient_key != patient.patient_key:
             left_out[job.id] = (f"another patient than the study's first image "
-                                f"(job {reference.id})")
-        elif (job.accession_key and reference.accession_key
-              and job.accession_key != reference.accession_key):
+                                f"(job {patient.id})")
+        elif (accession is not None and job.accession_key
+              and job.accession_key != accession.accession_key):
             left_out[job.id] = (f"another accession number than the study's first image "
-                                f"(job {reference.id})")
+                                f"(job {accession.id})")
         else:
             included.append(job)
     best: dict[str, Any] = {}
@@ -120,13 +125,17 @@ def form(jobs: list[Job]) -> Answer:
                 best[key] = {"probability": p, "job_id": job.id,
                              "sop_instance_uid": job.sop_instance_uid}
     flags = sorted({f for j in included for f in (j.flags or [])})
+    # A job whose model had no operating points has flags None: nothing was checked,
+    # so the study cannot say "not flagged".
+    checked = all(j.flags is not None for j in included)
     versions = sorted({j.model_version for j in included if j.model_version})
     problems = [f"job {i}: {why}" for i, why in sorted(left_out.items())]
     if len(versions) > 1:
         problems.append(f"images classified by different models: {', '.join(versions)}")
     label = max(best, key=lambda k: best[k]["probability"]) if best else None
     return Answer(
-        flagged=bool(flags) if included else None, label=label, probabilities=best,
+        flagged=(True if flags else (False if checked else None)) if included else None,
+        label=label, probabilities=best,
         flags=flags, job_ids=[j.id for j in included], problems=problems,
         model_version=versions[-1] if versions else None,
         model_validated=(all(bool(j.model_validated) for j in included)
@@ -148,19 +157,21 @@ class StudyBook:
         with self.store.sessions.begin() as session:
             due = session.scalars(select(StudyResult).where(
                 StudyResult.state == StudyState.OPEN, StudyResult.closes_at <= now)
-                .order_by(StudyResult.closes_at)).all()
+                .order_by(StudyResult.closes_at).with_for_update(skip_locked=True)).all()
             for study in due:
                 if self._waiting(session, study.study_instance_uid):
                     continue  # closes once the network has seen every image
                 self._close(session, study, now)
                 closed.append(study)
         for study in closed:
-            LOGGER.info("study result %d (version %d) closed: %s%s, %d image(s)%s", study.id,
+            LOGGER.info("study result %d (version %d) closed: %s%s, %d image(s)%s%s", study.id,
                         study.version, study.label or "no result",
                         ", flagged " + "+".join(study.flags or []) if study.flagged else "",
                         len(study.job_ids or []),
                         f"; {len(study.problems or [])} problem(s): "
-                        + "; ".join(study.problems or []) if study.problems else "")
+                        + "; ".join(study.problems or []) if study.problems else "",
+                        "" if study.model_validated is not False
+                        else f" -- {UNVALIDATED_WARNING}")
         return closed
 
     @staticmethod
@@ -212,4 +223,5 @@ def describe(study: StudyResult) -> dict[str, Any]:
         "probabilities": study.probabilities or {}, "job_ids": study.job_ids or [],
         "problems": study.problems or [], "model_version": study.model_version,
         "model_validated": study.model_validated,
+        **({"warning": UNVALIDATED_WARNING} if study.model_validated is False else {}),
     }

@@ -98,8 +98,10 @@ class Worker(threading.Thread):
                 self._work.wait(IDLE_POLL_SECONDS)
                 self._work.clear()
         try:
-            while self._next is not None:  # a batch already claimed and decoded: finish it
-                self.step()
+            # A batch already claimed and decoded: finish it (unless the model can no longer
+            # serve; then its leases expire and another worker takes it).
+            while self._next is not None and self.step():
+                pass
         except Exception:
             LOGGER.exception("the last claimed batch failed; its leases will expire")
         self._drain()

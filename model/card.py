@@ -173,9 +173,13 @@ def validation_status(card: ModelCard) -> Validation:
         return Validation(False, "the card has test metrics but no test size")
     if test.evaluated_by == "import" and not (test.signed_by or "").strip():
         return Validation(False, "imported test metrics are not signed by a person")
-    if test.checkpoint_chosen_on_test:
-        return Validation(False, "the checkpoint was chosen on these test images (protocol "
-                                 "paper): the figures are optimistic, not test results")
+    if test.checkpoint_chosen_on_test or (
+            card.training is not None and card.training.checkpoint_chosen_on == "test"):
+        # Under the paper's protocol the checkpoint was picked on the fold's test images;
+        # a later `evaluate --record` cannot tell whether its data set is that one.
+        return Validation(False, "the checkpoint was chosen on test images (protocol "
+                                 "paper): its figures are optimistic; train with "
+                                 "--protocol clean for a model that can be validated")
     interval = test.balanced_accuracy_95
     if interval is None or len(interval) != 2:
         return Validation(False, "the test results give no 95 % interval of balanced accuracy")
@@ -298,7 +302,10 @@ def install(artifact: Path, models_dir: Path, allow_unvalidated: bool = False) -
         LOGGER.warning("installing unvalidated model %s %s: %s", card.name,
                        card.display_version, status.reason)
     models_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{card.name}-{card.display_version}-{card.sha256[:12]}"
+    # The card's own hash too: re-evaluating a model changes its card, not its weights,
+    # and the installed copy must be the card that was judged above.
+    card_hash = sha256_file(artifact / CARD_FILE)[:8]
+    name = f"{card.name}-{card.display_version}-{card.sha256[:12]}-{card_hash}"
     target = models_dir / name
     if not target.exists():
         staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=".install-"))

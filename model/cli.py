@@ -144,7 +144,7 @@ def model_import(
 
     With --metrics FILE --signed-by NAME, the card also carries that test evidence
     (evaluated_by "import", signed by NAME): JSON with data_set, images,
-    balanced_accuracy_95 ([low, high]), per_class ({class: {sensitivity,
+    balanced_accuracy_95 (\\[low, high]), per_class ({class: {sensitivity,
     sensitivity_95, specificity, specificity_95, roc_auc, roc_auc_95}}) and optional
     operating_points ({class: {threshold, target_sensitivity, validation_images, ...}}).
     The model is validated only when that evidence earns it; the command prints
@@ -346,5 +346,6 @@ def predict(
                 typer.echo(f"{row['file']}: error: {row['error']}")
                 continue
             probs = "  ".join(f"{k}={v:.4f}" for k, v in row["probabilities"].items())
-            typer.echo(f"{row['file']}: {row['label']}  {probs}")
+            marked = "" if status.validated else f"  ({card.UNVALIDATED_WARNING})"
+            typer.echo(f"{row['file']}: {row['label']}  {probs}{marked}")
     raise typer.Exit(1 if failures else 0)

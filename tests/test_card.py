@@ -117,13 +117,21 @@ def _evidence(interval: list[float] | None = None, **fields: object) -> card.Tes
     (_evidence([1 / 3, 0.45]), "reaches chance"),
     (_evidence([float("nan"), float("nan")]), "not an interval"),
     (_evidence([0.80, 0.60]), "not an interval"),
-    (_evidence(checkpoint_chosen_on_test=True), "chosen on these test images"),
+    (_evidence(checkpoint_chosen_on_test=True), "chosen on test images"),
 ])
 def test_unvalidated_for_each_missing_piece_of_evidence(evidence: card.TestEvidence | None,
                                                          reason: str) -> None:
     status = card.validation_status(_card_with(evidence))
     assert status.validated is False
     assert reason in status.reason
+
+
+def test_a_paper_protocol_model_is_never_validated_by_later_evidence() -> None:
+    made = _card_with(_evidence([0.60, 0.80]))  # evaluate --record: looks independent
+    made.training = card.TrainingRecord(starting_weights="imagenet", input_size=300,
+                                        checkpoint_chosen_on="test")
+    status = card.validation_status(made)
+    assert status.validated is False and "chosen on test images" in status.reason
 
 
 def test_validated_when_the_interval_lies_above_chance() -> None:
@@ -178,3 +186,22 @@ def test_starting_weights_names() -> None:
     assert card.starting_weights("none") == "random"
     assert card.starting_weights("imagenet") == "imagenet"
     assert card.starting_weights("/data/weights/fold1.h5") == "file:fold1.h5"
+
+
+def test_reinstalling_a_reevaluated_model_installs_its_new_card(small_artifact: Path,
+                                                                 tmp_path: Path) -> None:
+    """Re-evaluation changes the card, not the weights: the installed copy must be the
+    card that install judged, never the earlier one already under models/."""
+    copy = tmp_path / "copy"
+    shutil.copytree(small_artifact, copy)
+    validated = card.read_card(copy)
+    validated.test = _evidence([0.60, 0.80])
+    card.write_card(copy, validated)
+    models = tmp_path / "models"
+    first = card.install(copy, models)
+    worse = card.read_card(copy)
+    worse.test = _evidence([0.30, 0.45])  # re-evaluated: now reaches chance
+    card.write_card(copy, worse)
+    second = card.install(copy, models, allow_unvalidated=True)
+    assert second != first and card.active(models) == second.resolve()
+    assert not card.validation_status(card.read_card(second)).validated

@@ -250,3 +250,17 @@ def test_evaluate_writes_the_report_and_only_record_writes_the_card(
     again = evaluate.evaluate_artifact(artifact, test[:6], tmp_path / "ev2", data_set="dev 6")
     assert again["operating_points"]["covid"]["threshold"] == \
         recorded.operating_points["covid"].threshold
+
+
+def test_thresholds_are_never_chosen_on_the_test_images(tmp_path: Path) -> None:
+    from training.sources import Record
+
+    def record(name: str, patient: str) -> Record:
+        return Record(tmp_path / name, "covid", patient, "site")
+
+    test = [record("a.png", "p1"), record("b.png", "p2")]
+    evaluate.check_apart([record("c.png", "p3")], test)  # apart: fine
+    with pytest.raises(ValueError, match="share 1 image"):
+        evaluate.check_apart([record("a.png", "p9")], test)
+    with pytest.raises(ValueError, match="1 patient"):
+        evaluate.check_apart([record("d.png", "p2")], test)

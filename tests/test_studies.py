@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 
 from dicom_node.db import JobState, StudyState, utcnow
-from dicom_node.jobs import JobResult, JobStore, ReceivedInstance, study_key
+from dicom_node.jobs import (
+    STUDY_KEY_SECRET_FILE,
+    JobResult,
+    JobStore,
+    ReceivedInstance,
+    study_key,
+    study_key_secret,
+)
 from dicom_node.studies import StudyBook, describe
 
 STUDY = "1.2.3.1000"
+SECRET = b"s" * 32
 QUIET = 30.0
 
 
@@ -25,8 +33,8 @@ def instance(n: int, study: str = STUDY, view: str | None = "frontal",
         series_instance_uid="1.2.3.100", study_instance_uid=study,
         transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="STORESCU",
         peer_address="127.0.0.1", sha256=hashlib.sha256(data).hexdigest(),
-        size_bytes=len(data), view=view, patient_key=study_key(study, patient),
-        accession_key=study_key(study, accession))
+        size_bytes=len(data), view=view, patient_key=study_key(SECRET, study, patient),
+        accession_key=study_key(SECRET, study, accession))
 
 
 @pytest.fixture
@@ -180,8 +188,50 @@ def test_studies_are_kept_apart(store: JobStore) -> None:
     assert closed[STUDY].job_ids == [a] and closed["1.2.3.2000"].job_ids == [b]
 
 
-def test_study_key_hides_the_value_and_depends_on_the_study() -> None:
-    key = study_key(STUDY, "PAT-1")
-    assert key is not None and len(key) == 16 and "PAT" not in key
-    assert key == study_key(STUDY, " PAT-1 ") and key != study_key("1.2.3.2000", "PAT-1")
-    assert study_key(STUDY, "") is None and study_key(STUDY, None) is None
+def test_study_key_depends_on_the_secret_and_the_study() -> None:
+    key = study_key(SECRET, STUDY, "PAT-1")
+    assert key is not None and len(key) == 16
+    assert key == study_key(SECRET, STUDY, " PAT-1 ")
+    assert key != study_key(SECRET, "1.2.3.2000", "PAT-1")
+    assert key != study_key(b"t" * 32, STUDY, "PAT-1")  # a database copy alone cannot be
+    # searched: without the secret, hashing candidate Patient IDs finds nothing
+    assert key != hashlib.sha256(f"{STUDY}\0PAT-1".encode()).hexdigest()[:16]
+    assert study_key(SECRET, STUDY, "") is None and study_key(SECRET, STUDY, None) is None
+
+
+def test_the_secret_is_made_once_private_and_kept(tmp_path: Path) -> None:
+    first = study_key_secret(tmp_path / "var")
+    assert len(first) == 32 and study_key_secret(tmp_path / "var") == first
+    mode = (tmp_path / "var" / STUDY_KEY_SECRET_FILE).stat().st_mode & 0o777
+    assert mode == 0o600
+
+
+def test_a_classified_image_without_identifiers_neither_defines_nor_hides_a_patient(
+        store: JobStore) -> None:
+    bare = receive(store, 1, patient="", accession=None)
+    x, y = receive(store, 2, patient="PAT-X"), receive(store, 3, patient="PAT-Y")
+    classify(store, {j: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1} for j in (bare, x, y)})
+    [closed] = StudyBook(store).close_due(later())
+    assert closed.job_ids == [bare, x]
+    assert closed.problems == [f"job {y}: another patient than the study's first image "
+                               f"(job {x})"]
+
+
+def test_without_operating_points_a_study_is_neither_flagged_nor_unflagged(
+        store: JobStore) -> None:
+    job = receive(store, 1)
+    jobs = store.claim("w", limit=10, lease_seconds=60)
+    assert store.complete_batch("w", [JobResult(
+        jobs[0].id, "normal", {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1}, "cxr 1.0.0",
+        flags=None, model_validated=True)]) == [True]
+    [closed] = StudyBook(store).close_due(later())
+    assert closed.job_ids == [job] and closed.flagged is None and closed.flags == []
+
+
+def test_a_late_image_says_so_in_its_job(store: JobStore) -> None:
+    first = receive(store, 1)
+    classify(store, {first: {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1}})
+    StudyBook(store).close_due(later())
+    late = store.get(receive(store, 2))
+    assert late is not None and "reopened as version 2" in late.intake_reason
+    assert late.intake_reason.startswith("chest")

@@ -483,6 +483,19 @@ def predict_records(engine: Engine, records: Sequence[Any]) -> NDArray[np.float6
             ).astype(np.float64)
 
 
+def check_apart(validation: Sequence[Any], test: Sequence[Any]) -> None:
+    """ValueError when the validation images that choose the thresholds share an image
+    or a patient with the test set that measures them."""
+    images = {Path(r.path).resolve() for r in validation} & {Path(r.path).resolve()
+                                                             for r in test}
+    patients = ({(r.source, r.patient_id) for r in validation if r.patient_id}
+                & {(r.source, r.patient_id) for r in test if r.patient_id})
+    if images or patients:
+        raise ValueError(f"the validation data share {len(images)} image(s) and "
+                         f"{len(patients)} patient(s) with the test data: thresholds must be "
+                         "chosen on other images than those that measure them")
+
+
 def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: bool = False,
                       prevalence: dict[str, float] | None = None, batch_size: int = 16, *,
                       data_set: str = "", validation: Sequence[Any] = (),
@@ -519,6 +532,8 @@ def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: 
     """
     from model.engine import Engine
 
+    if validation and not checkpoint_chosen_on_test:
+        check_apart(validation, records)
     engine = Engine(artifact, batch_size=batch_size)
     p = predict_records(engine, records)
     truth = [CLASS_KEYS.index(r.label) for r in records]

@@ -36,9 +36,9 @@ class NodeProcess:
         self.port = free_port()
         self.extra_args = extra_args if extra_args is not None else [
             "--allow-calling-ae", CALLING_AE]
-        self.env = {**os.environ, **(env or {})}
-        self.env.setdefault("DICOM_NODE_ALLOW_UNVALIDATED_MODELS",
-                            "true" if allow_unvalidated else "false")
+        self.env = {**os.environ,
+                    "DICOM_NODE_ALLOW_UNVALIDATED_MODELS": str(allow_unvalidated).lower(),
+                    **(env or {})}
         self.log_path = data_dir.parent / f"{data_dir.name}-node.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
