@@ -73,11 +73,12 @@ demo: install
 	$(BIN)/python deploy/demo.py $(if $(MODEL),--model $(MODEL))
 
 # Trains the demo model from a folder of labelled images (the shared dev set by
-# default) at 128 px, 2 phases of 2 epochs -- minutes on a CPU -- and installs it.
+# default) at 128 px from random weights (no ImageNet files needed), 2 phases of 2
+# epochs -- minutes on a CPU -- and installs it.
 # Training needs the `training` extra, which the test lock holds.
 DATA ?= ../shared/data/cxr-dev
 demo-model: install-test
-	$(BIN)/dicom-node train --data $(DATA) --arch concatenated --input-size 128 \
+	$(BIN)/dicom-node train --data $(DATA) --arch concatenated --input-size 128 --weights none \
 	  --folds 5 --phases 2 --epochs-per-phase 2 --version 0.1.0-demo --out var/demo-training
 	$(BIN)/dicom-node model install --allow-unvalidated var/demo-training/fold1/model
 

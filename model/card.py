@@ -73,6 +73,10 @@ class TrainingRecord(BaseModel):
     test_images: int | None = None
     data_sources: list[str] = Field(default_factory=list)
     checkpoint_chosen_on: Literal["validation", "test", "last epoch"] | None = None
+    precision: str = Field(
+        default="float32",
+        description="The Keras dtype policy training computed in (mixed_float16 on a GPU); "
+        "the saved model is float32 whatever it was.")
 
 
 class TestEvidence(BaseModel):
@@ -81,13 +85,19 @@ class TestEvidence(BaseModel):
     data_set: str = Field(description="What the test set is (name, origin).")
     images: int | None = Field(default=None,
                                description="Test set size; None: the evidence is incomplete.")
-    patients: int | None = None
+    patients: int | None = Field(default=None,
+                                 description="Patients in the test set; None: not known.")
+    interval_unit: Literal["patient", "image"] | None = Field(
+        default=None, description="What the bootstrap of the 95 % intervals drew: patients "
+        "(each with all of their images) or single images (too narrow where a patient has "
+        "several); None: not stated.")
     sources: list[str] = Field(default_factory=list)
     balanced_accuracy: float | None = None
     balanced_accuracy_95: list[float] | None = Field(
         default=None, description="95 % interval [low, high] of the balanced accuracy.")
     overall_accuracy: float | None = None
-    #: class -> sensitivity, specificity, roc_auc and their ``*_95`` intervals
+    #: class -> sensitivity, specificity, roc_auc and their ``*_95`` intervals (and a
+    #: ``note`` when the checkpoint was chosen on these test images)
     per_class: dict[str, dict[str, Any]] = Field(default_factory=dict)
     evaluated_by: Literal["evaluate", "import"] = "evaluate"
     #: The person who supplied imported metrics and vouches for them.

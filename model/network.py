@@ -11,8 +11,11 @@ under the JAX or PyTorch backend.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,32 +33,59 @@ DEFAULT_INPUT_SIZE = 300
 MIN_INPUT_SIZE = 71
 HEAD_INIT_STDDEV = 0.001
 
-_IMAGENET_FILES = {
-    "xception": "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "resnet50v2": "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+#: Keras' published ImageNet files of the backbones (``include_top=False``) and their md5
+#: (as ``keras.applications`` pins them).
+IMAGENET_FILES = {
+    "xception": ("xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                 "b0042744bf5b25fce3cb969f33bebb97"),
+    "resnet50v2": ("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                   "fac2f116257151a9d068a22e544a4917"),
 }
 
 
-def _backbone_weights(name: str, weights: str) -> str | None:
-    """``None`` or ``"imagenet"`` -- the latter only where Keras' cache already holds it."""
-    if weights != "imagenet":
-        return None
-    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    cached = home / "models" / _IMAGENET_FILES[name]
+def keras_cache() -> Path:
+    """Where Keras keeps downloaded weights: ``$KERAS_HOME/models`` or ``~/.keras/models``."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def backbones(architecture: Architecture) -> tuple[str, ...]:
+    """The backbones of ``architecture``, in the order they are built."""
+    return ("xception", "resnet50v2") if architecture == "concatenated" else (architecture,)
+
+
+def missing_imagenet_files(architecture: Architecture) -> list[Path]:
+    """The ImageNet files ``architecture`` needs that the Keras cache lacks (none: ready)."""
+    return [path for path in (keras_cache() / IMAGENET_FILES[name][0]
+                              for name in backbones(architecture)) if not path.is_file()]
+
+
+def _imagenet_file(name: str) -> Path:
+    """The cached ImageNet file of backbone ``name``; this machine never downloads it."""
+    cached = keras_cache() / IMAGENET_FILES[name][0]
     if not cached.is_file():
         raise FileNotFoundError(
             f"ImageNet weights for {name} are not in the Keras cache ({cached}); this "
-            "machine cannot download them. Copy the file there (see README, 'Weights')."
-        )
-    return "imagenet"
+            "machine cannot download them. Copy the file there (see README, 'Weights').")
+    digest = hashlib.md5(cached.read_bytes(), usedforsecurity=False).hexdigest()
+    if digest != IMAGENET_FILES[name][1]:
+        # Still loaded when every layer fits (load_weights checks the shapes): a site may
+        # hold its own ImageNet training of the backbone.
+        LOGGER.warning("%s is not Keras' published file (md5 %s, expected %s)",
+                       cached.name, digest, IMAGENET_FILES[name][1])
+    return cached
 
 
 def _backbone(name: str, inputs: Any, weights: str) -> keras.Model:
-    loaded = _backbone_weights(name, weights)
-    if name == "xception":
-        return keras.applications.Xception(include_top=False, weights=loaded,
-                                           input_tensor=inputs)
-    return keras.applications.ResNet50V2(include_top=False, weights=loaded, input_tensor=inputs)
+    application = (keras.applications.Xception if name == "xception"
+                   else keras.applications.ResNet50V2)
+    backbone: keras.Model = application(include_top=False, weights=None, input_tensor=inputs)
+    if weights == "imagenet":
+        # Read from the cache ourselves: keras.applications would try to download a file
+        # whose hash it does not know, and reads KERAS_HOME only once, at import.
+        path = _imagenet_file(name)
+        backbone.load_weights(path)
+        LOGGER.info("%s: ImageNet weights from %s", name, path.name)
+    return backbone
 
 
 def build(
@@ -117,6 +147,39 @@ def build(
         model.load_weights(weights)
         LOGGER.info("loaded weights from %s", Path(weights).name)
     return model
+
+
+@contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Build layers under the Keras dtype policy ``name`` (``float32``, ``mixed_float16``,
+    ...); the previous global policy is restored on leaving."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """``model`` (one of :func:`build`'s, trained under any policy) rebuilt under the
+    float32 policy with its weights: what is served computes in float32 in every layer.
+
+    A model trained under ``mixed_float16`` keeps that policy per layer when saved, so
+    an engine loading it would compute in float16 whatever it was asked for. Mixed
+    precision keeps its variables in float32, so the copy is exact.
+
+    Raises
+    ------
+    ValueError
+        ``model`` is not one of :func:`build`'s networks (its name is the architecture).
+    """
+    if model.name not in ARCHITECTURES:
+        raise ValueError(f"model: {model.name!r} is not one of {ARCHITECTURES}")
+    with dtype_policy("float32"):
+        copy = build(model.name, int(model.input_shape[1]))
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def feature_map_shape(model: keras.Model) -> tuple[int, ...]:

@@ -187,7 +187,7 @@ def test_operating_point_on_the_test_set(tmp_path: Path) -> None:
                                             "validation images"},
                   checkpoint_chosen_on_test=True)
     report = evaluate.report_markdown(result, "t")
-    assert "## Operating points" in report and "| COVID-19 | 90.00 | 0.5000 |" in report
+    assert "## Operating points" in report and "| COVID-19 | 90.00 | 0.5000† |" in report
     assert "Pneumonia: no operating point: no pneumonia image" in report
     assert evaluate.CHECKPOINT_ON_TEST_NOTE in report
 
@@ -240,6 +240,11 @@ def test_evaluate_writes_the_report_and_only_record_writes_the_card(
     assert recorded == card.read_card(artifact)
     assert recorded.test is not None and recorded.test.data_set == "dev 12"
     assert recorded.test.images == 12 and recorded.test.checkpoint_chosen_on_test is True
+    patients = {(r.source, r.patient_id) for r in test}
+    assert recorded.test.patients == result["patients"] == len(patients)
+    assert recorded.test.interval_unit == "patient"
+    assert f"bootstrap over {len(patients)} patients" in report and "†" in report
+    assert all("note" in figures for figures in recorded.test.per_class.values())
     assert recorded.test.sources == sorted({r.source for r in test})
     assert recorded.operating_points["covid"].validation_images == 6
     assert recorded.metrics["test_images"] == 12  # the free-form figures, as before
@@ -264,3 +269,154 @@ def test_thresholds_are_never_chosen_on_the_test_images(tmp_path: Path) -> None:
         evaluate.check_apart([record("a.png", "p9")], test)
     with pytest.raises(ValueError, match="1 patient"):
         evaluate.check_apart([record("d.png", "p2")], test)
+
+
+def _patients_with_identical_images(right: int, wrong: int, images: int
+                                    ) -> tuple[list[int], np.ndarray, list[str]]:
+    """``right + wrong`` patients of ``images`` nearly identical images each: the model
+    is right on every image of the first ``right`` patients, wrong on all of the rest."""
+    rng = np.random.default_rng(7)
+    truth, probabilities, groups = [], [], []
+    for patient in range(right + wrong):
+        label = patient % 3
+        answer = label if patient < right else (label + 1) % 3
+        for _ in range(images):
+            truth.append(label)
+            probabilities.append(np.eye(3)[answer] * 0.7 + 0.1 + rng.normal(0, 0.01, 3))
+            groups.append(f"patient {patient}")
+    return truth, np.array(probabilities), groups
+
+
+def test_patient_intervals_are_wider_than_image_intervals_of_the_same_images() -> None:
+    # 20 patients x 25 copies of one image: 500 images, but only 20 independent answers.
+    truth, probabilities, groups = _patients_with_identical_images(15, 5, 25)
+    by_image = evaluate.metrics(truth, probabilities)
+    by_patient = evaluate.metrics(truth, probabilities, groups=groups)
+    assert by_image["overall_accuracy"] == by_patient["overall_accuracy"] == 0.75
+    assert (by_image["interval_unit"], by_patient["interval_unit"]) == ("image", "patient")
+    assert by_patient["patients"] == 20 and by_image["patients"] is None
+    image_low, image_high = by_image["intervals_95"]["overall_accuracy"]
+    low, high = by_patient["intervals_95"]["overall_accuracy"]
+    # A binomial over 20 patients at 0.75: 1.96 x sqrt(0.75 x 0.25 / 20) = +-0.19.
+    assert low < 0.75 < high and 0.28 < high - low < 0.48
+    assert high - low > 2 * (image_high - image_low)  # 500 "independent" images: +-0.04
+    for name in ("balanced_accuracy", "covid.sensitivity", "normal.specificity",
+                 "pneumonia.precision", "covid.roc_auc"):
+        image_width = np.diff(by_image["intervals_95"][name])[0]
+        assert np.diff(by_patient["intervals_95"][name])[0] > 2 * image_width, name
+    # The operating points' test figures are drawn by patient too.
+    chosen = {"covid": {"threshold": 0.5}}
+    widths = [np.diff(evaluate.operating_points_on_test(
+        chosen, truth, probabilities, groups=g)["covid"]["test_sensitivity_95"])[0]
+        for g in (None, groups)]
+    assert widths[1] > 2 * widths[0]
+
+
+def test_image_intervals_are_as_wide_as_a_binomial() -> None:
+    # 400 independent images, half of them right: 1.96 x sqrt(0.5 x 0.5 / 400) = +-0.049.
+    truth = [i % 3 for i in range(400)]
+    probabilities = np.eye(3)[[t if i % 2 else (t + 1) % 3 for i, t in enumerate(truth)]]
+    low, high = evaluate.metrics(truth, probabilities)["intervals_95"]["overall_accuracy"]
+    assert 0.085 < high - low < 0.11
+
+
+def test_one_image_per_patient_resamples_as_images_do() -> None:
+    truth, probabilities = _noisy_predictions(90, signal=0.6, seed=3)
+    groups = [("site", f"p{90 - i}") for i in range(90)]  # keys in no sorted order
+    by_image = evaluate.metrics(truth, probabilities, bootstrap=300, seed=4)
+    by_patient = evaluate.metrics(truth, probabilities, bootstrap=300, seed=4, groups=groups)
+    assert by_patient["intervals_95"] == by_image["intervals_95"]
+    assert by_patient["patients"] == 90
+    chosen = {"covid": {"threshold": 0.4}, "normal": {"threshold": 0.5}}
+    assert evaluate.operating_points_on_test(chosen, truth, probabilities, 300, 4, groups) == \
+        evaluate.operating_points_on_test(chosen, truth, probabilities, 300, 4)
+
+
+def test_bootstrap_figures_equal_those_of_the_resampled_images() -> None:
+    # Each round is computed from weighted counts; here against the images drawn.
+    rng = np.random.default_rng(2)
+    truth = rng.integers(0, 3, 120)
+    probabilities = np.round(rng.dirichlet([1, 1, 1], 120), 1)  # ties for the AUC
+    units = evaluate._units([int(g) for g in rng.integers(0, 30, 120)], 120)
+    aucs = [evaluate._WeightedAuc(truth == i, probabilities[:, i], units) for i in range(3)]
+    counts = next(evaluate._resample_counts(units, 20, 0))
+    patients = units.max() + 1  # as many drawn as there are, with replacement
+    assert (counts.sum(axis=1) == patients).all() and counts.max() > 1
+    cells = np.eye(9)[truth * 3 + probabilities.argmax(1)]
+    figures = evaluate._rates((counts @ evaluate._per_unit(units, cells)).reshape(-1, 3, 3))
+    for r, drawn in enumerate(counts):
+        pick = np.repeat(np.arange(120), drawn[units].astype(int))
+        y, p = truth[pick], probabilities[pick]
+        expected = evaluate.metrics(y, p, bootstrap=0)
+        assert figures["overall_accuracy"][r] == pytest.approx(expected["overall_accuracy"])
+        for i, key in enumerate(("covid", "normal", "pneumonia")):
+            for name in ("sensitivity", "specificity", "precision"):
+                assert figures[f"{key}.{name}"][r] == pytest.approx(
+                    expected["per_class"][key][name], nan_ok=True)
+            assert aucs[i].of(counts[r:r + 1])[0] == pytest.approx(
+                expected["per_class"][key]["roc_auc"], abs=1e-12)
+
+
+def test_groups_must_name_each_image() -> None:
+    with pytest.raises(ValueError, match="2 patient keys for 3 images"):
+        evaluate.metrics([0, 1, 2], np.eye(3), groups=["a", "b"])
+
+
+def _tables(report: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Each Markdown table of ``report``: its header and its body rows, as cells."""
+    tables: list[tuple[list[str], list[list[str]]]] = []
+    rows: list[list[str]] = []
+    for line in [*report.splitlines(), ""]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            tables.append((rows[0], rows[2:]))
+            rows = []
+    return tables
+
+
+def test_report_says_what_the_intervals_resampled() -> None:
+    truth, probabilities, groups = _patients_with_identical_images(15, 5, 4)
+    report = evaluate.report_markdown(
+        evaluate.metrics(truth, probabilities, bootstrap=100, groups=groups), "t")
+    assert "80 images of 20 patients" in report
+    assert "bootstrap over 20 patients (100 rounds)" in report
+    assert "exactly one image" not in report and "†" not in report
+    single = evaluate.report_markdown(evaluate.metrics(
+        truth, probabilities, bootstrap=100, groups=list(range(80))), "t")
+    assert "bootstrap over 80 patients" in single and "exactly one image" in single
+    by_image = evaluate.report_markdown(evaluate.metrics(truth, probabilities, bootstrap=100),
+                                        "t")
+    assert "bootstrap over 80 images (100 rounds)" in by_image and "too narrow" in by_image
+
+
+def test_every_figure_of_a_checkpoint_chosen_on_test_is_marked() -> None:
+    truth, probabilities, groups = _patients_with_identical_images(15, 5, 4)
+    result = evaluate.metrics(truth, probabilities, bootstrap=100, groups=groups)
+    result.update(checkpoint_chosen_on_test=True, operating_points=evaluate.
+                  operating_points_on_test({"covid": {"threshold": 0.5, "target_sensitivity":
+                                                      0.9, "validation_sensitivity": 0.9}},
+                                           truth, probabilities, 100, groups=groups))
+    by_source = {name: evaluate.metrics(truth[part], probabilities[part], bootstrap=0,
+                                        groups=groups[part])
+                 for name, part in (("a", slice(0, 40)), ("b", slice(40, 80)))}
+    report = evaluate.report_markdown(result, "t", by_source=by_source)
+    tables = _tables(report)
+    assert len(tables) == 4  # Table 3, Table 4, operating points, per source
+    plain = {"images", "patients", "target sensitivity"}  # sizes and targets, not results
+    for header, rows in tables:
+        for row in rows:
+            figures = [cell for name, cell in zip(header[1:], row[1:], strict=True)
+                       if name not in plain and any(c.isdigit() for c in cell)]
+            assert figures and all("†" in cell for cell in figures), row
+    # under each table, after a blank line (a line right after a table is one of its rows)
+    assert report.count("\n\n" + evaluate.CHECKPOINT_FOOTNOTE) >= len(tables)
+    interval_lines = [line for line in report.splitlines() if line.startswith("- ")]
+    assert interval_lines and all(line.endswith("†") for line in interval_lines)
+    assert "%†; balanced accuracy" in report  # the headline too
+    # ... and the card's per-class figures say it beside them.
+    result["sources"] = ["site"]
+    evidence = evaluate.evidence_of(result, "x", checkpoint_chosen_on_test=True)
+    assert all("optimistic" in figures["note"] for figures in evidence.per_class.values())
+    assert (evidence.patients, evidence.interval_unit) == (20, "patient")
+    assert "note" not in evaluate.evidence_of(result, "x").per_class["covid"]

@@ -1,14 +1,16 @@
-"""The paper's networks: shapes, parameter counts, head, weights files."""
+"""The paper's networks: shapes, parameter counts, head, weights files, ImageNet from the
+Keras cache, float32 copies of mixed-precision models."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from model import network
+from model import card, network
 from model.classes import CLASS_KEYS, CLASSES, index_of
 
 pytestmark = pytest.mark.slow
@@ -73,8 +75,82 @@ def test_weights_file_round_trip(tmp_path: Path) -> None:
 def test_imagenet_without_cache_says_where_to_put_it(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert network.missing_imagenet_files("concatenated") == [
+        tmp_path / "models" / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        tmp_path / "models" / "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"]
     with pytest.raises(FileNotFoundError, match="Keras cache"):
         network.build("xception", 96, weights="imagenet")
+
+
+def imagenet_stand_ins(keras_home: Path, size: int = 71) -> dict[str, keras.Model]:
+    """Backbones with random weights saved where Keras keeps the ImageNet files, in their
+    (Keras 2 HDF5) layout; the real files are the same layers, so any input size fits."""
+    models = keras_home / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    made = {"xception": keras.applications.Xception(
+                include_top=False, weights=None, input_shape=(size, size, 3)),
+            "resnet50v2": keras.applications.ResNet50V2(
+                include_top=False, weights=None, input_shape=(size, size, 3))}
+    for name, model in made.items():
+        model.save(models / network.IMAGENET_FILES[name][0])
+    return made
+
+
+def test_imagenet_backbones_from_the_keras_cache(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    stand_ins = imagenet_stand_ins(tmp_path)
+    assert network.missing_imagenet_files("concatenated") == []
+    built = network.build("concatenated", 96, weights="imagenet")
+    ours = {layer.name: layer for layer in built.layers}
+    for stand_in in stand_ins.values():
+        weighted = [layer for layer in stand_in.layers if layer.weights]
+        # Keras numbers its unnamed layers (Xception's shortcut convolutions) per process:
+        # compare the named ones, nearly all of them.
+        named = [layer for layer in weighted if layer.name in ours]
+        assert len(named) >= len(weighted) - 8
+        for layer in named:
+            for got, expected in zip(ours[layer.name].get_weights(), layer.get_weights(),
+                                     strict=True):
+                np.testing.assert_array_equal(got, expected)
+    # A stand-in is not Keras' published file: loaded (its layers fit), and said so.
+    assert "is not Keras' published file" in caplog.text
+
+
+@pytest.fixture
+def global_policy() -> Iterator[None]:
+    """Leaves Keras' global dtype policy as it found it."""
+    before = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(before)
+
+
+def _all_policies(model: keras.Model) -> set[str]:
+    return {layer.dtype_policy.name for layer in network._all_layers(model)}
+
+
+def test_mixed_precision_model_serves_float32(tmp_path: Path, global_policy: None) -> None:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    mixed = network.build("concatenated", 96, seed=5)
+    assert "mixed_float16" in _all_policies(mixed)
+    # A head far from uniform, as after training, so the comparison means something.
+    head = mixed.get_layer("predictions")
+    head.kernel.assign(np.random.default_rng(1).normal(0, 0.2, head.kernel.shape))
+    served = network.as_float32(mixed)
+    assert keras.config.dtype_policy().name == "mixed_float16"  # the caller's, untouched
+    card.save_artifact(served, tmp_path / "artifact", {
+        "version": "0.0.1", "architecture": "concatenated", "input_size": 96, "trained": False})
+    keras.mixed_precision.set_global_policy("float32")
+    loaded = keras.models.load_model(tmp_path / "artifact" / card.WEIGHTS_FILE, compile=False)
+    assert _all_policies(loaded) == {"float32"}
+    x = np.random.default_rng(0).random((4, 96, 96, 3), dtype=np.float32)
+    expected = np.asarray(mixed(x, training=False), np.float32)
+    got = np.asarray(loaded(x, training=False))
+    assert got.dtype == np.float32
+    assert np.abs(expected - 1 / 3).max() > 0.1  # far from uniform
+    np.testing.assert_allclose(got, expected, atol=1e-2)
+    print(f"parity: max |mixed - float32| = {np.abs(got - expected).max():.2e}")
 
 
 def test_class_order_and_codes() -> None:

@@ -10,11 +10,21 @@ pipeline itself is in :mod:`training.workflow`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from model.cli import Host, quiet_tensorflow
+
+if TYPE_CHECKING:
+    from training import workflow
+    from training.sources import Record
+    from training.train import TrainConfig
+
+
+#: Rows (images) and augmented columns of ``prepare --preview-augmentation``.
+PREVIEW_ROWS = 6
+PREVIEW_AUGMENTATIONS = 5
 
 
 def _host(ctx: typer.Context) -> Host:
@@ -40,7 +50,8 @@ def _require_extra() -> None:
 
 
 def prepare(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the split files.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the split files.")
+                   ] = None,
     source: Annotated[list[str] | None, typer.Option(
         "--source", help="KIND:PATH, KIND one of covid-chestxray, rsna, folder, csv "
         "(repeatable; the first source's pneumonia images are the paper's 'common' ones).",
@@ -56,8 +67,14 @@ def prepare(
     check_paper: Annotated[Path | None, typer.Option(
         "--check-paper", exists=True, file_okay=False,
         help="Check the authors' fold*/train*.csv in this folder instead.")] = None,
+    preview_augmentation: Annotated[Path | None, typer.Option(
+        "--preview-augmentation", dir_okay=False,
+        help="Write a PNG grid of the sources' images as training shows them: a row per "
+        "image (the classes in turn), the original first, then random draws of the "
+        "paper's augmentation (--seed). Without --out nothing else is written.")] = None,
 ) -> None:
-    """Read datasets and write patient-level folds of phase-balanced training phases."""
+    """Read datasets and write patient-level folds of phase-balanced training phases
+    (or preview the training augmentation)."""
     _require_extra()
     from training import sources as readers
     from training import splits
@@ -74,6 +91,9 @@ def prepare(
             typer.echo(f"{fold.name}: {len(compositions)} phases, COVID-19/common pneumonia/"
                        f"unique pneumonia/normal = {shapes}")
         return
+    if out is None and preview_augmentation is None:
+        typer.echo("error: give --out (or --preview-augmentation)", err=True)
+        raise typer.Exit(2)
     kinds = {"covid-chestxray": readers.covid_chestxray, "rsna": readers.rsna,
              "folder": readers.folder_per_class, "csv": readers.csv_list}
     records = []
@@ -87,6 +107,10 @@ def prepare(
     if not records:
         typer.echo("error: no records (give --source KIND:PATH)", err=True)
         raise typer.Exit(2)
+    if preview_augmentation is not None:
+        _preview(records, preview_augmentation, seed)
+    if out is None:
+        return
     try:
         made = splits.make_folds(records, folds, phases, unique_pneumonia, unique_normal,
                                  protocol=protocol, seed=seed)  # type: ignore[arg-type]
@@ -98,6 +122,23 @@ def prepare(
         typer.echo(f"fold{k}: {len(made_fold.phases)} phases of {len(made_fold.phases[0])} "
                    f"images, validation {len(made_fold.validation)}, test {len(made_fold.test)}")
     typer.echo(f"written to {out}")
+
+
+def _preview(records: list[Record], png: Path, seed: int) -> None:
+    """Write the augmentation preview of ``records`` and say what its rows are."""
+    quiet_tensorflow()
+    from training import data
+
+    rows = data.preview_records(records, PREVIEW_ROWS, seed)
+    try:
+        width, height = data.preview(rows, png, PREVIEW_AUGMENTATIONS, seed=seed)
+    except (OSError, ValueError) as exc:  # PreprocessError is a ValueError
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"augmentation preview: {png} ({width}x{height} px), first column the "
+               f"input without augmentation, then {PREVIEW_AUGMENTATIONS} draws; rows:")
+    for k, record in enumerate(rows, start=1):
+        typer.echo(f"  {k}: {record.label} {record.path.name}")
 
 
 def train(
@@ -119,12 +160,21 @@ def train(
     epochs_per_phase: Annotated[int, typer.Option("--epochs-per-phase")] = 100,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Default: 20 (concatenated) or 30, as in the paper.")] = None,
-    weights: Annotated[str, typer.Option("--weights", help="none, imagenet or FILE.")] = "none",
+    weights: Annotated[str, typer.Option(
+        "--weights", help="imagenet (the paper's start: the backbones' ImageNet files, "
+        "from the Keras cache), none (random) or FILE (the whole network).")] = "imagenet",
     unique_pneumonia: Annotated[int | None, typer.Option("--unique-pneumonia")] = None,
     unique_normal: Annotated[int | None, typer.Option("--unique-normal")] = None,
     protocol: Annotated[str, typer.Option("--protocol", help="clean or paper.")] = "clean",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     version: Annotated[str, typer.Option("--version")] = "1.0.0",
+    log: Annotated[Path | None, typer.Option(
+        "--log", file_okay=False,
+        help="Folder for the CSV logs and TensorBoard scalars (loss, accuracy by epoch).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the fold, phases and class counts, and time a few steps "
+        "to estimate the run on this machine; train and write nothing.")] = False,
 ) -> None:
     """Train one fold the paper's way, then evaluate it on the fold's test set."""
     _require_extra()
@@ -138,22 +188,26 @@ def train(
     if not 1 <= fold <= folds:
         typer.echo(f"error: --fold must be between 1 and {folds}", err=True)
         raise typer.Exit(2)
+    _require_weights(arch, weights)
     plan = workflow.FoldPlan(folds=folds, fold=fold, phases=phases, protocol=protocol,
                              seed=seed, unique_pneumonia=unique_pneumonia,
                              unique_normal=unique_normal)
     try:
         if paper_splits is not None and images is not None:
-            chosen = workflow.paper_fold(paper_splits, images, plan, out)
+            chosen = workflow.paper_fold(paper_splits, images, plan, out, write=not dry_run)
         else:
             assert data is not None
-            chosen = workflow.data_fold(data, plan, out)
+            chosen = workflow.data_fold(data, plan, out, write=not dry_run)
     except (ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     config = workflow.train_config(chosen, architecture=arch, input_size=input_size,
                                    epochs_per_phase=epochs_per_phase, batch_size=batch_size,
                                    weights=weights, version=version)
-    run = workflow.train_and_evaluate(chosen, config, out / f"fold{fold}")
+    if dry_run:
+        _dry_run(chosen, config)
+        return
+    run = workflow.train_and_evaluate(chosen, config, out / f"fold{fold}", log)
     from model import card
 
     status = card.validation_status(run.card)
@@ -163,6 +217,50 @@ def train(
                f"{run.evaluation['images']} images; validated: "
                f"{'yes' if status.validated else 'no'} ({status.reason}); "
                f"install with: dicom-node model install{flag} {run.artifact}")
+
+
+def _require_weights(arch: str, weights: str) -> None:
+    """Exit 2, before any data is read, when the starting weights are not on this machine."""
+    from model import network
+
+    if arch not in network.ARCHITECTURES:
+        typer.echo(f"error: --arch {arch!r} is not one of {', '.join(network.ARCHITECTURES)}",
+                   err=True)
+        raise typer.Exit(2)
+    if weights == "imagenet":
+        missing = network.missing_imagenet_files(arch)
+        if missing:
+            names = "".join(f"\n  {path.name}" for path in missing)
+            typer.echo(
+                "error: --weights imagenet (the default, the paper's start) needs Keras' "
+                "ImageNet weights of the backbones, and this machine does not download "
+                f"them. Missing from {missing[0].parent}:{names}\nCopy them there (or set "
+                "KERAS_HOME to a folder whose models/ holds them), or train from random "
+                "weights with --weights none (the model card records the starting weights).",
+                err=True)
+            raise typer.Exit(2)
+    elif weights != "none" and not Path(weights).is_file():
+        typer.echo(f"error: --weights {weights}: no such file (imagenet, none or a weights "
+                   "file)", err=True)
+        raise typer.Exit(2)
+
+
+def _dry_run(chosen: workflow.ChosenFold, config: TrainConfig) -> None:
+    """Print what the run would train and how long it would take here; train nothing."""
+    from training import train as training
+    from training import workflow
+
+    for line in workflow.describe(chosen, config):
+        typer.echo(line)
+    fold = chosen.fold
+    guess = training.estimate([len(p) for p in fold.phases], len(fold.validation), config)
+    typer.echo(f"estimate on this machine: {guess.train_step:.2f} s per training step, "
+               f"{guess.validation_step:.2f} s per validation step; {guess.train_steps} "
+               f"training and {guess.validation_steps} validation steps: about "
+               f"{training.duration(guess.seconds)} in all (an estimate from "
+               f"{guess.steps_timed} timed steps of each kind on one device, not counting "
+               "image decoding or graph building)")
+    typer.echo("dry run: nothing trained, nothing written")
 
 
 def evaluate(

@@ -2,12 +2,14 @@
 
 For each class: TP, FP, FN, TN, sensitivity, specificity, precision and
 accuracy (one-vs-rest), and the overall accuracy -- the paper's tables -- plus
-balanced accuracy, per-class ROC AUC, bootstrap 95 % intervals, the PPV at a
-prevalence the user gives (precision on a test set depends on its class mix: the
-paper's COVID-19 precision of 35 % came from 31 positives among 11,302 images),
-the confusion matrix and ROC curves as PNG, ``metrics.json`` and a Markdown
-report. When records come from several sources, results per source are reported
-too: a model can learn the source instead of the disease.
+balanced accuracy, per-class ROC AUC, bootstrap 95 % intervals (over patients, the
+unit of independence, where the records name them: a patient's images are drawn
+together), the PPV at a prevalence the user gives (precision on a test set depends on
+its class mix: the paper's COVID-19 precision of 35 % came from 31 positives among
+11,302 images), the confusion matrix and ROC curves as PNG, ``metrics.json`` and a
+Markdown report. When records come from several sources, results per source are reported
+too: a model can learn the source instead of the disease. When the checkpoint was
+chosen on the test images (protocol ``paper``), every figure of the report is marked.
 
 Operating points: per class, the threshold chosen on *validation* data for a
 target sensitivity (:func:`choose_operating_points`), then measured on the test
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +131,7 @@ def ppv_at(sensitivity: float | None, specificity: float | None, prevalence: flo
 
 def metrics(truth: Sequence[int], probabilities: NDArray[np.float64],
             prevalence: dict[str, float] | None = None, bootstrap: int = 1000,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, groups: Sequence[Hashable] | None = None) -> dict[str, Any]:
     """Every figure for one set of predictions: the paper's tables, AUC, intervals.
 
     Parameters
@@ -142,14 +144,20 @@ def metrics(truth: Sequence[int], probabilities: NDArray[np.float64],
         Class -> fraction: also report the PPV at that prevalence.
     bootstrap, seed
         Bootstrap rounds of the 95 % intervals, and their seed.
+    groups
+        The patient of each image (any hashable key, e.g. ``(source, patient_id)``): the
+        bootstrap then draws patients, each with all of their images, since a patient's
+        images are not independent of each other. None: it draws images, and says so.
     """
     y = np.asarray(truth, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
     predicted = p.argmax(axis=1)
     matrix = confusion(y, predicted)
     per_class = _per_class(matrix)
+    units = _units(groups, len(y))
     result: dict[str, Any] = {
         "images": len(y),
+        "patients": None if groups is None else int(units.max(initial=-1)) + 1,
         "overall_accuracy": float((predicted == y).mean()) if len(y) else None,
         "balanced_accuracy": _balanced_accuracy(per_class),
         "confusion_matrix": matrix.tolist(),
@@ -162,37 +170,153 @@ def metrics(truth: Sequence[int], probabilities: NDArray[np.float64],
             stats = result["per_class"][key]
             result["per_class"][key][f"ppv_at_{prevalence[key]:g}"] = ppv_at(
                 stats["sensitivity"], stats["specificity"], prevalence[key])
-    result["intervals_95"] = _bootstrap(y, p, bootstrap, seed) if bootstrap else {}
+    rounds = bootstrap if len(y) else 0
+    result.update(interval_unit="image" if groups is None else "patient",
+                  bootstrap_rounds=rounds)
+    result.update(intervals_95_basis=interval_basis(result) if rounds else None,
+                  intervals_95=_bootstrap(y, p, units, rounds, seed) if rounds else {})
     return result
 
 
-def _bootstrap(y: NDArray[np.int_], p: NDArray[np.float64], rounds: int, seed: int
-               ) -> dict[str, list[float | None]]:
-    # Hand-written: scipy.stats.bootstrap needs every statistic defined in every
-    # resample; here a resample without, say, a COVID-19 case just skips that
-    # class's sensitivity, and one set of resamples serves every figure.
-    # The same goes for balanced accuracy (a resample missing a class has none) and
-    # for a class's ROC AUC (a resample with only one side of it).
+def interval_basis(result: Mapping[str, Any]) -> str:
+    """What the 95 % intervals of :func:`metrics` resampled, in a sentence."""
+    rounds = result["bootstrap_rounds"]
+    if result["interval_unit"] == "image":
+        return (f"95 % intervals: bootstrap over {result['images']} images ({rounds} rounds); "
+                "the test set names no patients, so images of one patient count as "
+                "independent and the intervals may be too narrow.")
+    text = (f"95 % intervals: bootstrap over {result['patients']} patients ({rounds} rounds), "
+            f"each drawn with all of their images ({result['images']} images in all).")
+    if result["patients"] == result["images"]:
+        text += (" Every patient has exactly one image (a list without patient ids gives "
+                 "each image its own): where patients have several images, these intervals "
+                 "are too narrow.")
+    return text
+
+
+def _units(groups: Sequence[Hashable] | None, images: int) -> NDArray[np.int_]:
+    """The unit each image is resampled with: its patient (numbered in order of first
+    appearance, so that one image per patient resamples as images do), or itself."""
+    if groups is None:
+        return np.arange(images)
+    if len(groups) != images:
+        raise ValueError(f"groups: {len(groups)} patient keys for {images} images")
+    number: dict[Hashable, int] = {}
+    return np.fromiter((number.setdefault(key, len(number)) for key in groups),
+                       dtype=np.int64, count=images)
+
+
+#: Cells (rounds x images) of one block of bootstrap rounds: bounds the memory a large
+#: test set takes (2**21 float64 cells are 16 MiB an array).
+_BLOCK_CELLS = 2**21
+
+
+def _resample_counts(units: NDArray[np.int_], rounds: int, seed: int
+                     ) -> Iterator[NDArray[np.float64]]:
+    """Blocks of bootstrap rounds: rows of how often each unit is drawn in a round.
+
+    A round draws as many units as there are, with replacement (the cluster bootstrap
+    when a unit is a patient); every figure of a round is then a weighted count, so
+    one matrix product serves all the images of a unit.
+    """
     rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {"overall_accuracy": []}
-    for _ in range(rounds):
-        pick = rng.integers(0, len(y), len(y))
-        yy, pp = y[pick], p[pick]
-        samples["overall_accuracy"].append(float((pp.argmax(1) == yy).mean()))
-        stats = _per_class(confusion(yy, pp.argmax(1)))
-        balanced = _balanced_accuracy(stats)
-        if balanced is not None:
-            samples.setdefault("balanced_accuracy", []).append(balanced)
-        for i, (key, values) in enumerate(stats.items()):
-            for name in ("sensitivity", "specificity", "precision"):
-                value = values[name]
-                if value is not None:
-                    samples.setdefault(f"{key}.{name}", []).append(float(value))
-            auc = roc_auc(yy == i, pp[:, i])
-            if auc is not None:
-                samples.setdefault(f"{key}.roc_auc", []).append(auc)
-    return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-            for name, v in samples.items() if v}
+    n = int(units.max(initial=-1)) + 1
+    block = max(1, _BLOCK_CELLS // max(n, len(units), 1))
+    for start in range(0, rounds, block):
+        size = min(block, rounds - start)
+        draws = rng.integers(0, n, (size, n)) + np.arange(size)[:, None] * n
+        yield np.bincount(draws.ravel(), minlength=size * n).reshape(size, n).astype(float)
+
+
+def _per_unit(units: NDArray[np.int_], values: NDArray[Any]) -> NDArray[np.float64]:
+    """Units x columns: the sum of ``values`` (images x columns) over each unit's images."""
+    n = int(units.max(initial=-1)) + 1
+    sums: NDArray[np.float64] = np.zeros((n, values.shape[1]))
+    np.add.at(sums, units, values)
+    return sums
+
+
+def _bootstrap(y: NDArray[np.int_], p: NDArray[np.float64], units: NDArray[np.int_],
+               rounds: int, seed: int) -> dict[str, list[float]]:
+    # Hand-written: scipy.stats.bootstrap needs every statistic defined in every
+    # resample, and draws observations, not clusters; here a resample without, say, a
+    # COVID-19 case just skips that class's sensitivity (NaN below), and one set of
+    # resamples serves every figure.
+    k = len(CLASS_KEYS)
+    cells = np.eye(k * k)[y * k + p.argmax(1)]  # images x 9: each image's confusion cell
+    confusion_of_unit = _per_unit(units, cells)
+    aucs = [_WeightedAuc(y == i, p[:, i], units) for i in range(k)]
+    samples: dict[str, list[NDArray[np.float64]]] = {}
+    for counts in _resample_counts(units, rounds, seed):
+        matrices = (counts @ confusion_of_unit).reshape(-1, k, k)
+        figures = _rates(matrices)
+        figures |= {f"{key}.roc_auc": auc.of(counts) for key, auc in zip(CLASS_KEYS, aucs,
+                                                                          strict=True)}
+        for name, values in figures.items():
+            samples.setdefault(name, []).append(values)
+    intervals = {name: _percentiles(np.concatenate(blocks)) for name, blocks in samples.items()}
+    return {name: interval for name, interval in intervals.items() if interval is not None}
+
+
+def _percentiles(values: NDArray[np.float64]) -> list[float] | None:
+    """The 2.5th and 97.5th percentiles of the rounds in which the figure is defined
+    (None when it is defined in none)."""
+    defined = values[~np.isnan(values)]
+    if not len(defined):
+        return None
+    return [float(np.percentile(defined, 2.5)), float(np.percentile(defined, 97.5))]
+
+
+def _ratio(numerator: NDArray[np.float64], denominator: NDArray[np.float64]
+           ) -> NDArray[np.float64]:
+    """numerator / denominator, NaN where the denominator is 0 (the figure is undefined)."""
+    out: NDArray[np.float64] = np.full(numerator.shape, np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _rates(matrices: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
+    """Rounds x 3 x 3 confusion matrices -> each figure of :func:`_per_class` and the
+    accuracies, one value a round (NaN where undefined, as None there)."""
+    total = matrices.sum(axis=(1, 2))
+    tp = np.diagonal(matrices, axis1=1, axis2=2)
+    actual, flagged = matrices.sum(axis=2), matrices.sum(axis=1)
+    tn = total[:, None] - actual - flagged + tp
+    sensitivity = _ratio(tp, actual)
+    specificity = _ratio(tn, total[:, None] - actual)
+    precision = _ratio(tp, flagged)
+    out = {"overall_accuracy": _ratio(tp.sum(axis=1), total),
+           # NaN in a class's sensitivity (no image of it) makes the mean NaN, as wanted
+           "balanced_accuracy": sensitivity.mean(axis=1)}
+    for i, key in enumerate(CLASS_KEYS):
+        out |= {f"{key}.sensitivity": sensitivity[:, i], f"{key}.specificity": specificity[:, i],
+                f"{key}.precision": precision[:, i]}
+    return out
+
+
+class _WeightedAuc:
+    """One class's ROC AUC in bootstrap rounds, each image weighted by how often its unit
+    was drawn: :func:`roc_auc`'s Mann-Whitney count with weights, over the scores sorted
+    once."""
+
+    def __init__(self, truth: NDArray[np.bool_], score: NDArray[np.float64],
+                 units: NDArray[np.int_]) -> None:
+        order = np.argsort(score, kind="stable")
+        ordered = score[order]
+        self.units = units[order]
+        self.positive = truth[order].astype(float)
+        # the first image of each run of equal scores: ties are counted half
+        self.levels = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+
+    def of(self, counts: NDArray[np.float64]) -> NDArray[np.float64]:
+        if not len(self.units):
+            return np.full(len(counts), np.nan)
+        weights = counts[:, self.units]
+        positives = np.add.reduceat(weights * self.positive, self.levels, axis=1)
+        negatives = np.add.reduceat(weights, self.levels, axis=1) - positives
+        below = np.cumsum(negatives, axis=1) - negatives
+        wins = (positives * (below + negatives / 2)).sum(axis=1)
+        return _ratio(wins, positives.sum(axis=1) * negatives.sum(axis=1))
 
 
 def choose_operating_points(truth_val: Sequence[int], probs_val: NDArray[np.float64],
@@ -240,7 +364,8 @@ def choose_operating_points(truth_val: Sequence[int], probs_val: NDArray[np.floa
 
 def operating_points_on_test(chosen: Mapping[str, Mapping[str, Any]], truth: Sequence[int],
                              probabilities: NDArray[np.float64], rounds: int = 1000,
-                             seed: int = 0) -> dict[str, dict[str, Any]]:
+                             seed: int = 0, groups: Sequence[Hashable] | None = None
+                             ) -> dict[str, dict[str, Any]]:
     """What the thresholds of :func:`choose_operating_points` give on the test set.
 
     Parameters
@@ -251,6 +376,8 @@ def operating_points_on_test(chosen: Mapping[str, Mapping[str, Any]], truth: Seq
         The test set's classes and network outputs.
     rounds, seed
         Bootstrap rounds of the 95 % intervals, and their seed.
+    groups
+        The patient of each image: the bootstrap draws patients (as :func:`metrics`).
 
     Returns
     -------
@@ -260,8 +387,8 @@ def operating_points_on_test(chosen: Mapping[str, Mapping[str, Any]], truth: Seq
     """
     y = np.asarray(truth, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(y), (rounds, len(y))) if rounds and len(y) else None
+    units = _units(groups, len(y))
+    blocks = list(_resample_counts(units, rounds, seed)) if len(y) else []
     out: dict[str, dict[str, Any]] = {}
     for key, point in chosen.items():
         i = CLASS_KEYS.index(key)
@@ -271,28 +398,41 @@ def operating_points_on_test(chosen: Mapping[str, Mapping[str, Any]], truth: Seq
         for name, cases, hits in (("sensitivity", positives, positives & flagged),
                                   ("specificity", ~positives, ~positives & ~flagged)):
             out[key][f"test_{name}"] = float(hits.sum() / cases.sum()) if cases.any() else None
-            out[key][f"test_{name}_95"] = _rate_interval(cases, hits, picks)
+            out[key][f"test_{name}_95"] = _rate_interval(cases, hits, units, blocks)
     return out
 
 
-def _rate_interval(cases: NDArray[np.bool_], hits: NDArray[np.bool_],
-                   picks: NDArray[np.int_] | None) -> list[float] | None:
+def _rate_interval(cases: NDArray[np.bool_], hits: NDArray[np.bool_], units: NDArray[np.int_],
+                   blocks: Sequence[NDArray[np.float64]]) -> list[float] | None:
     # Percentile bootstrap of hits / cases; resamples without a case are skipped, as in
     # _bootstrap.
-    if picks is None or not cases.any():
+    if not blocks or not cases.any():
         return None
-    counted = cases[picks].sum(axis=1)
-    rates = hits[picks].sum(axis=1)[counted > 0] / counted[counted > 0]
-    return [float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))]
+    of_unit = _per_unit(units, np.stack([cases, hits], axis=1).astype(float))
+    counted = np.concatenate([counts @ of_unit for counts in blocks])
+    return _percentiles(_ratio(counted[:, 1], counted[:, 0]))
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+#: What the report says beside the figures of a model whose checkpoint the test set chose.
+CHECKPOINT_ON_TEST_NOTE = ("**The checkpoint was chosen on these test images (protocol "
+                           "paper): every figure below is optimistic, and none of it is "
+                           "evidence of how the model does on new images.**")
+#: The mark after every figure of such a model, and the footnote under each table.
+CHECKPOINT_MARK = "†"
+CHECKPOINT_FOOTNOTE = (f"{CHECKPOINT_MARK} checkpoint chosen on these test images "
+                       "(protocol paper): optimistic.")
+
+
 def report_markdown(result: dict[str, Any], title: str, paper: bool = False,
                     by_source: dict[str, dict[str, Any]] | None = None) -> str:
     """The Markdown report: Table 3 (counts), Table 4 (percentages), AUC, intervals.
+
+    When the checkpoint was chosen on the test images, every figure carries
+    :data:`CHECKPOINT_MARK` and every table its footnote.
 
     Parameters
     ----------
@@ -305,62 +445,83 @@ def report_markdown(result: dict[str, Any], title: str, paper: bool = False,
     by_source
         Metrics per data source, shown after the whole set's.
     """
+    mark = CHECKPOINT_MARK if result.get("checkpoint_chosen_on_test") else ""
+    # a blank line first: a line right after a table would be read as one of its rows
+    footnote = ["", CHECKPOINT_FOOTNOTE] if mark else []
     lines = [f"# {title}", ""]
     if result.get("data_set"):
         lines += [f"Test set: {result['data_set']} (sources: "
                   f"{', '.join(result.get('sources') or ['-'])}).", ""]
-    if result.get("checkpoint_chosen_on_test"):
+    if mark:
         lines += [CHECKPOINT_ON_TEST_NOTE, ""]
-    lines += [f"{result['images']} images; overall accuracy {_pct(result['overall_accuracy'])} "
-              f"%; balanced accuracy {_pct(result.get('balanced_accuracy'))} %"
-              + _interval_text(result.get("intervals_95", {}).get("balanced_accuracy"))
-              + ".", "",
-              "## Table 3 layout: counts per class (one vs rest)", "",
-              "| class | TP | FP | FN | TN |", "|---|---|---|---|---|"]
+    intervals = result.get("intervals_95", {})
+    patients = "" if result.get("patients") is None else f" of {result['patients']} patients"
+    lines += [f"{result['images']} images{patients}; overall accuracy "
+              f"{_pct(result['overall_accuracy'])} %{mark}; balanced accuracy "
+              f"{_pct(result.get('balanced_accuracy'))} %{mark}"
+              + _interval_text(intervals.get("balanced_accuracy"), mark) + ".", ""]
+    if result.get("intervals_95_basis"):
+        lines += [result["intervals_95_basis"], ""]
     names = {c.key: c.display_name for c in CLASSES}
-    for key in CLASS_KEYS:
-        s = result["per_class"][key]
-        lines.append(f"| {names[key]} | {s['tp']} | {s['fp']} | {s['fn']} | {s['tn']} |")
-    lines += ["", "## Table 4 layout: percent", "",
-              "| class | sensitivity | specificity | precision | accuracy | ROC AUC |",
-              "|---|---|---|---|---|---|"]
-    for key in CLASS_KEYS:
-        s = result["per_class"][key]
-        auc = "-" if s["roc_auc"] is None else f"{s['roc_auc']:.3f}"
-        lines.append(f"| {names[key]} | {_pct(s['sensitivity'])} | {_pct(s['specificity'])} "
-                     f"| {_pct(s['precision'])} | {_pct(s['accuracy'])} | {auc} |")
+    lines += ["## Table 3 layout: counts per class (one vs rest)", ""]
+    lines += _table(["class", "TP", "FP", "FN", "TN"],
+                    [[names[key]] + [str(result["per_class"][key][n])
+                                     for n in ("tp", "fp", "fn", "tn")]
+                     for key in CLASS_KEYS], mark)
+    lines += [*footnote, "", "## Table 4 layout: percent", ""]
+    lines += _table(["class", "sensitivity", "specificity", "precision", "accuracy",
+                     "ROC AUC"],
+                    [[names[key]] + [_pct(s[n]) for n in ("sensitivity", "specificity",
+                                                          "precision", "accuracy")]
+                     + ["-" if s["roc_auc"] is None else f"{s['roc_auc']:.3f}"]
+                     for key in CLASS_KEYS for s in [result["per_class"][key]]], mark)
+    lines += footnote
     if paper:
         lines += ["", "Paper, Table 4, concatenated network, average of 5 folds: "
                   + "; ".join(f"{names[k]} sensitivity {v['sensitivity']} %, specificity "
                               f"{v['specificity']} %" for k, v in
                               PAPER_TABLE4_CONCATENATED.items() if isinstance(v, dict))
-                  + f"; overall accuracy {PAPER_TABLE4_CONCATENATED['overall_accuracy']} %."]
-    if result.get("intervals_95"):
+                  + f"; overall accuracy {PAPER_TABLE4_CONCATENATED['overall_accuracy']} % "
+                  "(the authors chose the checkpoint on their test images too)."]
+    if intervals:
         lines += ["", "## Bootstrap 95 % intervals", ""]
-        lines += [f"- {name}: {lo:.3f}-{hi:.3f}" if name.endswith(".roc_auc") else
-                  f"- {name}: {_pct(lo)}-{_pct(hi)} %" for name, (lo, hi) in
-                  sorted(result["intervals_95"].items())]
+        if result.get("intervals_95_basis"):
+            lines += [result["intervals_95_basis"], ""]
+        lines += [f"- {name}: {lo:.3f}-{hi:.3f}{mark}" if name.endswith(".roc_auc") else
+                  f"- {name}: {_pct(lo)}-{_pct(hi)} %{mark}" for name, (lo, hi) in
+                  sorted(intervals.items())]
+        lines += footnote
     if "operating_points" in result:
-        lines += ["", *_operating_points_markdown(result)]
+        lines += ["", *_operating_points_markdown(result, mark)]
     if by_source and len(by_source) > 1:
-        lines += ["", "## Per source (a model can learn the source, not the disease)", "",
-                  "| source | images | overall accuracy |", "|---|---|---|"]
-        lines += [f"| {name} | {r['images']} | {_pct(r['overall_accuracy'])} |"
-                  for name, r in sorted(by_source.items())]
+        lines += ["", "## Per source (a model can learn the source, not the disease)", ""]
+        lines += _table(["source", "images", "patients", "overall accuracy"],
+                        [[name, str(r["images"]),
+                          "-" if r.get("patients") is None else str(r["patients"]),
+                          _pct(r["overall_accuracy"])] for name, r in sorted(by_source.items())],
+                        mark, plain={"images", "patients"})
+        lines += footnote
     return "\n".join(lines) + "\n"
 
 
-#: What the report says beside the figures of a model whose checkpoint the test set chose.
-CHECKPOINT_ON_TEST_NOTE = ("**The checkpoint was chosen on these test images (protocol "
-                           "paper): every figure below is optimistic, and none of it is "
-                           "evidence of how the model does on new images.**")
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], mark: str,
+           plain: Collection[str] = ()) -> list[str]:
+    """A Markdown table whose figures (every cell with a digit but the first column's and
+    the ``plain`` columns': sizes, targets) carry ``mark`` where they do not already."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [cell if column == 0 or header[column] in plain or mark in cell
+                 or not any(c.isdigit() for c in cell) else cell + mark
+                 for column, cell in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
-def _interval_text(interval: Sequence[float] | None) -> str:
-    return "" if not interval else f" (95 %: {_pct(interval[0])}-{_pct(interval[1])} %)"
+def _interval_text(interval: Sequence[float] | None, mark: str = "") -> str:
+    return "" if not interval else f" (95 %: {_pct(interval[0])}-{_pct(interval[1])} %{mark})"
 
 
-def _operating_points_markdown(result: dict[str, Any]) -> list[str]:
+def _operating_points_markdown(result: dict[str, Any], mark: str = "") -> list[str]:
     names = {c.key: c.display_name for c in CLASSES}
     lines = ["## Operating points", "",
              "Thresholds chosen on the validation data (a class is flagged when its "
@@ -369,23 +530,27 @@ def _operating_points_markdown(result: dict[str, Any]) -> list[str]:
         lines += ["The validation data are part of these test images (protocol paper).", ""]
     points: dict[str, dict[str, Any]] = result["operating_points"]
     if points:
-        lines += ["| class | target sensitivity | threshold | validation sensitivity | "
-                  "validation specificity | test sensitivity | test specificity |",
-                  "|---|---|---|---|---|---|---|"]
         # .get: operating points imported with a model may give only some of these
-        lines += [f"| {names[key]} | {_pct(pt.get('target_sensitivity'))} | "
-                  f"{pt['threshold']:.4f} | {_pct(pt.get('validation_sensitivity'))} | "
-                  f"{_pct(pt.get('validation_specificity'))} | "
-                  f"{_pct(pt.get('test_sensitivity'))}"
-                  f"{_interval_text(pt.get('test_sensitivity_95'))} | "
-                  f"{_pct(pt.get('test_specificity'))}"
-                  f"{_interval_text(pt.get('test_specificity_95'))} |"
-                  for key, pt in points.items()]
+        lines += _table(["class", "target sensitivity", "threshold", "validation sensitivity",
+                         "validation specificity", "test sensitivity", "test specificity"],
+                        [[names[key], _pct(pt.get("target_sensitivity")),
+                          f"{pt['threshold']:.4f}", _pct(pt.get("validation_sensitivity")),
+                          _pct(pt.get("validation_specificity")),
+                          *(_marked(pt.get(f"test_{name}"), mark)
+                            + _interval_text(pt.get(f"test_{name}_95"), mark)
+                            for name in ("sensitivity", "specificity"))]
+                         for key, pt in points.items()], mark, plain={"target sensitivity"})
+        lines += ["", CHECKPOINT_FOOTNOTE] if mark else []
     missing: dict[str, str] = result.get("operating_points_missing", {})
     lines += [f"- {names[key]}: no operating point: {why}." for key, why in missing.items()]
     if not points and not missing:
         lines += ["No class has a target sensitivity: no operating point."]
     return lines
+
+
+def _marked(value: float | None, mark: str) -> str:
+    """A percentage with ``mark`` after it (none after "-")."""
+    return _pct(value) + (mark if value is not None else "")
 
 
 def plots(result: dict[str, Any], truth: Sequence[int], probabilities: NDArray[np.float64],
@@ -496,6 +661,13 @@ def check_apart(validation: Sequence[Any], test: Sequence[Any]) -> None:
                          "chosen on other images than those that measure them")
 
 
+def patient_of(record: Any) -> tuple[str, str]:
+    """The patient of a record, the unit the bootstrap draws: ``(source, patient_id)``
+    (two collections may both have a patient "1"); an image without a patient id is its
+    own patient."""
+    return (record.source, record.patient_id or f"image:{record.path}")
+
+
 def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: bool = False,
                       prevalence: dict[str, float] | None = None, batch_size: int = 16, *,
                       data_set: str = "", validation: Sequence[Any] = (),
@@ -537,22 +709,25 @@ def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: 
     engine = Engine(artifact, batch_size=batch_size)
     p = predict_records(engine, records)
     truth = [CLASS_KEYS.index(r.label) for r in records]
-    result = metrics(truth, p, prevalence)
+    groups = [patient_of(r) for r in records]
+    result = metrics(truth, p, prevalence, groups=groups)
     result.update(data_set=data_set, sources=sorted({r.source for r in records}),
                   checkpoint_chosen_on_test=checkpoint_chosen_on_test)
     if validation:
-        _choose_and_measure(result, engine, validation, targets, truth, p)
+        _choose_and_measure(result, engine, validation, targets, truth, p, groups)
     elif engine.card.operating_points:
         chosen = {key: point.model_dump(include={"threshold", "target_sensitivity",
                                                  "validation_images", "validation_sensitivity",
                                                  "validation_specificity"})
                   for key, point in engine.card.operating_points.items()}
-        result["operating_points"] = operating_points_on_test(chosen, truth, p)
+        result["operating_points"] = operating_points_on_test(chosen, truth, p,
+                                                              groups=groups)
     by_source: dict[str, dict[str, Any]] = {}
     if len(result["sources"]) > 1:
         for source in result["sources"]:
             pick = [i for i, r in enumerate(records) if r.source == source]
-            by_source[source] = metrics([truth[i] for i in pick], p[pick], bootstrap=0)
+            by_source[source] = metrics([truth[i] for i in pick], p[pick], bootstrap=0,
+                                        groups=[groups[i] for i in pick])
     title = f"Evaluation of {engine.card.name} {engine.card.display_version}"
     write(out, result, truth, p, title, paper, by_source)
     return result
@@ -560,13 +735,16 @@ def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: 
 
 def _choose_and_measure(result: dict[str, Any], engine: Engine, validation: Sequence[Any],
                         targets: Mapping[str, float] | None, truth: Sequence[int],
-                        probabilities: NDArray[np.float64]) -> None:
-    """Operating points chosen on ``validation``, measured on the test set, into ``result``."""
+                        probabilities: NDArray[np.float64], groups: Sequence[Hashable]
+                        ) -> None:
+    """Operating points chosen on ``validation``, measured on the test set (intervals over
+    its patients, ``groups``), into ``result``."""
     targets = DEFAULT_TARGET_SENSITIVITY if targets is None else targets
     truth_val = [CLASS_KEYS.index(r.label) for r in validation]
     chosen = choose_operating_points(truth_val, predict_records(engine, validation), targets)
     result["validation_images"] = len(validation)
-    result["operating_points"] = operating_points_on_test(chosen, truth, probabilities)
+    result["operating_points"] = operating_points_on_test(chosen, truth, probabilities,
+                                                          groups=groups)
     result["operating_points_missing"] = {
         key: f"no {key} image in the {len(validation)} validation images"
         for key in targets if key not in chosen}
@@ -575,15 +753,23 @@ def _choose_and_measure(result: dict[str, Any], engine: Engine, validation: Sequ
 def evidence_of(result: dict[str, Any], data_set: str, checkpoint_chosen_on_test: bool = False
                 ) -> model_card.TestEvidence:
     """The card's test evidence from what :func:`metrics` returned (sources from
-    ``result['sources']`` where :func:`evaluate_artifact` put them)."""
+    ``result['sources']`` where :func:`evaluate_artifact` put them).
+
+    With ``checkpoint_chosen_on_test`` each class's figures carry a ``note`` that says
+    so, beside the evidence's own flag: per-class figures get copied alone.
+    """
     intervals = result.get("intervals_95", {})
+    note = {"note": CHECKPOINT_FOOTNOTE.removeprefix(CHECKPOINT_MARK).strip()
+            } if checkpoint_chosen_on_test else {}
     per_class = {
         key: {name: stats.get(name) for name in ("sensitivity", "specificity", "roc_auc")}
         | {f"{name}_95": intervals.get(f"{key}.{name}")
-           for name in ("sensitivity", "specificity", "roc_auc")}
+           for name in ("sensitivity", "specificity", "roc_auc")} | note
         for key, stats in result["per_class"].items()}
     return model_card.TestEvidence(
-        data_set=data_set, images=result["images"], sources=list(result.get("sources", [])),
+        data_set=data_set, images=result["images"], patients=result.get("patients"),
+        interval_unit=result.get("interval_unit") if intervals else None,
+        sources=list(result.get("sources", [])),
         balanced_accuracy=result.get("balanced_accuracy"),
         balanced_accuracy_95=intervals.get("balanced_accuracy"),
         overall_accuracy=result["overall_accuracy"], per_class=per_class,
@@ -606,13 +792,16 @@ def record_in_card(artifact: Path, result: dict[str, Any]) -> model_card.ModelCa
     free-form ``metrics``, as before.
     """
     current = model_card.read_card(artifact)
+    chosen_on_test = bool(result.get("checkpoint_chosen_on_test", False))
+    current.test = evidence_of(result, result.get("data_set", ""), chosen_on_test)
     current.metrics = {**current.metrics, "test_overall_accuracy": result["overall_accuracy"],
-                       "test_images": result["images"],
+                       "test_images": result["images"], "test_patients": result.get("patients"),
+                       "test_checkpoint_chosen_on_test": chosen_on_test,
                        "test_per_class": {k: {m: v[m] for m in ("sensitivity", "specificity",
                                                                 "precision", "roc_auc")}
+                                          | ({"note": current.test.per_class[k]["note"]}
+                                             if chosen_on_test else {})
                                           for k, v in result["per_class"].items()}}
-    current.test = evidence_of(result, result.get("data_set", ""),
-                               bool(result.get("checkpoint_chosen_on_test", False)))
     if "operating_points" in result:
         current.operating_points = operating_points_of(result)
     model_card.write_card(artifact, current)

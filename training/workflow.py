@@ -3,16 +3,21 @@
 ``dicom-node train`` is this module behind its options: choose the fold (from
 labelled data, or the authors' own split files), train it
 (:func:`training.train.train`), evaluate the best checkpoint on the fold's test
-set (:mod:`training.evaluate`) and record the result in the model card.
+set (:mod:`training.evaluate`) and record the result in the model card -- or, for
+``--dry-run``, only say what it would train (:func:`describe`).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from model import card as model_card
+from model.classes import CLASS_KEYS
 from training import evaluate as evaluation
 from training import sources, splits
 from training.train import TrainConfig, train
@@ -60,9 +65,21 @@ class FoldRun:
     evaluation: dict[str, Any]
 
 
-def data_fold(data: Path, plan: FoldPlan, out: Path) -> ChosenFold:
-    """Patient-level folds of phase-balanced phases from labelled data (a CSV list or a
-    folder per class); every fold is written to ``out/splits``, ``plan.fold`` is chosen."""
+def data_fold(data: Path, plan: FoldPlan, out: Path, write: bool = True) -> ChosenFold:
+    """Patient-level folds of phase-balanced phases from labelled data; every fold is
+    written to ``out/splits``, ``plan.fold`` is chosen.
+
+    Parameters
+    ----------
+    data
+        A CSV list or a folder per class.
+    plan
+        Folds, fold, phases, protocol, seed and quotas.
+    out
+        The run's folder.
+    write
+        False: write nothing (a dry run).
+    """
     records = sources.read(data)
     per_p = plan.unique_pneumonia or splits.phase_quota(
         records, "pneumonia", plan.folds, plan.phases, splits.PAPER_UNIQUE_PNEUMONIA)
@@ -70,12 +87,14 @@ def data_fold(data: Path, plan: FoldPlan, out: Path) -> ChosenFold:
         records, "normal", plan.folds, plan.phases, splits.PAPER_UNIQUE_NORMAL)
     made = splits.make_folds(records, plan.folds, plan.phases, per_p, per_n,
                              protocol=plan.protocol, seed=plan.seed)  # type: ignore[arg-type]
-    splits.write_folds(out / "splits", made)
+    if write:
+        splits.write_folds(out / "splits", made)
     return ChosenFold(made[plan.fold - 1], plan, plan.protocol, per_p, per_n,
                       evaluation.data_set_name(data))
 
 
-def paper_fold(split_files: Path, images: Path, plan: FoldPlan, out: Path) -> ChosenFold:
+def paper_fold(split_files: Path, images: Path, plan: FoldPlan, out: Path,
+               write: bool = True) -> ChosenFold:
     """The fold the authors published, always under the ``paper`` protocol.
 
     Parameters
@@ -88,6 +107,8 @@ def paper_fold(split_files: Path, images: Path, plan: FoldPlan, out: Path) -> Ch
         Which fold, how many phases, the seed.
     out
         The run's folder; the fold is written to ``out/splits``.
+    write
+        False: write nothing (a dry run).
 
     Raises
     ------
@@ -96,7 +117,8 @@ def paper_fold(split_files: Path, images: Path, plan: FoldPlan, out: Path) -> Ch
     """
     chosen = splits.import_paper_fold(split_files, plan.fold, images, plan.phases,
                                       seed=plan.seed)
-    splits.write_folds(out / "splits", [chosen])
+    if write:
+        splits.write_folds(out / "splits", [chosen])
     return ChosenFold(chosen, plan, "paper", 0, 0,
                       f"the authors' splits in {split_files.resolve().name}")
 
@@ -111,12 +133,25 @@ def train_config(chosen: ChosenFold, **options: Any) -> TrainConfig:
     }, **options)
 
 
-def train_and_evaluate(chosen: ChosenFold, config: TrainConfig, out: Path) -> FoldRun:
+def train_and_evaluate(chosen: ChosenFold, config: TrainConfig, out: Path,
+                       log: Path | None = None) -> FoldRun:
     """Train ``chosen`` into ``out/model``, evaluate it on the fold's test set into
     ``out/evaluation`` -- operating points chosen on the fold's validation set for
     :data:`~training.evaluate.DEFAULT_TARGET_SENSITIVITY` -- and record the evidence in
-    the model card (which says so when the checkpoint was chosen on test images)."""
-    train(chosen.fold.phases, chosen.fold.validation, config, out)
+    the model card (which says so when the checkpoint was chosen on test images).
+
+    Parameters
+    ----------
+    chosen
+        The fold.
+    config
+        The training configuration (:func:`train_config`).
+    out
+        The fold's run folder.
+    log
+        A folder for the CSV logs and TensorBoard events; None: CSV logs in ``out/work``.
+    """
+    train(chosen.fold.phases, chosen.fold.validation, config, out, log)
     artifact = out / "model"
     paper = chosen.protocol == "paper"
     result = evaluation.evaluate_artifact(
@@ -128,3 +163,25 @@ def train_and_evaluate(chosen: ChosenFold, config: TrainConfig, out: Path) -> Fo
         recorded.training.test_images = len(chosen.fold.test)
         model_card.write_card(artifact, recorded)
     return FoldRun(artifact, recorded, result)
+
+
+def _counts(records: Sequence[sources.Record]) -> str:
+    found = Counter(r.label for r in records)
+    return (f"{len(records)} images ("
+            + ", ".join(f"{key} {found[key]}" for key in CLASS_KEYS) + ")")
+
+
+def describe(chosen: ChosenFold, config: TrainConfig) -> list[str]:
+    """What a run of ``chosen`` under ``config`` would train on, line by line: the fold,
+    each phase's class counts and steps, the validation and test sets."""
+    plan, fold = chosen.plan, chosen.fold
+    lines = [f"fold {plan.fold} of {plan.folds} ({chosen.protocol} protocol, "
+             f"{chosen.data_name or 'unnamed data'}): {len(fold.phases)} phases x "
+             f"{config.epochs_per_phase} epochs, {config.architecture} at "
+             f"{config.input_size} px, batch {config.batch}, weights {config.weights}, "
+             f"precision {config.policy}"]
+    lines += [f"phase {k}: {_counts(phase)}, {math.ceil(len(phase) / config.batch)} steps "
+              "per epoch" for k, phase in enumerate(fold.phases, start=1)]
+    lines.append(f"validation: {_counts(fold.validation)}")
+    lines.append(f"test: {_counts(fold.test)}")
+    return lines
