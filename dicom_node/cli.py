@@ -339,7 +339,7 @@ def studies_list(
     table = Table("id", "study", "version", "state", "flagged", "label", "images", "model",
                   "problems")
     for row in found:
-        flagged = "" if row["flagged"] is None else ("+".join(row["flags"]) or "no")
+        flagged = "-" if row["flagged"] is None else ("+".join(row["flags"]) or "no")
         model = row["model_version"] or ""
         if row["model_validated"] is False:
             model += f" ({UNVALIDATED_WARNING})"

@@ -101,24 +101,32 @@ def test_train_evaluate_install_classify(tmp_path: Path, shared_cxr: Path) -> No
     shown = json.loads(cli("model", "show", str(artifact)).stdout)
     assert shown["validated"] is False and "reaches chance" in shown["validation_reason"]
 
-    # Thresholds chosen on the fold's validation set, measured on its test set (evaluate
-    # refuses test data that shares images or patients with the validation data).
-    test_csv = run / "splits" / "fold1" / "test.csv"
-    test_images = len(test_csv.read_text().splitlines()) - 1
-    evaluated = cli("evaluate", "--model", str(artifact), "--data", str(test_csv),
-                    "--out", str(tmp_path / "ev"),
-                    "--prevalence", "covid=0.05", "--data-set", "cxr-dev, fold 1 test",
-                    "--validation-data", str(run / "splits" / "fold1" / "validation.csv"),
+    whole = cli("evaluate", "--model", str(artifact), "--data",
+                str(shared_cxr / "labels.csv"), "--out", str(tmp_path / "all"),
+                "--prevalence", "covid=0.05")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert metrics["images"] == 150 and 0.0 <= metrics["overall_accuracy"] <= 1.0
+    assert "ppv_at_0.05" in metrics["per_class"]["covid"]
+    assert len(metrics["by_source"]) >= 3  # the dev set mixes sources: reported apart
+
+    fold = run / "splits" / "fold1"
+    overlapping = cli("evaluate", "--model", str(artifact), "--data",
+                      str(shared_cxr / "labels.csv"), "--out", str(tmp_path / "bad"),
+                      "--validation-data", str(fold / "validation.csv"), "--record")
+    assert overlapping.returncode == 2  # the 150 include the validation images
+    assert "share" in overlapping.stderr and "thresholds must be chosen" in overlapping.stderr
+
+    evaluated = cli("evaluate", "--model", str(artifact), "--data", str(fold / "test.csv"),
+                    "--out", str(tmp_path / "ev"), "--data-set", "cxr-dev fold 1 test",
+                    "--validation-data", str(fold / "validation.csv"),
                     "--target-sensitivity", "covid=0.95", "--record")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "validated: no" in evaluated.stdout
-    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["images"] == test_images and 0.0 <= metrics["overall_accuracy"] <= 1.0
-    assert "ppv_at_0.05" in metrics["per_class"]["covid"]
-    assert len(metrics["by_source"]) >= 2  # the dev set mixes sources: reported apart
+    tested = json.loads((tmp_path / "ev" / "metrics.json").read_text())["images"]
     recorded = json.loads((artifact / "model-card.json").read_text())
-    assert recorded["test"]["data_set"] == "cxr-dev, fold 1 test"
-    assert recorded["test"]["images"] == test_images
+    assert recorded["test"]["data_set"] == "cxr-dev fold 1 test"
+    assert recorded["test"]["images"] == tested == record["test_images"]
     assert recorded["operating_points"]["covid"]["target_sensitivity"] == 0.95
     assert recorded["operating_points"]["pneumonia"]["target_sensitivity"] == 0.9
 
