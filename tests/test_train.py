@@ -182,6 +182,7 @@ def _phases_done(progress: Path) -> int:
     return int(json.loads(progress.read_text())["phases_done"]) if progress.is_file() else 0
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
 def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     labels = labelled_pngs(tmp_path / "data")
@@ -221,6 +222,7 @@ def test_killed_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert (out / "fold1" / "model" / "model-card.json").is_file()
 
 
+@pytest.mark.long
 def test_multi_worker_strategy_with_one_worker(tmp_path: Path) -> None:
     labels = labelled_pngs(tmp_path / "data", per_class=8)
     tf_config = {"cluster": {"worker": [f"localhost:{free_port()}"]},
@@ -346,6 +348,7 @@ def global_policy() -> Iterator[None]:
     keras.config.set_dtype_policy(before)
 
 
+@pytest.mark.long
 def test_mixed_precision_run_from_imagenet_serves_float32(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, global_policy: None) -> None:
     """A stand-in ImageNet file in the Keras cache starts the run; trained under
