@@ -12,7 +12,7 @@ DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc openssl
 RUN_ARGS ?= --allow-calling-ae STORESCU
 PYTEST_ARGS ?=
 
-.PHONY: run test demo demo-model install install-bench install-test lock debian-test-packages lint bench bench-quick clean
+.PHONY: run test test-long demo demo-model install install-bench install-test lock debian-test-packages lint bench bench-quick clean
 
 # Exact versions with hashes, made by pip-tools from the ranges in pyproject.toml:
 # LOCK for the node (`make run`: no extras), TEST_LOCK for `make test` (extras test and
@@ -89,6 +89,10 @@ lint: install-test
 
 test: debian-test-packages lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The long training variants `make test` leaves out (marker `long`, minutes each).
+test-long: debian-test-packages install-test
+	$(BIN)/pytest -m long $(PYTEST_ARGS)
 
 # The test lock, then the `bench` extra on top of it, unlocked (pip keeps the locked
 # versions where they satisfy the extra and resolves only what is missing).

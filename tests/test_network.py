@@ -137,7 +137,18 @@ def test_mixed_precision_model_serves_float32(tmp_path: Path, global_policy: Non
     # A head far from uniform, as after training, so the comparison means something.
     head = mixed.get_layer("predictions")
     head.kernel.assign(np.random.default_rng(1).normal(0, 0.2, head.kernel.shape))
+    # Statistics as training leaves them: every BatchNorm's moving mean and variance (the
+    # non-trainable weights) away from their initial 0 and 1, so a conversion that copied
+    # only the trainable weights would be caught.
+    rng = np.random.default_rng(2)
+    for variable in mixed.non_trainable_weights:
+        shape = tuple(variable.shape)
+        variable.assign(rng.uniform(0.5, 1.5, shape) if "variance" in variable.path
+                        else rng.normal(0, 0.1, shape))
     served = network.as_float32(mixed)
+    for kept, made in zip(mixed.non_trainable_weights, served.non_trainable_weights,
+                          strict=True):
+        np.testing.assert_array_equal(np.asarray(made), np.asarray(kept))
     assert keras.config.dtype_policy().name == "mixed_float16"  # the caller's, untouched
     card.save_artifact(served, tmp_path / "artifact", {
         "version": "0.0.1", "architecture": "concatenated", "input_size": 96, "trained": False})
