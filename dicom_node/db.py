@@ -96,6 +96,16 @@ class Base(DeclarativeBase):
     """Declarative base of the job store schema."""
 
 
+def _state_column(default: enum.StrEnum) -> Any:
+    """A life-cycle column: the enum's values stored as text (no database enum type, so
+    adding a state needs no migration), ``default`` for new rows."""
+    return mapped_column(
+        Enum(type(default), native_enum=False, length=16,
+             values_callable=lambda members: [m.value for m in members]),
+        default=default,
+    )
+
+
 class Job(Base):
     """One received instance and everything the node does with it."""
 
@@ -107,11 +117,7 @@ class Job(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    state: Mapped[JobState] = mapped_column(
-        Enum(JobState, native_enum=False, length=16,
-             values_callable=lambda members: [m.value for m in members]),
-        default=JobState.QUEUED,
-    )
+    state: Mapped[JobState] = _state_column(JobState.QUEUED)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -174,11 +180,7 @@ class StudyResult(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)
-    state: Mapped[StudyState] = mapped_column(
-        Enum(StudyState, native_enum=False, length=16,
-             values_callable=lambda members: [m.value for m in members]),
-        default=StudyState.OPEN,
-    )
+    state: Mapped[StudyState] = _state_column(StudyState.OPEN)
     #: The version this one replaces (a late image reopened a closed study).
     supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("study_results.id"),
                                                       default=None)
@@ -215,11 +217,7 @@ class Delivery(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     #: ``AET@host:port``
     destination: Mapped[str] = mapped_column(String(128))
-    state: Mapped[DeliveryState] = mapped_column(
-        Enum(DeliveryState, native_enum=False, length=16,
-             values_callable=lambda members: [m.value for m in members]),
-        default=DeliveryState.PENDING,
-    )
+    state: Mapped[DeliveryState] = _state_column(DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_status: Mapped[int | None] = mapped_column(Integer, default=None)
