@@ -17,6 +17,7 @@ from dicom_node.scheduler import Scheduler
 from dicom_node.scp import StorageSCP, check_calling_ae_policy
 from dicom_node.spool import Spool
 from dicom_node.worker import Worker
+from model import card
 
 LOGGER = logging.getLogger(__name__)
 
@@ -93,15 +94,14 @@ class Node:
         self.scheduler.start()
         self.worker.start()
 
-    def check_model(self) -> None:
-        """ConfigError when the active model may not serve (see
-        :func:`dicom_node.model_holder.unservable_reason`); no model is fine: instances
-        are received and wait for one."""
-        from model import card
-
+    def check_model(self) -> card.ModelCard | None:
+        """The active model's card (None: no model yet; instances are received and wait
+        for one), or ConfigError when it may not serve (see
+        :func:`dicom_node.model_holder.unservable_reason`). Reads the card only:
+        TensorFlow is not loaded by the receive path."""
         artifact = card.active(self.settings.model_dir)
         if artifact is None:
-            return
+            return None
         try:
             active = card.read_card(artifact)
         except (OSError, ValueError) as exc:
@@ -109,18 +109,14 @@ class Node:
         refusal = unservable_reason(active, self.settings)
         if refusal is not None:
             raise ConfigError(f"the active model {refusal}")
+        return active
 
     def _report_model(self) -> None:
-        # Reads the card only: TensorFlow is not loaded by the receive path.
-        from model import card
-
-        self.check_model()
-        artifact = card.active(self.settings.model_dir)
-        if artifact is None:
+        active = self.check_model()
+        if active is None:
             LOGGER.warning("no model installed: instances are received and queued; "
                            "install one with `dicom-node model install DIR`")
             return
-        active = card.read_card(artifact)
         status = card.validation_status(active)
         LOGGER.info("active model: %s %s (%s, %dpx), %s%s", active.name, active.display_version,
                     active.architecture, active.input_size,
