@@ -138,9 +138,9 @@ class Classification:
             raise ValueError(f"view must be one of {sorted(VIEW_TEXTS)}, not {self.view!r}")
 
 
-def title(card: ModelCard) -> CodedConcept | Code:
+def title(validation: Validation) -> CodedConcept | Code:
     """The document title: CID 7021 for a validated model, the warning for any other."""
-    return TITLE if validation_status(card).validated else UNVALIDATED_TITLE
+    return TITLE if validation.validated else UNVALIDATED_TITLE
 
 
 def reached_thresholds(card: ModelCard, probabilities: dict[str, float]) -> list[str]:
@@ -153,10 +153,16 @@ def reached_thresholds(card: ModelCard, probabilities: dict[str, float]) -> list
             and round(float(probabilities[cls.key]), 6) >= round(float(point.threshold), 6)]
 
 
-def series_description(card: ModelCard) -> str:
+def flags(card: ModelCard, probabilities: dict[str, float]) -> list[str] | None:
+    """:func:`reached_thresholds`, or None when the model has no operating points
+    (nothing was checked: neither flagged nor not)."""
+    return reached_thresholds(card, probabilities) if card.operating_points else None
+
+
+def series_description(card: ModelCard, validation: Validation) -> str:
     """What viewers show first (LO, 64 characters): not a diagnosis, and for an
     unvalidated model the warning before anything else."""
-    if not validation_status(card).validated:
+    if not validation.validated:
         return f"{UNVALIDATED_WARNING} - AI, NOT A DIAGNOSIS"[:64]
     head = "AI RESULT - NOT A DIAGNOSIS"
     return f"{head} (model {card.display_version[:64 - len(head) - len(' (model )')]})"
@@ -263,6 +269,7 @@ def build_sr(
     algorithm = _algorithm(card)
     source = _evidence(source)
     source_image = SourceImageForMeasurementGroup.from_source_image(source)
+    validation = validation_status(card)
     reached = reached_thresholds(card, result.probabilities)
     main = [QualitativeEvaluation(name=FINDING, value=_class_concept(result.label))]
     if card.operating_points:
@@ -300,18 +307,20 @@ def build_sr(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
-        title=title(card),
+        title=title(validation),
     )
     root = only_item(report)
-    for position, notice in enumerate(_notices(card)):
+    for position, notice in enumerate(_notices(validation)):
         root.ContentSequence.insert(position, notice)
-    return _document(source, report, card, sop_instance_uid, series_instance_uid,
-                     institution_name)
+    return _document(source, report, card, validation, sop_instance_uid,
+                     series_instance_uid, institution_name)
 
 
-def _document(source: Dataset, content: Dataset | Sequence, card: ModelCard, sop_instance_uid: str,
-              series_instance_uid: str, institution_name: str | None) -> Comprehensive3DSR:
-    """The SR document around ``content``; ``source`` is already :func:`_evidence`'d."""
+def _document(source: Dataset, content: Dataset | Sequence, card: ModelCard,
+              validation: Validation, sop_instance_uid: str, series_instance_uid: str,
+              institution_name: str | None) -> Comprehensive3DSR:
+    """The SR document around ``content``; ``source`` is already :func:`_evidence`'d and
+    ``validation`` is the card's."""
     equipment = hd.ContributingEquipment(
         manufacturer=card.manufacturer[:64],
         purpose_of_reference=codes.DCM.ProcessingEquipment,
@@ -342,7 +351,7 @@ def _document(source: Dataset, content: Dataset | Sequence, card: ModelCard, sop
     # Contributing Equipment item (IHE AIR); highdicom has no argument for it. That
     # item is not the first when highdicom lists the source's acquisition equipment.
     _model_equipment(sr, card).DeviceUID = card.device_uid
-    sr.SeriesDescription = series_description(card)
+    sr.SeriesDescription = series_description(card, validation)
     return sr
 
 
@@ -415,11 +424,11 @@ class ReportBuilder:
             self._keep(sr)
             return sr
         evidence = _evidence(source)
-        root = ContainerContentItem(name=title(self.card), template_id="1500")
+        root = ContainerContentItem(name=title(self.validation), template_id="1500")
         root.ContentSequence = ContentSequence(
             [SourceImageForMeasurementGroup.from_source_image(evidence)])
-        sr = _document(evidence, root, self.card, sop_instance_uid, series_instance_uid,
-                       self.institution_name)
+        sr = _document(evidence, root, self.card, self.validation, sop_instance_uid,
+                       series_instance_uid, self.institution_name)
         sr.ContentSequence = self._content(evidence, result)
         # Mark the document as already Explicit VR Little Endian (as highdicom made
         # it), so that writing it does not walk the kept tree to correct ambiguous
@@ -583,12 +592,11 @@ def _view(result: Classification) -> TextContentItem:
     return _text(COMMENT, VIEW_TEXTS[result.view])
 
 
-def _notices(card: ModelCard) -> list[TextContentItem]:
+def _notices(validation: Validation) -> list[TextContentItem]:
     """The root's first items: an unvalidated model's warning with the reason, then
     the intended use."""
-    status = validation_status(card)
-    notices = [] if status.validated else [
-        _text(COMMENT, f"{UNVALIDATED_WARNING}: {status.reason}.")]
+    notices = [] if validation.validated else [
+        _text(COMMENT, f"{UNVALIDATED_WARNING}: {validation.reason}.")]
     return [*notices, _text(COMMENT, INTENDED_USE)]
 
 

@@ -20,7 +20,7 @@ from dicom_node.config import Settings
 from dicom_node.db import Job
 from dicom_node.destination import Destination
 from dicom_node.jobs import JobResult, JobStore
-from dicom_node.report import Classification, ReportBuilder, reached_thresholds
+from dicom_node.report import Classification, ReportBuilder, flags
 from dicom_node.spool import Spool
 from model.card import UNVALIDATED_WARNING
 from model.classes import CLASS_KEYS
@@ -82,8 +82,7 @@ class ResultWriter:
             return None
         return JobResult(job.id, label, probabilities, f"{card.name} {card.display_version}",
                          sr_name, self.destinations(job),
-                         flags=(reached_thresholds(card, probabilities)
-                                if card.operating_points else None),
+                         flags=flags(card, probabilities),
                          model_validated=reports.validation.validated)
 
     def destinations(self, job: Job) -> list[str]:
