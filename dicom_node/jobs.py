@@ -127,12 +127,6 @@ class DeliveryOutcome:
     retry_at: datetime | None = None
 
 
-def _fresh_copy(job: Job) -> Job:
-    """An unsaved copy of ``job`` (after a rolled-back insert the object is detached)."""
-    columns = {c.key: getattr(job, c.key) for c in Job.__table__.columns if c.key != "id"}
-    return Job(**columns)
-
-
 def new_worker_id() -> str:
     """A lease owner id: ``host:pid:random``, so recovery can tell whose leases are dead."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -206,7 +200,7 @@ class JobStore:
 
         The commit is durable (SQLite WAL with ``synchronous=FULL``) when this returns.
         """
-        job = Job(
+        fields = dict(
             state=state,
             sop_class_uid=instance.sop_class_uid,
             sop_instance_uid=instance.sop_instance_uid,
@@ -227,7 +221,12 @@ class JobStore:
             finished_at=utcnow() if state is JobState.IGNORED else None,
         )
         gathered = state is JobState.QUEUED and instance.view is not None
-        for attempt in range(2):
+        # Twice at most: the same instance and bytes fail at once; on PostgreSQL, another
+        # receive may open the study's result at the same moment, and the second try
+        # joins it.
+        retried = False
+        while True:
+            job = Job(**fields)
             try:
                 with self._sessions.begin() as session:
                     session.add(job)
@@ -239,15 +238,11 @@ class JobStore:
                             job.intake_reason = (f"{reason}; arrived after the "
                                                  f"study's result was formed: reopened as "
                                                  f"version {opened.version}")[:128]
+                return job
             except IntegrityError:
-                # The same instance and bytes, or (PostgreSQL) another receive opened the
-                # study's result at the same moment: then once more, joining it.
-                if attempt or self.find_duplicate(instance.sop_instance_uid, instance.sha256):
+                if retried or self.find_duplicate(instance.sop_instance_uid, instance.sha256):
                     return None
-                job = _fresh_copy(job)
-                continue
-            return job
-        return None
+                retried = True
 
     # --- workers ---
 
