@@ -138,6 +138,10 @@ class Validation:
     validated: bool
     reason: str
 
+    def __str__(self) -> str:
+        """``validated: yes (why)`` or ``validated: no (why not)``, as the commands say it."""
+        return f"validated: {'yes' if self.validated else 'no'} ({self.reason})"
+
 
 class ModelCard(BaseModel):
     """Identity, provenance and evaluation of one trained (or untrained) model."""

@@ -218,7 +218,7 @@ def _echo_validation(shown: ModelCard) -> None:
     from model import card
 
     status = card.validation_status(shown)
-    typer.echo(f"validated: {'yes' if status.validated else 'no'} ({status.reason})")
+    typer.echo(str(status))
     if not status.validated:
         typer.echo(f"WARNING: {card.UNVALIDATED_WARNING}", err=True)
 

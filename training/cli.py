@@ -214,8 +214,7 @@ def train(
     flag = "" if status.validated else " --allow-unvalidated"
     typer.echo(f"model: {run.artifact} ({run.card.architecture} {run.card.input_size}px); "
                f"test accuracy {run.evaluation['overall_accuracy']:.4f} on "
-               f"{run.evaluation['images']} images; validated: "
-               f"{'yes' if status.validated else 'no'} ({status.reason}); "
+               f"{run.evaluation['images']} images; {status}; "
                f"install with: dicom-node model install{flag} {run.artifact}")
 
 
@@ -321,8 +320,7 @@ def evaluate(
     if record:
         recorded = evaluation.record_in_card(model_dir, result)
         status = card.validation_status(recorded)
-        typer.echo(f"recorded in {model_dir / card.CARD_FILE}; validated: "
-                   f"{'yes' if status.validated else 'no'} ({status.reason})")
+        typer.echo(f"recorded in {model_dir / card.CARD_FILE}; {status}")
 
 
 def _maybe(value: float | None) -> str:
