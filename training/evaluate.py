@@ -645,8 +645,8 @@ def check_apart(validation: Sequence[Any], test: Sequence[Any]) -> None:
     or a patient with the test set that measures them."""
     images = {Path(r.path).resolve() for r in validation} & {Path(r.path).resolve()
                                                              for r in test}
-    patients = ({(r.source, r.patient_id) for r in validation if r.patient_id}
-                & {(r.source, r.patient_id) for r in test if r.patient_id})
+    patients = ({r.patient for r in validation if r.patient_id}
+                & {r.patient for r in test if r.patient_id})
     if images or patients:
         raise ValueError(f"the validation data share {len(images)} image(s) and "
                          f"{len(patients)} patient(s) with the test data: thresholds must be "
@@ -657,7 +657,7 @@ def patient_of(record: Any) -> tuple[str, str]:
     """The patient of a record, the unit the bootstrap draws: ``(source, patient_id)``
     (two collections may both have a patient "1"); an image without a patient id is its
     own patient."""
-    return (record.source, record.patient_id or f"image:{record.path}")
+    return record.patient if record.patient_id else (record.source, f"image:{record.path}")
 
 
 def evaluate_artifact(artifact: Path, records: Sequence[Any], out: Path, paper: bool = False,

@@ -49,6 +49,12 @@ class Record:
         if self.label not in CLASS_KEYS:
             raise ValueError(f"label {self.label!r} is not one of {CLASS_KEYS}")
 
+    @property
+    def patient(self) -> tuple[str, str]:
+        """The patient, the unit of independence of folds and intervals: ``(source,
+        patient_id)`` -- two collections may both have a patient "1"."""
+        return (self.source, self.patient_id)
+
 
 def map_finding(finding: str, mapping: Mapping[str, str]) -> str | None:
     """The class of a finding, or None when the mapping does not cover it.

@@ -50,9 +50,6 @@ class Fold:
     test: list[Record]
 
 
-def _patient_key(record: Record) -> tuple[str, str]:
-    return (record.source, record.patient_id)
-
 
 def patient_folds(records: Sequence[Record], folds: int, seed: int) -> list[list[Record]]:
     """Split ``records`` into ``folds`` test sets, never splitting a patient.
@@ -65,7 +62,7 @@ def patient_folds(records: Sequence[Record], folds: int, seed: int) -> list[list
     """
     if folds < 2:
         raise ValueError("folds must be at least 2")
-    keys = [_patient_key(r) for r in records]
+    keys = [r.patient for r in records]
     number = {key: i for i, key in enumerate(sorted(set(keys)))}
     if len(number) < folds:
         raise ValueError(f"{folds} folds need at least {folds} patients; there are "
@@ -171,7 +168,7 @@ def _patients(records: list[Record], rng: random.Random) -> list[list[Record]]:
     """Records grouped by patient, groups in a seeded random order."""
     groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for record in records:
-        groups[_patient_key(record)].append(record)
+        groups[record.patient].append(record)
     order = sorted(groups)
     rng.shuffle(order)
     return [groups[key] for key in order]
@@ -241,8 +238,8 @@ def make_folds(
     test_sets = patient_folds(records, folds, seed)
     result = []
     for k, test in enumerate(test_sets):
-        test_patients = {_patient_key(r) for r in test}
-        pool = [r for r in records if _patient_key(r) not in test_patients]
+        test_patients = {r.patient for r in test}
+        pool = [r for r in records if r.patient not in test_patients]
         held_covid: list[Record] = []
         if protocol == "clean":
             held_covid, pool = _hold_out_covid(pool, validation_covid_fraction, seed + k)
@@ -261,11 +258,11 @@ def _hold_out_covid(pool: list[Record], fraction: float, seed: int
                     ) -> tuple[list[Record], list[Record]]:
     # By hand: a shuffle and a slice of one class's patients; GroupShuffleSplit on the
     # COVID-19 records would add only its own rounding (up) of the held-out count.
-    patients = sorted({_patient_key(r) for r in pool if r.label == "covid"})
+    patients = sorted({r.patient for r in pool if r.label == "covid"})
     random.Random(seed).shuffle(patients)  # noqa: S311
     held = set(patients[:round(len(patients) * fraction)])
-    return ([r for r in pool if _patient_key(r) in held],
-            [r for r in pool if _patient_key(r) not in held])
+    return ([r for r in pool if r.patient in held],
+            [r for r in pool if r.patient not in held])
 
 
 def _clean_validation(unused: list[Record], per_class: int, seed: int
@@ -273,7 +270,7 @@ def _clean_validation(unused: list[Record], per_class: int, seed: int
     rng = random.Random(seed)  # noqa: S311
     by_patient: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for record in unused:
-        by_patient[_patient_key(record)].append(record)
+        by_patient[record.patient].append(record)
     patients = sorted(by_patient)
     rng.shuffle(patients)
     taken: Counter[str] = Counter()

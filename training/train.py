@@ -257,7 +257,7 @@ def choose_strategy() -> tf.distribute.Strategy:
 def _summary(records: Sequence[Record]) -> dict[str, Any]:
     return {"images": len(records), "per_class": dict(Counter(r.label for r in records)),
             "per_source": dict(Counter(r.source for r in records)),
-            "patients": len({(r.source, r.patient_id) for r in records})}
+            "patients": len({r.patient for r in records})}
 
 
 def _read_progress(path: Path) -> dict[str, Any]:
@@ -393,7 +393,8 @@ def training_record(phases: Sequence[Sequence[Record]], validation: Sequence[Rec
         The training phases and the validation set, as :func:`train` got them.
     config
         The run's configuration; ``extra["protocol"] == "paper"`` means the validation
-        set is part of the test set, so the checkpoint was chosen on test images.
+        set is part of the test set, so the checkpoint was chosen on test images;
+        ``extra["test_images"]`` is the size of the fold's test set, where known.
     checkpoint_kept
         A best checkpoint was saved (else the last epoch's weights were kept).
     precision
@@ -409,6 +410,6 @@ def training_record(phases: Sequence[Sequence[Record]], validation: Sequence[Rec
         epochs_per_phase=config.epochs_per_phase,
         # distinct images: phases share their common pneumonia images
         training_images=len({r.path for phase in phases for r in phase}),
-        validation_images=len(validation),
+        validation_images=len(validation), test_images=config.extra.get("test_images"),
         data_sources=sorted({r.source for r in everything}),
         checkpoint_chosen_on=chosen_on, precision=precision)

@@ -130,6 +130,7 @@ def train_config(chosen: ChosenFold, **options: Any) -> TrainConfig:
     return TrainConfig(seed=plan.seed, extra={
         "fold": plan.fold, "folds": plan.folds, "protocol": chosen.protocol,
         "unique_pneumonia": chosen.unique_pneumonia, "unique_normal": chosen.unique_normal,
+        "test_images": len(chosen.fold.test),
     }, **options)
 
 
@@ -158,11 +159,7 @@ def train_and_evaluate(chosen: ChosenFold, config: TrainConfig, out: Path,
         artifact, chosen.fold.test, out / "evaluation", paper=paper,
         data_set=chosen.test_set_name, validation=chosen.fold.validation,
         checkpoint_chosen_on_test=paper)
-    recorded = evaluation.record_in_card(artifact, result)
-    if recorded.training is not None:
-        recorded.training.test_images = len(chosen.fold.test)
-        model_card.write_card(artifact, recorded)
-    return FoldRun(artifact, recorded, result)
+    return FoldRun(artifact, evaluation.record_in_card(artifact, result), result)
 
 
 def _counts(records: Sequence[sources.Record]) -> str:
