@@ -133,15 +133,15 @@ def serve(
                 ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
-    _check_model(node)
     LOGGER.info("dicom-node %s starting; data in %s", __version__, settings.data_dir)
-    node.run()
+    _run(node)
 
 
-def _check_model(node: Any) -> None:
-    """Exit 2 with the reason when the active model may not serve."""
+def _run(node: Any) -> None:
+    """Run ``node`` until stopped; exit 2 with the reason when it refuses to start (an
+    active model that may not serve)."""
     try:
-        node.check_model()
+        node.run()
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -159,10 +159,8 @@ def worker(
     settings = _settings(config, data_dir=data_dir,
                          allow_unvalidated_models=allow_unvalidated_models)
     setup_logging(settings.log_level)
-    node = Node(settings, receive=False)
-    _check_model(node)
     LOGGER.info("dicom-node %s worker starting; data in %s", __version__, settings.data_dir)
-    node.run()
+    _run(Node(settings, receive=False))
 
 
 @app.command()

@@ -78,17 +78,20 @@ class Node:
         return report
 
     def start(self) -> None:
-        """Recover, then start the SCP, the scheduler and the worker.
+        """Judge the active model, recover, then start the SCP, the scheduler and the
+        worker.
 
-        A node that does not receive recovers only the jobs of dead local workers:
-        the spool is the receiving node's, and a file it has just renamed may not
-        have its job row yet.
+        ConfigError, before anything is touched, when the active model may not serve
+        (:meth:`check_model`). A node that does not receive recovers only the jobs of
+        dead local workers: the spool is the receiving node's, and a file it has just
+        renamed may not have its job row yet.
         """
+        active = self.check_model()
         if self.scp is not None:
             self.recover()
         else:
             self.store.recover_dead_local_workers()
-        self._report_model()
+        self._report_model(active)
         if self.scp is not None:
             self.scp.start()
         self.scheduler.start()
@@ -111,8 +114,8 @@ class Node:
             raise ConfigError(f"the active model {refusal}")
         return active
 
-    def _report_model(self) -> None:
-        active = self.check_model()
+    @staticmethod
+    def _report_model(active: card.ModelCard | None) -> None:
         if active is None:
             LOGGER.warning("no model installed: instances are received and queued; "
                            "install one with `dicom-node model install DIR`")
