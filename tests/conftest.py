@@ -82,3 +82,14 @@ def small_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     card.save_artifact(built, out, {"version": "0.0.1", "architecture": "concatenated",
                                     "input_size": 96, "trained": False})
     return out
+
+
+@pytest.fixture
+def global_policy() -> Iterator[None]:
+    """Leaves Keras' global dtype policy as it found it (tests that build under
+    mixed precision)."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(before)

@@ -15,12 +15,7 @@ from dicom_node.loopback import free_port
 
 from dicom_factory import chest_image, ct_head, save
 from helpers.environment import CALLING_AE, wait_until
-from helpers.processes import NodeProcess, terminate
-
-
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True,
-                          text=True, timeout=timeout)
+from helpers.processes import NodeProcess, cli, terminate
 
 
 def test_echo(node: NodeProcess) -> None:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dicom_factory import dx_16bit, save
+from helpers.processes import cli
 
 pytestmark = pytest.mark.slow
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 def test_create_install_show_predict(tmp_path: Path, shared_cxr: Path) -> None:

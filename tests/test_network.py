@@ -3,7 +3,6 @@ Keras cache, float32 copies of mixed-precision models."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -116,14 +115,6 @@ def test_imagenet_backbones_from_the_keras_cache(tmp_path: Path,
                 np.testing.assert_array_equal(got, expected)
     # A stand-in is not Keras' published file: loaded (its layers fit), and said so.
     assert "is not Keras' published file" in caplog.text
-
-
-@pytest.fixture
-def global_policy() -> Iterator[None]:
-    """Leaves Keras' global dtype policy as it found it."""
-    before = keras.config.dtype_policy()
-    yield
-    keras.config.set_dtype_policy(before)
 
 
 def _all_policies(model: keras.Model) -> set[str]:

@@ -24,16 +24,10 @@ from model import card as card_module
 
 from dicom_factory import dx_16bit, save
 from helpers.environment import wait_until
-from helpers.processes import NodeProcess
+from helpers.processes import NodeProcess, cli
 from peers import storescu
 
 pytestmark = pytest.mark.slow
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900
-        ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def labelled_pngs(folder: Path, per_class: int = 12) -> Path:
@@ -336,16 +330,6 @@ def test_duration_for_a_person() -> None:
 
     assert [duration(s) for s in (40, 90, 3599, 3600 * 26 + 300)] == [
         "40 s", "2 min", "1 h 00 min", "26 h 05 min"]
-
-
-@pytest.fixture
-def global_policy() -> Iterator[None]:
-    """Leaves Keras' global dtype policy as it found it."""
-    import keras
-
-    before = keras.config.dtype_policy()
-    yield
-    keras.config.set_dtype_policy(before)
 
 
 @pytest.mark.long

@@ -14,6 +14,14 @@ from dicom_node.loopback import free_port, wait_for_port
 from helpers.environment import CALLING_AE
 
 
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600
+        ) -> subprocess.CompletedProcess[str]:
+    """``dicom-node ARGS...`` run to its end, output captured (``env`` adds to the
+    environment)."""
+    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
 def terminate(proc: subprocess.Popen[bytes], grace: float) -> int:
     """SIGTERM, then SIGKILL if ``proc`` has not ended after ``grace`` seconds; return
     its exit code."""

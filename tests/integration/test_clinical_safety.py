@@ -5,8 +5,6 @@ the SR, one result per study, and a late image that supersedes it."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from model import card as model_card
 
 from dicom_factory import chest_image, save
 from helpers.environment import CALLING_AE, wait_until
-from helpers.processes import NodeProcess
+from helpers.processes import NodeProcess, cli
 from helpers.sr import read_result
 from peers import Storescp, storescu
 
@@ -73,11 +71,6 @@ def delivered(node: NodeProcess, count: int) -> bool:
     return (len(jobs) == count and all(j.state is JobState.DONE for j in jobs)
             and all(d.state is DeliveryState.DONE for ds in deliveries.values() for d in ds)
             and sum(len(ds) for ds in deliveries.values()) == count)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 def studies(node: NodeProcess) -> list[dict[str, object]]:
