@@ -12,6 +12,12 @@ Backends:
   compiled by OpenVINO for the CPU; bf16 is faster only where the CPU has
   AVX-512 BF16 or AMX. Check parity with :func:`parity` first.
 
+With ``evidence=True`` the compiled forward pass has a second output, the
+``fusion_conv`` activations, from which :meth:`Engine.predict_with_maps` computes
+each image's class-activation maps (:mod:`model.evidence`) in the same pass;
+:meth:`Engine.predict` then drops them. Without it (the default) the compiled
+pass is exactly the classifier's.
+
 Batches are padded to a fixed set of shapes -- powers of two up to
 ``batch_size``, and ``batch_size`` -- so a compiled function is traced once per
 shape and never again, and a batch of 3 costs 4 images of compute, not 16.
@@ -33,6 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from model import card as model_card
+from model import evidence as model_evidence
 from model import network
 
 LOGGER = logging.getLogger(__name__)
@@ -46,6 +53,14 @@ Device = Literal["auto", "cpu", "gpu"]
 #: Figures: docs/performance.md.
 CPU_BATCH = 4
 GPU_BATCH = 32
+#: The layer whose activations the class-activation maps are computed from, and the
+#: Dense layer that weighs them (:mod:`model.evidence`).
+FEATURES_LAYER = "fusion_conv"
+HEAD_LAYER = "predictions"
+
+#: A compiled forward pass: a padded batch in, the model's outputs out (probabilities,
+#: then with evidence the features), float32.
+Call = Callable[[NDArray[np.float32]], tuple[NDArray[np.float32], ...]]
 
 
 def resolve_batch_size(batch_size: int, device: str) -> int:
@@ -108,7 +123,16 @@ def gpu_available() -> bool:
     return False
 
 
-def _compiled(model: Any) -> Callable[[NDArray[np.float32]], NDArray[np.float32]]:
+def _outputs(out: Any) -> tuple[NDArray[np.float32], ...]:
+    """A model call's output(s) as float32 arrays, in the model's output order."""
+    import keras
+
+    parts = out if isinstance(out, (list, tuple)) else (out,)
+    return tuple(np.asarray(keras.ops.convert_to_numpy(part), dtype=np.float32)
+                 for part in parts)
+
+
+def _compiled(model: Any) -> Call:
     """The model's forward pass, compiled the way each Keras backend runs fastest."""
     import keras
 
@@ -118,20 +142,39 @@ def _compiled(model: Any) -> Callable[[NDArray[np.float32]], NDArray[np.float32]
 
         fn = tf.function(lambda x: model(x, training=False), jit_compile=False,
                          reduce_retracing=False)
-        return lambda x: np.asarray(fn(tf.constant(x)), dtype=np.float32)
+        return lambda x: _outputs(fn(tf.constant(x)))
     if backend == "jax":
         import jax
 
         jitted = jax.jit(lambda x: model(x, training=False))
-        return lambda x: np.asarray(jitted(x), dtype=np.float32)
+        return lambda x: _outputs(jitted(x))
     import torch
 
-    def torch_call(x: NDArray[np.float32]) -> NDArray[np.float32]:
+    def torch_call(x: NDArray[np.float32]) -> tuple[NDArray[np.float32], ...]:
         with torch.no_grad():
             out = model(torch.from_numpy(x), training=False)
-        return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+        return _outputs(out)
 
     return torch_call
+
+
+def with_features(model: Any) -> Any:
+    """``model`` with a second output: the activations of :data:`FEATURES_LAYER`, as
+    float32 (under mixed precision they are computed in bf16). Same layers, same
+    weights, one forward pass for both."""
+    import keras
+
+    features = keras.ops.cast(model.get_layer(FEATURES_LAYER).output, "float32")
+    return keras.Model(model.input, [model.output, features], name=model.name)
+
+
+def head_weights(model: Any) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """The Dense kernel and bias of :data:`HEAD_LAYER` (float32 under every policy)."""
+    import keras
+
+    head = model.get_layer(HEAD_LAYER)
+    return (np.asarray(keras.ops.convert_to_numpy(head.kernel), dtype=np.float32),
+            np.asarray(keras.ops.convert_to_numpy(head.bias), dtype=np.float32))
 
 
 class Engine:
@@ -145,7 +188,10 @@ class Engine:
         batch_size: int = 0,
         threads: int = 0,
         cache_dir: Path | None = None,
+        evidence: bool = False,
     ) -> None:
+        """``evidence``: compile the forward pass with the features output too, for
+        :meth:`predict_with_maps` (without it, that method refuses)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend: {backend!r} is not one of {BACKENDS}")
         if batch_size < 0:
@@ -160,6 +206,11 @@ class Engine:
         self.batch_size = resolve_batch_size(batch_size, self.device)
         self._cache_dir = cache_dir
         self.shapes = batch_shapes(self.batch_size)
+        self.evidence = evidence
+        #: The Dense kernel and bias the maps are computed with (set by loading, when
+        #: ``evidence``), and the maps' h x w.
+        self._head: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None
+        self.map_size: tuple[int, int] = (0, 0)
         started = time.perf_counter()
         self._calls = self._load()
         LOGGER.info("model %s %s loaded (%s on %s) in %.1f s", self.card.name,
@@ -172,22 +223,30 @@ class Engine:
             raise RuntimeError("device = gpu, but no GPU is visible to the Keras backend")
         return "gpu" if has_gpu and device in ("auto", "gpu") else "cpu"
 
-    def _load(self) -> dict[int, Callable[[NDArray[np.float32]], NDArray[np.float32]]]:
+    def _load(self) -> dict[int, Call]:
         import keras
 
         weights = self.artifact / self.card.weights_file
         fp32 = keras.models.load_model(weights, compile=False)
+        if self.evidence:
+            self._head = head_weights(fp32)
+            h, w = fp32.get_layer(FEATURES_LAYER).output.shape[1:3]
+            self.map_size = (int(h), int(w))
         if self.backend == "keras-fp32":
-            call = self._on_device(_compiled(fp32))
+            call = self._on_device(_compiled(self._served(fp32)))
             return dict.fromkeys(self.shapes, call)
         if self.backend == "keras-bf16":
             bf16 = _rebuild_with_policy(fp32, self.card, "mixed_bfloat16")
-            call = self._on_device(_compiled(bf16))
+            call = self._on_device(_compiled(self._served(bf16)))
             return dict.fromkeys(self.shapes, call)
-        return self._openvino(fp32)
+        return self._openvino(self._served(fp32))
 
-    def _on_device(self, call: Callable[[NDArray[np.float32]], NDArray[np.float32]]
-                   ) -> Callable[[NDArray[np.float32]], NDArray[np.float32]]:
+    def _served(self, model: Any) -> Any:
+        """What is compiled: the classifier, or with ``evidence`` the classifier with
+        the features output."""
+        return with_features(model) if self.evidence else model
+
+    def _on_device(self, call: Call) -> Call:
         import keras
 
         if keras.config.backend() != "tensorflow":
@@ -196,14 +255,13 @@ class Engine:
 
         name = "/GPU:0" if self.device == "gpu" else "/CPU:0"
 
-        def placed(x: NDArray[np.float32]) -> NDArray[np.float32]:
+        def placed(x: NDArray[np.float32]) -> tuple[NDArray[np.float32], ...]:
             with tf.device(name):
                 return call(x)
 
         return placed
 
-    def _openvino(self, fp32: Any) -> dict[int, Callable[[NDArray[np.float32]],
-                                                         NDArray[np.float32]]]:
+    def _openvino(self, fp32: Any) -> dict[int, Call]:
         import openvino as ov
 
         xml = self._openvino_ir(fp32)
@@ -214,16 +272,20 @@ class Engine:
                            "OpenVINO computes in fp32, at fp32 speed")
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": str(self._threads)}
-        calls: dict[int, Callable[[NDArray[np.float32]], NDArray[np.float32]]] = {}
+        calls: dict[int, Call] = {}
         for batch in self.shapes:
             ov_model = core.read_model(xml)
             ov_model.reshape([batch, self.input_size, self.input_size, 3])
             compiled = core.compile_model(ov_model, "CPU", config)
             request = compiled.create_infer_request()
 
-            def call(x: NDArray[np.float32], request: Any = request) -> NDArray[np.float32]:
+            def call(x: NDArray[np.float32], request: Any = request
+                     ) -> tuple[NDArray[np.float32], ...]:
                 result = request.infer([x])
-                return np.asarray(next(iter(result.values())), dtype=np.float32)
+                # The converted model's output order is OpenVINO's; the probabilities
+                # (N x 3) come before the features (N x h x w x k) by rank.
+                return tuple(sorted((np.asarray(out, dtype=np.float32)
+                                     for out in result.values()), key=np.ndim))
 
             calls[batch] = call
         return calls
@@ -238,7 +300,9 @@ class Engine:
         except OSError:
             cache = Path(tempfile.gettempdir()) / "dicom-node-openvino"
             cache.mkdir(parents=True, exist_ok=True)
-        xml = cache / f"{self.card.sha256[:16]}.xml"
+        # The evidence variant (two outputs) is another model: another file.
+        suffix = "-evidence" if self.evidence else ""
+        xml = cache / f"{self.card.sha256[:16]}{suffix}.xml"
         if xml.is_file():
             return xml
         with tempfile.TemporaryDirectory() as tmp:
@@ -256,25 +320,46 @@ class Engine:
 
     def predict(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
         """Probabilities (N x 3, class order of :mod:`model.classes`) for N images."""
-        images = np.asarray(images, dtype=np.float32)
-        expected = (self.input_size, self.input_size, 3)
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(f"expected N x {expected}, got {images.shape}")
-        outputs = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            outputs.append(self._run(chunk))
+        outputs = [self._run(chunk)[0] for chunk in self._chunks(images)]
         if not outputs:
             return np.zeros((0, len(self.card.classes)), dtype=np.float32)
         return np.concatenate(outputs)
 
-    def _run(self, chunk: NDArray[np.float32]) -> NDArray[np.float32]:
+    def predict_with_maps(self, images: NDArray[np.float32]
+                          ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """Probabilities (N x 3) and class-activation maps (N x h x w x 3, logit
+        contributions per position, :func:`model.evidence.class_maps`) for N images,
+        from one forward pass. Needs an engine made with ``evidence=True``."""
+        if self._head is None:
+            raise RuntimeError("predict_with_maps needs an Engine made with evidence=True")
+        kernel, bias = self._head
+        probabilities, maps = [], []
+        for chunk in self._chunks(images):
+            # Per chunk: the features (400 KB an image at 300 px) are not kept.
+            probs, features = self._run(chunk)
+            probabilities.append(probs)
+            maps.append(model_evidence.class_maps(features, kernel, bias))
+        if not probabilities:
+            return (np.zeros((0, len(self.card.classes)), dtype=np.float32),
+                    np.zeros((0, *self.map_size, len(self.card.classes)), dtype=np.float32))
+        return np.concatenate(probabilities), np.concatenate(maps)
+
+    def _chunks(self, images: NDArray[np.float32]) -> list[NDArray[np.float32]]:
+        """``images`` checked, in chunks of at most ``batch_size``."""
+        images = np.asarray(images, dtype=np.float32)
+        expected = (self.input_size, self.input_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"expected N x {expected}, got {images.shape}")
+        return [images[start:start + self.batch_size]
+                for start in range(0, len(images), self.batch_size)]
+
+    def _run(self, chunk: NDArray[np.float32]) -> tuple[NDArray[np.float32], ...]:
         n = len(chunk)
         batch = next(shape for shape in self.shapes if shape >= n)
         if n < batch:
             pad = np.zeros((batch - n, *chunk.shape[1:]), dtype=np.float32)
             chunk = np.concatenate([chunk, pad])
-        return self._calls[batch](np.ascontiguousarray(chunk))[:n]
+        return tuple(out[:n] for out in self._calls[batch](np.ascontiguousarray(chunk)))
 
 
 def batch_shapes(batch_size: int) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from model import engine
+from model import engine, evidence
 from model.card import ModelIntegrityError
 
 pytestmark = pytest.mark.slow
@@ -125,3 +125,52 @@ def test_tampered_artifact_is_not_loaded(small_artifact: Path, tmp_path: Path) -
     (copy / "model.keras").write_bytes(b"not a model")
     with pytest.raises(ModelIntegrityError):
         engine.Engine(copy)
+
+
+@pytest.fixture(scope="module")
+def fp32_evidence(small_artifact: Path) -> engine.Engine:
+    return engine.Engine(small_artifact, batch_size=4, device="cpu", evidence=True)
+
+
+#: Per backend: how far its maps may be from fp32's (relative to their largest value),
+#: and how far their sums from its own logit differences (OpenVINO's bf16 computes the
+#: Dense layer in bf16 too; the maps are computed in fp32 from its features).
+MAP_TOLERANCES = [("keras-fp32", 1e-5, 1e-6), ("openvino-fp32", 1e-4, 1e-6),
+                  ("keras-bf16", 5e-2, 1e-6), ("openvino-bf16", 5e-2, 2e-4)]
+
+
+@pytest.mark.parametrize(("backend", "tolerance", "logit_tolerance"), MAP_TOLERANCES)
+def test_maps_come_with_the_probabilities_predict_gives(
+        fp32_evidence: engine.Engine, small_artifact: Path, tmp_path: Path,
+        backend: engine.Backend, tolerance: float, logit_tolerance: float) -> None:
+    other = engine.Engine(small_artifact, backend=backend, batch_size=4, device="cpu",
+                          cache_dir=tmp_path, evidence=True)
+    x = images(5, seed=11)  # two chunks, the second one padded
+    probabilities, maps = other.predict_with_maps(x)
+    assert probabilities.dtype == maps.dtype == np.float32
+    assert maps.shape == (5, *other.map_size, 3) and other.map_size == (3, 3)
+    # One forward pass for both: the probabilities are predict's, of the same engine.
+    np.testing.assert_array_equal(probabilities, other.predict(x))
+    # The maps are the backend's own logits, spread over the positions.
+    _, bias = engine.head_weights(keras.models.load_model(small_artifact / "model.keras",
+                                                          compile=False))
+    z = evidence.logits(maps, bias)
+    log_p = np.log(probabilities)
+    np.testing.assert_allclose(z - z[:, :1], log_p - log_p[:, :1], atol=logit_tolerance)
+    # And equal the fp32 reference's maps within the backend's precision.
+    _, reference = fp32_evidence.predict_with_maps(x)
+    scale = float(np.abs(reference).max())
+    assert float(np.abs(maps - reference).max()) <= tolerance * scale
+
+
+def test_engine_without_evidence_gives_no_maps(fp32: engine.Engine) -> None:
+    with pytest.raises(RuntimeError, match="evidence=True"):
+        fp32.predict_with_maps(images(1))
+
+
+def test_evidence_engine_predicts_as_the_plain_one(fp32: engine.Engine,
+                                                   fp32_evidence: engine.Engine) -> None:
+    x = images(3, seed=12)
+    np.testing.assert_allclose(fp32_evidence.predict(x), fp32.predict(x), atol=1e-6)
+    probabilities, maps = fp32_evidence.predict_with_maps(x[:0])
+    assert probabilities.shape == (0, 3) and maps.shape == (0, 3, 3, 3)

@@ -1,0 +1,370 @@
+"""The evidence image: where the network found its answer, as a DICOM Secondary Capture.
+
+:func:`render` draws, at the source image's own resolution, the radiograph as
+it was displayed to the network (:func:`model.preprocess.dicom_gray8`: Modality
+LUT, VOI LUT or first window, MONOCHROME1 inverted) with the class-activation
+map of the predicted class (:mod:`model.evidence`: what spoke for that class
+over the others) as a colour overlay where it is high, and a legend burned in:
+the class, the three probabilities, the model, "AI RESULT - NOT FOR DIAGNOSTIC
+USE" and, for an unvalidated model, the warning the SR carries.
+
+:func:`build_evidence` wraps that image in a Secondary Capture Image (PS3.3
+A.8.1, built by highdicom): RGB, uncompressed, Conversion Type WSD
+(workstation), Burned In Annotation YES; in the source's study, in a series of
+its own (number :data:`SERIES_NUMBER`); patient and study attributes copied
+from the source as the SR copies them; the source image in the Source Image
+Sequence; the model in Contributing Equipment with its Device UID, as the SR
+names it (IHE AI Results). :func:`png` gives the same image for the demo.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from io import BytesIO
+
+import highdicom as hd
+import numpy as np
+from highdicom.sc import SCImage
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from dicom_node import __version__
+from dicom_node.report import (
+    MANUFACTURER,
+    NODE_NAME,
+    _equipment_model_name,
+    _evidence,
+    _model_equipment,
+)
+from model import evidence as model_evidence
+from model.card import UNVALIDATED_WARNING, ModelCard, validation_status
+from model.classes import CLASS_KEYS, CLASSES, by_key
+from model.preprocess import dicom_gray8
+
+LOGGER = logging.getLogger(__name__)
+
+#: The evidence image's series (the SR's is 9901).
+SERIES_NUMBER = 9902
+DISCLAIMER = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+#: Opacity of the overlay where the map is at its highest.
+MAX_OPACITY = 0.55
+#: Below this fraction of its maximum the map is not drawn: the radiograph stays gray.
+FLOOR = 0.2
+#: PS3.16 CID 7202: why the source image is referenced.
+SOURCE_PURPOSE = hd.sr.CodedConcept("121322", "DCM",
+                                    "Source image for image processing operation")
+DERIVATION = ("Class-activation map of the predicted class (its contribution to the "
+              "class's log-odds, exact for the network's linear head) over the source "
+              "image as displayed; legend burned in")
+#: Transfer syntaxes whose pixels may have lost information (PS3.3 C.7.6.1.1.5: an
+#: image derived from them is lossy too).
+_LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K}
+#: Person names the image copies from its source (both Type 2: present in the header).
+_NAMES = ("PatientName", "ReferringPhysicianName")
+
+#: Google's Turbo colour map (Mikhailov 2019), its published polynomial fit
+#: (Apache-2.0): rows are the coefficients of 1, x, ..., x^5; columns R, G, B.
+_TURBO = np.array([
+    [0.13572138, 0.09140261, 0.10667330],
+    [4.61539260, 2.19418839, 12.64194608],
+    [-42.66032258, 4.84296658, -60.58204836],
+    [132.13108234, -14.18503333, 110.36276771],
+    [-152.94239396, 4.27729857, -89.90310912],
+    [59.28637943, 2.82956604, 27.34824973],
+])
+
+
+def turbo_lut() -> NDArray[np.uint8]:
+    """The Turbo colour map as a 256 x 3 lookup table."""
+    x = np.linspace(0.0, 1.0, 256)
+    powers = np.stack([x**n for n in range(6)], axis=1)
+    lut: NDArray[np.uint8] = np.clip(np.rint(powers @ _TURBO * 255.0), 0, 255).astype(np.uint8)
+    return lut
+
+
+_LUT = turbo_lut()
+
+
+def legend_lines(label: str, probabilities: dict[str, float], model_text: str,
+                 validated: bool) -> list[str]:
+    """The legend's text, top to bottom (ASCII: the built-in font has no dashes)."""
+    lines = [f"AI finding: {by_key(label).display_name}"]
+    # A tab separates a name from its value, drawn right-aligned.
+    lines += [f"{c.display_name}\t{100.0 * float(probabilities[c.key]):.1f} %" for c in CLASSES]
+    lines += [f"Model: {model_text}", DISCLAIMER]
+    if not validated:
+        lines.append(UNVALIDATED_WARNING)
+    return lines
+
+
+def render(source: Dataset, class_maps: NDArray[np.floating], label: str,
+           probabilities: dict[str, float], model_text: str, validated: bool
+           ) -> NDArray[np.uint8]:
+    """The evidence image (rows x columns x 3, RGB) at the source's resolution.
+
+    Parameters
+    ----------
+    source
+        The classified image (its pixels are decoded here, as the network's were).
+    class_maps
+        That image's maps, h x w x classes (:meth:`model.engine.Engine.predict_with_maps`).
+    label
+        The predicted class (a key of :data:`model.classes.CLASS_KEYS`): its map is drawn.
+    probabilities
+        Each class's probability, by key.
+    model_text
+        The model as the legend names it ("name version").
+    validated
+        Whether :func:`model.card.validation_status` validates the model; if not, the
+        legend carries the warning.
+
+    Raises
+    ------
+    ValueError
+        An unknown label, or maps that are not h x w x classes.
+    model.preprocess.PreprocessError
+        The source's pixels cannot be decoded.
+    """
+    if label not in CLASS_KEYS:
+        raise ValueError(f"label: {label!r} is not one of {CLASS_KEYS}")
+    if class_maps.ndim != 3 or class_maps.shape[-1] != len(CLASS_KEYS):
+        raise ValueError(f"class_maps: expected h x w x {len(CLASS_KEYS)}, "
+                         f"got {class_maps.shape}")
+    gray = dicom_gray8(source)
+    rows, columns = gray.shape
+    heat = model_evidence.upsample(
+        model_evidence.evidence(class_maps, CLASS_KEYS.index(label)), rows, columns)
+    rgb = overlay(gray, heat)
+    return draw_legend(rgb, legend_lines(label, probabilities, model_text, validated),
+                       warning=not validated)
+
+
+def overlay(gray: NDArray[np.uint8], heat: NDArray[np.float32]) -> NDArray[np.uint8]:
+    """``heat`` ([0, 1]) in Turbo colours over ``gray``, opaque in proportion to how far
+    it rises above :data:`FLOOR`."""
+    opacity = np.clip((heat - FLOOR) / (1.0 - FLOOR), 0.0, 1.0) * MAX_OPACITY
+    colours = _LUT[np.rint(heat * 255.0).astype(np.uint8)].astype(np.float32)
+    base = gray.astype(np.float32)[..., None]
+    blended = base + opacity[..., None] * (colours - base)
+    out: NDArray[np.uint8] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
+
+
+def font_size(rows: int, columns: int) -> int:
+    """The legend's font size in pixels: about 1/48 of the image's shorter side, at
+    least 13 (legible on a 440-pixel image)."""
+    return max(13, round(min(rows, columns) / 48))
+
+
+def draw_legend(rgb: NDArray[np.uint8], lines: list[str], warning: bool
+                ) -> NDArray[np.uint8]:
+    """``rgb`` with the legend burned into its top left corner: the lines on a darkened
+    box, the first one (the finding) and, with ``warning``, the last one highlighted,
+    and below them the colour scale of the map."""
+    rows, columns = rgb.shape[:2]
+    size = font_size(rows, columns)
+    font = ImageFont.load_default(size=size)
+    pad, step = size // 2, round(size * 1.25)
+    names = [line.partition("\t")[0] for line in lines if "\t" in line]
+    # Values right-aligned in one column, just after the longest name.
+    column = max((int(font.getlength(name)) for name in names), default=0) \
+        + int(font.getlength("  100.0 %"))
+    width = max(column, *(int(font.getlength(line)) for line in lines if "\t" not in line))
+    # Darkened, not opaque: the anatomy under the legend stays faintly visible.
+    shaded = rgb.copy()
+    shaded[:(len(lines) + 1) * step + 2 * pad, :width + 2 * pad] //= 4
+    image = Image.fromarray(shaded)
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        colour = (255, 255, 255)
+        if i == 0:
+            colour = (255, 230, 120)
+        elif warning and i == len(lines) - 1:
+            colour = (255, 90, 90)
+        left, _, right = line.partition("\t")
+        draw.text((pad, pad + i * step), left, font=font, fill=colour)
+        if right:
+            draw.text((pad + column, pad + i * step), right, font=font, fill=colour,
+                      anchor="ra")
+    _colour_bar(draw, font, pad, pad + len(lines) * step, width)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+                x0: int, y0: int, width: int) -> None:
+    """The map's colour scale as drawn, from :data:`FLOOR` (below it, no colour) to the
+    most, on a line of the legend starting at (x0, y0) and ``width`` long."""
+    low, high = "evidence: low", "high"
+    size = int(getattr(font, "size", 11))
+    start = x0 + int(font.getlength(low)) + size // 2
+    end = x0 + width - int(font.getlength(high)) - size // 2
+    draw.text((x0, y0), low, font=font, fill=(255, 255, 255))
+    draw.text((x0 + width, y0), high, font=font, fill=(255, 255, 255), anchor="ra")
+    top, bottom = y0 + size // 4, y0 + size * 3 // 4
+    span = max(end - start, 1)
+    for x in range(start, end):
+        level = FLOOR + (1.0 - FLOOR) * (x - start) / span
+        colour = tuple(int(v) for v in _LUT[round(level * 255)])
+        draw.line([(x, top), (x, bottom)], fill=colour)
+
+
+def png(rgb: NDArray[np.uint8]) -> bytes:
+    """The evidence image as PNG (for the demo)."""
+    out = BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def series_description(label: str, validated: bool) -> str:
+    """What viewers show first (LO, 64 characters): the finding, and the warning for an
+    unvalidated model."""
+    text = f"AI evidence: {by_key(label).display_name}"
+    return (text if validated else f"{text} - UNVALIDATED MODEL")[:64]
+
+
+def build_evidence(
+    source: Dataset,
+    rgb: NDArray[np.uint8],
+    label: str,
+    card: ModelCard,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    institution_name: str | None = None,
+) -> SCImage:
+    """The evidence image as a Secondary Capture Image in the source's study.
+
+    Parameters
+    ----------
+    source
+        The classified image (its header: patient, study, the reference).
+    rgb
+        :func:`render`'s image, rows x columns x 3, uint8.
+    label
+        The predicted class (a key of :data:`model.classes.CLASS_KEYS`).
+    card
+        The model's card: Contributing Equipment, the warning when not validated.
+    sop_instance_uid, series_instance_uid
+        The image's identity (mint them with the job, as the SR's, so that a re-sent
+        image is the same object).
+    institution_name
+        Optional Institution Name.
+
+    Raises
+    ------
+    ValueError
+        highdicom finds the image or the source invalid, or an unknown label.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb: expected rows x columns x 3 uint8, got {rgb.shape} {rgb.dtype}")
+    header = _evidence(source)
+    validation = validation_status(card)
+    # highdicom checks person names with a warning that quotes the name (patient data,
+    # which must not reach a log): the names are copied after it has built the image.
+    ref = Dataset()
+    ref.update({element.tag: element for element in header
+                if element.keyword not in _NAMES})
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        # highdicom asks a PATIENT image for an orientation; the value is replaced by
+        # the source's own below (the same pixel grid), empty when it has none.
+        coordinate_system="PATIENT",
+        patient_orientation=("P", "F"),
+        series_instance_uid=series_instance_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=NODE_NAME,
+        software_versions=__version__,
+        device_serial_number=None,
+        institution_name=institution_name,
+        series_description=series_description(label, validation.validated),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_equipment(card)],
+    )
+    for keyword in _NAMES:
+        sc[keyword].value = header[keyword].value
+    # The same pixel grid and body part as the source: its orientation (Type 2, empty
+    # when it has none), body part and laterality hold. Laterality (Type 2C) is required
+    # unless the body part says unpaired: empty (unknown) when the source says neither.
+    sc["PatientOrientation"].value = header.get("PatientOrientation") or ""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if keyword in header:
+            sc[keyword] = header[keyword]
+    if "BodyPartExamined" not in sc and "Laterality" not in sc:
+        sc.Laterality = ""
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
+    sc.SecondaryCaptureDeviceManufacturerModelName = NODE_NAME
+    sc.SecondaryCaptureDeviceSoftwareVersions = __version__
+    sc.DerivationDescription = DERIVATION
+    sc.SourceImageSequence = [_source_reference(header)]
+    if _lossy(header):  # once lossy, always lossy (PS3.3 C.7.6.1.1.5)
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in header:
+                sc[keyword] = header[keyword]
+    _model_equipment(sc, card).DeviceUID = card.device_uid
+    return sc
+
+
+def warm_up(card: ModelCard) -> None:
+    """Build one evidence image of a made-up source: highdicom reads its tables of the
+    standard (about 0.5 s, once per process) before the first real image."""
+    source = Dataset()
+    source.SOPClassUID = SecondaryCaptureImageStorage
+    source.SOPInstanceUID, source.StudyInstanceUID = generate_uid(), generate_uid()
+    source.Rows = source.Columns = 64
+    source.SamplesPerPixel, source.PhotometricInterpretation = 1, "MONOCHROME2"
+    source.BitsAllocated = source.BitsStored = 8
+    source.HighBit, source.PixelRepresentation = 7, 0
+    source.PixelData = bytes(64 * 64)
+    rgb = render(source, np.zeros((2, 2, len(CLASS_KEYS)), dtype=np.float32), CLASS_KEYS[0],
+                 dict.fromkeys(CLASS_KEYS, 1.0 / len(CLASS_KEYS)), card.name, False)
+    build_evidence(source, rgb, CLASS_KEYS[0], card, generate_uid(), generate_uid()
+                   ).save_as(BytesIO(), enforce_file_format=True)
+
+
+def _equipment(card: ModelCard) -> hd.ContributingEquipment:
+    """The model as Contributing Equipment, named as the SR names it."""
+    return hd.ContributingEquipment(
+        manufacturer=card.manufacturer[:64],
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=_equipment_model_name(card),
+        software_versions=[card.display_version[:64], f"{NODE_NAME} {__version__}"],
+        contribution_datetime=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        contribution_description="Class-activation map of the chest radiograph "
+                                 "classification"[:64],
+    )
+
+
+def _source_reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [SOURCE_PURPOSE]
+    return item
+
+
+def _lossy(source: Dataset) -> bool:
+    """Whether the source's pixels were ever lossy compressed, as far as it says."""
+    meta = getattr(source, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    return str(source.get("LossyImageCompression", "")) == "01" or syntax in _LOSSY
