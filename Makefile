@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Peers and validators the tests run for real.
-DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc openssl
+DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc orthanc-dicomweb openssl
 # `make run` allows DCMTK's default calling AE title so `storescu` works out of
 # the box on loopback; the node's own default (no flag) denies every AE title.
 RUN_ARGS ?= --allow-calling-ae STORESCU

@@ -1,4 +1,5 @@
-"""Delivery of SR files to Storage SCPs (C-STORE SCU), with classified statuses.
+"""Delivery of result files (SRs, evidence images) to Storage SCPs (C-STORE SCU), with
+classified statuses; :class:`Attempt`, what one send of any kind came to.
 
 Status classes (PS3.4 B.2.3, as pynetdicom categorises them): success, and
 warnings unless ``retry_on_warning``, mean stored; 0xA7xx (out of resources),
@@ -79,7 +80,7 @@ def send_many(destination: Destination, sr_paths: list[Path], calling_ae: str, t
             contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
         except Exception as exc:
             unreadable[index] = Attempt(DeliveryState.DEAD, None,
-                                        f"SR file unreadable: {type(exc).__name__}")
+                                        f"file unreadable: {type(exc).__name__}")
     if not contexts:
         return [unreadable[index] for index in range(len(sr_paths))]
     ae = AE(ae_title=calling_ae)
@@ -129,9 +130,10 @@ def _store_one(assoc: Any, path: Path, retry_on_warning: bool) -> Attempt:
     try:
         response = send_c_store(assoc, path)
     except ValueError as exc:  # no accepted presentation context for this SR
-        return Attempt(DeliveryState.DEAD, None, f"destination does not accept the SR: {exc}"[:200])
+        return Attempt(DeliveryState.DEAD, None,
+                       f"destination does not accept the object: {exc}"[:200])
     except (AttributeError, InvalidDicomError) as exc:  # file meta incomplete
-        return Attempt(DeliveryState.DEAD, None, f"SR file unusable: {type(exc).__name__}")
+        return Attempt(DeliveryState.DEAD, None, f"file unusable: {type(exc).__name__}")
     except Exception as exc:
         return Attempt(DeliveryState.PENDING, None, f"send failed: {type(exc).__name__}")
     if "Status" not in response:

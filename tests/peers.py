@@ -6,8 +6,10 @@ import json
 import os
 import re
 import subprocess
+import threading
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from pydicom.uid import (
 
 from dicom_node.loopback import free_port, wait_for_port
 
-from helpers.environment import CALLING_AE, DCMTK_ENV, NODE_AE, require_tool
+from helpers.environment import CALLING_AE, DCMTK_ENV, NODE_AE, missing, require_tool
 from helpers.processes import terminate
 
 #: storescu proposes uncompressed syntaxes unless told which compressed one to offer.
@@ -41,6 +43,8 @@ _PROPOSE = {
     JPEGLSNearLossless: "-xu",
     RLELossless: "-xr",
 }
+#: Debian's orthanc-dicomweb installs its plugin here.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 _RESPONSE = re.compile(r"Received Store Response \((?P<status>[^)]*)\)")
 
 
@@ -53,6 +57,13 @@ class StorescuRun:
     @property
     def all_success(self) -> bool:
         return bool(self.responses) and all(r == "Success" for r in self.responses)
+
+
+def require_file(path: Path, package: str) -> str:
+    """``path`` as a string if it exists; skip locally, fail in CI otherwise."""
+    if not path.is_file():
+        missing(f"{path} is absent (Debian package {package}; `make test` installs it)")
+    return str(path)
 
 
 def propose_flag(path: Path) -> list[str]:
@@ -124,14 +135,19 @@ class Orthanc:
     Orthanc 1.10 cannot choose its bind address; with RemoteAccessAllowed false
     its REST API refuses non-loopback clients, and the tests never send it
     anything from elsewhere.
+
+    ``dicomweb`` loads Debian's DICOMweb plugin (package orthanc-dicomweb) at
+    :attr:`stow_url`; ``lua`` is the text of a Lua script Orthanc runs (its
+    ``ReceivedInstanceFilter`` decides what is stored).
     """
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC") -> None:
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC", dicomweb: bool = False,
+                 lua: str | None = None) -> None:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.ae_title = ae_title
         folder.mkdir(parents=True, exist_ok=True)
-        config = {
+        config: dict[str, Any] = {
             "Name": "dicom-node-tests", "StorageDirectory": str(folder / "db"),
             "IndexDirectory": str(folder / "db"), "Plugins": [],
             "HttpServerEnabled": True, "HttpPort": self.http_port,
@@ -140,12 +156,27 @@ class Orthanc:
             "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True, "DicomModalities": {}, "OverwriteInstances": False,
         }
+        if dicomweb:
+            config["Plugins"] = [require_file(DICOMWEB_PLUGIN, "orthanc-dicomweb")]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if lua is not None:
+            (folder / "scripts.lua").write_text(lua)
+            config["LuaScripts"] = [str(folder / "scripts.lua")]
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = (folder / "orthanc.log").open("wb")
         self.proc = subprocess.Popen([require_tool("Orthanc"), str(folder / "orthanc.json")],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for_port(self.http_port, proc=self.proc)
-        wait_for_port(self.dicom_port, proc=self.proc)
+        try:
+            wait_for_port(self.http_port, proc=self.proc)
+            wait_for_port(self.dicom_port, proc=self.proc)
+        except Exception:
+            self.stop()
+            raise
+
+    @property
+    def stow_url(self) -> str:
+        """The DICOMweb service root (STOW-RS at ``{stow_url}/studies``)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
@@ -161,3 +192,58 @@ class Orthanc:
     def stop(self) -> None:
         terminate(self.proc, 30)
         self.log.close()
+
+
+@dataclass
+class Canned:
+    """One scripted HTTP answer: status, headers and body."""
+
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeStow:
+    """A scripted STOW-RS origin server on 127.0.0.1: every POST gets :attr:`answer`
+    (after reading the whole request); :attr:`posts` counts them, :attr:`headers` are
+    the last request's."""
+
+    def __init__(self, answer: Canned) -> None:
+        self.answer = answer
+        self.posts = 0
+        self.headers: dict[str, str] = {}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                fake.posts += 1
+                fake.headers = dict(self.headers.items())
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    while (size := int(self.rfile.readline().strip() or b"0", 16)) > 0:
+                        self.rfile.read(size + 2)
+                    self.rfile.readline()
+                else:
+                    self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self.send_response(fake.answer.status)
+                for name, value in fake.answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(fake.answer.body)))
+                self.end_headers()
+                self.wfile.write(fake.answer.body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
