@@ -1,4 +1,5 @@
-"""End to end on CPU: C-STORE response -> SR stored at the PACS, latency and throughput.
+"""End to end on CPU: C-STORE response -> SR (and evidence image) stored at the PACS,
+latency and throughput, with evidence images on and off.
 
 Runs ``dicom-node serve`` (fp32 model: untrained concatenated network at 300 px
 unless --model is given) sending its SRs to DCMTK ``storescp``. Measures:
@@ -10,7 +11,10 @@ unless --model is given) sending its SRs to DCMTK ``storescp``. Measures:
   model is installed, then the model is installed and the clock runs from the
   moment it is ready to the last SR stored at the PACS -- with the per-image
   breakdown (queue wait, preprocess, inference, SR, send) from the node's log
-  and job store. This is the figure compared with the engine;
+  and job store. This is the figure compared with the engine; evidence images
+  are on (the node's default) and both objects must have arrived. The same
+  queue with evidence images off gives their extra cost per image, in forward
+  passes of the bare engine (target: under one);
 * the same burst received while it is being classified ("live"): on this
   2-core machine receiving 8 MB images takes CPU from the network, so this
   figure shows what a PACS pushing at full speed costs;
@@ -109,23 +113,24 @@ class TimingPACS:
         wait_for_port(self.port)
 
     def wait_for(self, node: Node, uids: list[str], timeout: float) -> dict[str, float]:
-        """Wait until the SRs for the source images ``uids`` are stored; return when
-        each was, by source SOP Instance UID."""
+        """Wait until the results (the SR, and the evidence image when the node makes
+        them) of the source images ``uids`` are stored; return when each image's last
+        one was, by source SOP Instance UID."""
         deadline = time.monotonic() + timeout
-        srs: dict[str, str] = {}
+        made: dict[str, tuple[str, ...]] = {}
         while True:
-            if len(srs) < len(uids):
-                srs.update(node.sr_uids(uids))
+            if len(made) < len(uids):
+                made.update(node.result_uids(uids))
             # storescp names a file <modality>.<SOP Instance UID>
             stored = {name.split(".", 1)[1]: name for name in os.listdir(self.folder)
                       if "." in name}
-            if len(srs) == len(uids) and all(sr in stored for sr in srs.values()):
+            if len(made) == len(uids) and all(u in stored for us in made.values() for u in us):
                 time.sleep(0.05)  # the last file's write is complete
-                return {source: os.stat(self.folder / stored[sr]).st_mtime
-                        for source, sr in srs.items()}
+                return {source: max(os.stat(self.folder / stored[u]).st_mtime for u in us)
+                        for source, us in made.items()}
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{sum(sr in stored for sr in srs.values())}/"
-                                   f"{len(uids)} SRs stored")
+                raise TimeoutError(f"{sum(all(u in stored for u in us) for us in made.values())}"
+                                   f"/{len(uids)} images' results stored")
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -233,8 +238,9 @@ class Node:
     """``dicom-node serve`` in a child process, its SRs going to ``pacs``."""
 
     def __init__(self, work: Path, name: str, pacs: TimingPACS, model: Path | None,
-                 batch_size: int | None) -> None:
+                 batch_size: int | None, evidence: bool = True) -> None:
         self.data = work / name
+        self.evidence = evidence
         self.port = free_port()
         self.log_path = work / f"{name}.log"
         command = [sys.executable, "-m", "dicom_node", "serve", "--port", str(self.port),
@@ -245,7 +251,8 @@ class Node:
         # The bench's model is untrained: the node serves it because this allows it (speed
         # does not depend on the weights), and every SR says UNVALIDATED MODEL.
         env = {**os.environ, "DICOM_NODE_MIN_FREE_DISK_MB": "0",
-               "DICOM_NODE_ALLOW_UNVALIDATED_MODELS": "true"}
+               "DICOM_NODE_ALLOW_UNVALIDATED_MODELS": "true",
+               "DICOM_NODE_EVIDENCE_IMAGE": str(evidence).lower()}
         if batch_size is not None:
             env["DICOM_NODE_BATCH_SIZE"] = str(batch_size)
         self.process = subprocess.Popen(command, stdout=self.log_path.open("wb"),
@@ -255,12 +262,16 @@ class Node:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def sr_uids(self, uids: list[str]) -> dict[str, str]:
-        """Source SOP Instance UID -> SR SOP Instance UID, for the jobs received so far."""
+    def result_uids(self, uids: list[str]) -> dict[str, tuple[str, ...]]:
+        """Source SOP Instance UID -> the SOP Instance UIDs of its SR (and evidence
+        image), for the jobs received so far."""
         with sqlite3.connect(self.data / "dicom-node.db", timeout=30) as db:
             marks = ",".join("?" * len(uids))
-            return dict(db.execute(f"SELECT sop_instance_uid, sr_sop_instance_uid FROM jobs "
-                                   f"WHERE sop_instance_uid IN ({marks})", uids).fetchall())
+            rows = db.execute(f"SELECT sop_instance_uid, sr_sop_instance_uid, "
+                              f"evidence_sop_instance_uid FROM jobs "
+                              f"WHERE sop_instance_uid IN ({marks})", uids).fetchall()
+        return {source: (sr, evidence) if self.evidence else (sr,)
+                for source, sr, evidence in rows}
 
     def install(self, artifact: Path) -> None:
         subprocess.run([sys.executable, "-m", "dicom_node", "model", "install", str(artifact),
@@ -282,6 +293,37 @@ class Node:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=120)
+
+
+def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_size: int | None,
+               files: list[tuple[str, Path]], engine: Any, node_batch: int, evidence: bool
+               ) -> tuple[float, CpuMeter, dict[str, float], float, float]:
+    """A queue of images, then the model: the pipeline's sustained throughput, with the
+    bare engine (same model, the node's batch size) measured in this process right
+    before and right after it (this shared VM's speed drifts by several per cent over
+    minutes, so the baseline brackets the run it is compared with)."""
+    node = Node(work, name, pacs, None, batch_size, evidence)
+    try:
+        sender = Sender(node.port)
+        for _, path in files:
+            sender.send(path)
+        sender.close()
+        before = engine_rate(engine, node_batch, 64)
+        offset = len(node.log())
+        node.install(artifact)
+        ready, logged_batch = node.ready_at(600)
+        assert logged_batch == node_batch, (logged_batch, node_batch)
+        cpu = CpuMeter(node.process.pid, pacs.proc.pid).start()
+        uids = [uid for uid, _ in files]
+        arrived = pacs.wait_for(node, uids, 1800)
+        sustained = len(files) / (max(arrived.values()) - ready)
+        cpu.stop()
+        after = engine_rate(engine, node_batch, 64)
+        time.sleep(0.5)
+        stages = breakdown(node.data, node.log()[offset:], uids)
+    finally:
+        node.stop()
+    return sustained, cpu, stages, before, after
 
 
 def main() -> None:
@@ -314,6 +356,7 @@ def run(work: Path) -> None:
     single_files = chest_files(files, args.image_size, range(1, singles + 1))
     live_files = chest_files(files, args.image_size, range(1000, 1000 + burst))
     queued_files = chest_files(files, args.image_size, range(2000, 2000 + burst))
+    plain_files = chest_files(files, args.image_size, range(3000, 3000 + burst))
     pacs = TimingPACS(work / "pacs")
 
     # Phase 1 and 2: a node with the model: single-image latency, then a live burst.
@@ -353,32 +396,27 @@ def run(work: Path) -> None:
     engine = Engine(artifact, batch_size=16)
     engine.warmup()
     node_batch = resolve_batch_size(args.batch_size or 0, engine.device)  # as the node does
-    node = Node(work, "queued", pacs, None, args.batch_size)
     try:
-        sender = Sender(node.port)
-        for _, path in queued_files:
-            sender.send(path)
-        sender.close()
-        before = engine_rate(engine, node_batch, 64)
-        offset = len(node.log())
-        node.install(artifact)
-        ready, logged_batch = node.ready_at(600)
-        assert logged_batch == node_batch, (logged_batch, node_batch)
-        cpu_queued = CpuMeter(node.process.pid, pacs.proc.pid).start()
-        uids = [uid for uid, _ in queued_files]
-        arrived = pacs.wait_for(node, uids, 1800)
-        sustained = burst / (max(arrived.values()) - ready)
-        cpu_queued.stop()
-        after = engine_rate(engine, node_batch, 64)
-        time.sleep(0.5)
-        stages = breakdown(node.data, node.log()[offset:], uids)
+        sustained, cpu_queued, stages, before, after = queued_run(
+            work, "queued", pacs, artifact, args.batch_size, queued_files, engine, node_batch,
+            evidence=True)
+        plain, _, _, plain_before, plain_after = queued_run(
+            work, "queued-no-evidence", pacs, artifact, args.batch_size, plain_files, engine,
+            node_batch, evidence=False)
     finally:
-        node.stop()
         pacs.stop()
     parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in stages.items())
-    print(f"sustained, queue of {burst}: {sustained:.2f} img/s ({cpu_queued}); per image: "
-          f"{parts}", flush=True)
+    print(f"sustained, queue of {burst}, evidence images on: {sustained:.2f} img/s "
+          f"({cpu_queued}); per image: {parts}", flush=True)
     bare = (before + after) / 2
+    plain_bare = (plain_before + plain_after) / 2
+    # The evidence image's extra cost per image (maps, render, Secondary Capture, its
+    # send) in forward passes: each run's time per image in units of the bare engine's
+    # time per image measured around it, so drift of the machine's speed cancels.
+    extra = bare / sustained - plain_bare / plain
+    print(f"sustained, queue of {burst}, evidence images off: {plain:.2f} img/s (engine "
+          f"{plain_bare:.2f} img/s around it); evidence image extra cost "
+          f"{extra:.2f} forward passes per image (target < 1)", flush=True)
     print(f"  bare engine at the node's batch size ({node_batch}): {before:.2f} img/s "
           f"before, {after:.2f} after", flush=True)
     rates = {}
@@ -398,6 +436,8 @@ def run(work: Path) -> None:
           f"engine_after_img_s={after:.3f} ratio={ratio:.3f} "
           f"engine_best_img_s={rates[best_batch]:.3f} "
           f"ratio_to_best={best_ratio:.3f} live_img_s={live:.3f} live_ratio={live / bare:.3f} "
+          f"no_evidence_img_s={plain:.3f} no_evidence_ratio={plain / plain_bare:.3f} "
+          f"evidence_extra_forward={extra:.3f} "
           f"node_cpu_s_per_img={cpu_queued.node / burst:.3f} "
           + " ".join(f"{k}_ms={v * 1000:.1f}" for k, v in stages.items()))
 

@@ -4,9 +4,10 @@ Starts a receiving PACS (Debian's Orthanc when installed, else a pynetdicom
 Storage SCP), starts ``dicom-node serve`` with the model you pass (or an
 untrained demo model it creates), sends the sample DICOMs (../shared/data/dicom
 when present, else synthetic chest images), waits for the SRs to reach the PACS
-and prints, per image, the class, the three probabilities and where the SR went.
-Everything runs on 127.0.0.1 in a temporary directory.
-Usage: python deploy/demo.py [--model DIR] [--keep]
+and prints, per image, the class, the three probabilities and where the SR and the
+evidence image went, and writes each evidence image as a PNG to --out (default
+var/demo) to look at. Everything else runs on 127.0.0.1 in a temporary directory.
+Usage: python deploy/demo.py [--model DIR] [--out DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -122,15 +123,30 @@ def results(data: Path) -> list[dict[str, Any]]:
         jobs = [dict(r) for r in db.execute("SELECT * FROM jobs ORDER BY id")]
         for job in jobs:
             job["deliveries"] = [dict(r) for r in db.execute(
-                "SELECT destination, state, attempts FROM deliveries WHERE job_id = ?",
+                "SELECT destination, item, state, attempts FROM deliveries WHERE job_id = ?",
                 (job["id"],))]
     return jobs
+
+
+def evidence_png(work: Path, job: dict[str, Any], out: Path) -> Path:
+    """The job's evidence image (the Secondary Capture the node made) as a PNG in ``out``."""
+    from pydicom import dcmread
+
+    from dicom_node.evidence import png
+
+    out.mkdir(parents=True, exist_ok=True)
+    image = dcmread(work / "var" / "spool" / job["evidence_file"])
+    path = out / f"evidence-job-{job['id']}.png"
+    path.write_bytes(png(image.pixel_array))
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a model artifact (default: untrained demo)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "demo",
+                        help="where the evidence images are written as PNG (var/demo)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
     model = args.model
@@ -184,9 +200,12 @@ def main() -> None:
                 print(f"job {job['id']}: {job['state']} {reason}")
                 continue
             probs = json.loads(job["probabilities"])
-            where = ", ".join(f"{d['destination']} ({d['state']})" for d in job["deliveries"])
+            where = ", ".join(f"{d['item']} -> {d['destination']} ({d['state']})"
+                              for d in job["deliveries"])
             print(f"job {job['id']}: {job['label']:<9} " +
-                  " ".join(f"{k}={v:.3f}" for k, v in probs.items()) + f"  SR -> {where}")
+                  " ".join(f"{k}={v:.3f}" for k, v in probs.items()) + f"  {where}")
+            if job["evidence_file"]:
+                print(f"        evidence image: {evidence_png(work, job, args.out)}")
         time.sleep(STUDY_QUIET_SECONDS + 2)  # the study results close after the quiet period
         shown = cli("studies", "list", "--data-dir", str(work / "var"))
         print("\nstudy results:\n" + shown.stdout.rstrip())

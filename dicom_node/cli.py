@@ -16,6 +16,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -60,9 +61,11 @@ def setup_logging(level: str) -> None:
     # Libraries' chatter, unless debugging: pynetdicom logs every PDU at INFO (never
     # identifiers); highdicom logs each module it copies into an SR, naming the source's
     # SOP Instance UID, at INFO (nine lines per SR); APScheduler warns when a dispatch
-    # run is skipped because one is already running, which is expected.
+    # run is skipped because one is already running, which is expected; dicomweb-client
+    # logs each request's URL (study UIDs) at INFO; urllib3 each connection.
     for name, quiet in (("pynetdicom", logging.WARNING), ("highdicom", logging.WARNING),
-                        ("apscheduler", logging.ERROR)):
+                        ("apscheduler", logging.ERROR), ("dicomweb_client", logging.WARNING),
+                        ("urllib3", logging.WARNING)):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else quiet)
 
 
@@ -240,14 +243,27 @@ def _job_dict(job: Job, deliveries: list[Delivery]) -> dict[str, Any]:
         "study_note": job.study_note,
         "sr_sop_instance_uid": job.sr_sop_instance_uid,
         "sr_series_instance_uid": job.sr_series_instance_uid,
+        "evidence_sop_instance_uid": job.evidence_sop_instance_uid if job.evidence_file else None,
         "deliveries": [
-            {"destination": d.destination, "state": d.state.value, "attempts": d.attempts,
+            {"kind": d.kind, "destination": d.destination, "item": d.item.value,
+             **({"study_result_id": d.study_result_id, "message_id": d.message_id}
+                if d.study_result_id is not None else {}),
+             "state": d.state.value, "attempts": d.attempts,
              "last_status": d.last_status, "last_error": d.last_error,
              "next_attempt_at": d.next_attempt_at.isoformat(),
              "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None}
             for d in deliveries
         ],
     }
+
+
+def _short(delivery: Delivery) -> str:
+    """A destination's short name for the jobs table: the AE title, or the host."""
+    if delivery.kind == "dicom":
+        return delivery.destination.split("@")[0]
+    if delivery.kind == "hl7":
+        return f"hl7 {delivery.destination}"
+    return f"{delivery.kind} {urlsplit(delivery.destination).netloc}"
 
 
 def _store(config: Path | None, data_dir: Path | None) -> JobStore:
@@ -272,9 +288,9 @@ def jobs_list(
         typer.echo(json.dumps([_job_dict(j, deliveries[j.id]) for j in jobs], indent=2))
         return
     table = Table("id", "state", "received (UTC)", "calling AE", "attempts", "label",
-                  "SR deliveries", "reason")
+                  "deliveries", "reason")
     for job in jobs:
-        sent = ", ".join(f"{d.destination.split('@')[0]}:{d.state.value}"
+        sent = ", ".join(f"{d.item.value}>{_short(d)}:{d.state.value}"
                          for d in deliveries[job.id])
         table.add_row(str(job.id), job.state.value, job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
                       job.calling_ae, str(job.attempts),

@@ -27,7 +27,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from dicom_node.destination import Destination, check_ae_title
+from dicom_node.destination import Target, check_ae_title
 from dicom_node.errors import ConfigError
 
 
@@ -265,9 +265,14 @@ class Settings(BaseSettings):
         "frontal image arrived (and once its queued images are classified).",
     )
 
-    # --- delivery of the SR ---
-    destinations: list[str] = Field(
-        default=[], description="Where every SR is sent: 'AET@HOST:PORT' entries."
+    # --- results and their delivery ---
+    evidence_image: bool = Field(
+        default=True, description="Make an evidence image (a class-activation map with a "
+        "legend, as a Secondary Capture in the source study) beside each SR.",
+    )
+    destinations: list[Target] = Field(
+        default=[], description="Where results go: 'AET@HOST:PORT' strings (DICOM C-STORE) "
+        "or tables with a kind: dicom, dicomweb (STOW-RS), hl7 (ORU^R01 over MLLP), fhir.",
     )
     return_to_calling_ae: bool = Field(
         default=False, description="Also send the SR back to the AE that sent the image."
@@ -303,8 +308,11 @@ class Settings(BaseSettings):
 
     @field_validator("destinations")
     @classmethod
-    def _destinations(cls, values: list[str]) -> list[str]:
-        return [str(Destination.parse(v)) for v in values]
+    def _destinations(cls, values: list[Target]) -> list[Target]:
+        names = [t.name for t in values]
+        if len(set(names)) != len(names):
+            raise ValueError("destinations: two entries have the same name")
+        return values
 
     @field_validator("delivery_calling_ae")
     @classmethod

@@ -166,6 +166,11 @@ class Job(Base):
     sr_series_instance_uid: Mapped[str] = mapped_column(String(64))
     #: The SR file in the spool, written once per successful classification.
     sr_file: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: The evidence image (Secondary Capture): UIDs minted once like the SR's (None
+    #: for a job from before evidence images: minted when first needed), its file.
+    evidence_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    evidence_series_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    evidence_file: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class StudyResult(Base):
@@ -204,19 +209,49 @@ class StudyResult(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
+class DeliveryItem(enum.StrEnum):
+    """What a delivery carries: a job's SR or evidence image (DICOM objects), or a
+    study result's HL7 ORU^R01 or FHIR Bundle (a message file)."""
+
+    SR = "sr"
+    EVIDENCE = "evidence"
+    ORU = "oru"
+    FHIR = "fhir"
+
+
 class Delivery(Base):
-    """One SR to send to one destination, with its retry state."""
+    """One result object to send to one destination, with its retry state.
+
+    An image's objects (SR, evidence image) hang on its job; a study result's
+    messages (ORU, FHIR) on the study result. Each is unique per destination.
+    """
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        UniqueConstraint("job_id", "destination", name="uq_delivery_job_destination"),
-        Index("ix_deliveries_due", "state", "next_attempt_at"),
+        Index("uq_delivery_job_item", "job_id", "destination", "item", unique=True,
+              sqlite_where=text("job_id IS NOT NULL"),
+              postgresql_where=text("job_id IS NOT NULL")),
+        Index("uq_delivery_study_item", "study_result_id", "destination", "item", unique=True,
+              sqlite_where=text("study_result_id IS NOT NULL"),
+              postgresql_where=text("study_result_id IS NOT NULL")),
+        Index("ix_deliveries_pending", "state", "next_attempt_at"),
+        Index("ix_deliveries_study", "study_result_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    #: ``AET@host:port``
-    destination: Mapped[str] = mapped_column(String(128))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                               default=None)
+    study_result_id: Mapped[int | None] = mapped_column(
+        ForeignKey("study_results.id", ondelete="CASCADE"), default=None)
+    #: The destination's kind (``dicom``, ``dicomweb``, ``hl7``, ``fhir``) and key
+    #: (``AET@host:port``, ``host:port`` or the URL; see ``destination.Target.key``).
+    kind: Mapped[str] = mapped_column(String(16), default="dicom")
+    destination: Mapped[str] = mapped_column(String(512))
+    item: Mapped[DeliveryItem] = _state_column(DeliveryItem.SR)
+    #: The message file in the spool (ORU, FHIR); the DICOM objects are the job's files.
+    payload_file: Mapped[str | None] = mapped_column(String(128), default=None)
+    #: HL7 MSH-10 / the FHIR report's identifier: the same on every retry.
+    message_id: Mapped[str | None] = mapped_column(String(64), default=None)
     state: Mapped[DeliveryState] = _state_column(DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -266,6 +301,7 @@ def create_schema(engine: Engine) -> None:
     of ``jobs``; each is nullable, so adding it keeps every row as it was. Any other
     difference is refused with the names: it needs a real migration.
     """
+    _rebuild_deliveries(engine)
     Base.metadata.create_all(engine)
     existing = inspect(engine)
     for table in Base.metadata.sorted_tables:
@@ -279,6 +315,39 @@ def create_schema(engine: Engine) -> None:
             for column in missing:
                 kind = column.type.compile(dialect=engine.dialect)
                 conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
+#: Columns of the previous release's ``deliveries`` table, copied by the rebuild.
+_OLD_DELIVERY_COLUMNS = ("id", "job_id", "destination", "state", "attempts", "next_attempt_at",
+                         "last_status", "last_error", "created_at", "updated_at", "delivered_at")
+
+
+def _rebuild_deliveries(engine: Engine) -> None:
+    """Give a previous release's ``deliveries`` table this release's shape, rows kept.
+
+    That table was one SR per (job, destination): ``job_id`` NOT NULL and unique with
+    the destination. Result objects of several kinds (an evidence image beside the
+    SR, a study's messages without a job) need a nullable ``job_id`` and other
+    unique keys, which SQLite cannot alter in place; so the table is renamed, the
+    new one created and every row copied (as the SR it was, to a ``dicom``
+    destination), in one transaction.
+    """
+    existing = inspect(engine)
+    if "deliveries" not in existing.get_table_names():
+        return
+    if "item" in {c["name"] for c in existing.get_columns("deliveries")}:
+        return
+    old_indexes = [i["name"] for i in existing.get_indexes("deliveries") if i["name"]]
+    columns = ", ".join(_OLD_DELIVERY_COLUMNS)
+    with engine.begin() as conn:
+        for name in old_indexes:
+            conn.execute(text(f'DROP INDEX "{name}"'))
+        conn.execute(text("ALTER TABLE deliveries RENAME TO deliveries_previous"))
+        Base.metadata.tables["deliveries"].create(conn)  # with its indexes
+        # The column names are the constant above, never data.
+        conn.execute(text(f"INSERT INTO deliveries ({columns}, kind, item) "  # noqa: S608
+                          f"SELECT {columns}, 'dicom', 'sr' FROM deliveries_previous"))
+        conn.execute(text("DROP TABLE deliveries_previous"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -1,4 +1,6 @@
-"""Where a result goes: a Storage SCP named ``AET@HOST:PORT``.
+"""Where results go: a Storage SCP named ``AET@HOST:PORT`` (:class:`Destination`),
+and the entries of the ``destinations`` setting (:class:`Target`), each of a kind:
+DICOM C-STORE, DICOMweb STOW-RS, HL7 v2 over MLLP or FHIR.
 
 The settings validate destinations with it, the result router adds the
 calling AE's Storage SCP with it, and delivery opens associations to it.
@@ -6,9 +8,13 @@ calling AE's Storage SCP with it, and delivery opens associations to it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pynetdicom.utils import set_ae
 
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-:\[\]]+):(?P<port>\d{1,5})$")
@@ -52,3 +58,92 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+#: What a destination kind carries: DICOM objects per image (the SR, the evidence
+#: image) or one message per study result.
+Kind = Literal["dicom", "dicomweb", "hl7", "fhir"]
+#: The DICOM objects a dicom or dicomweb destination may take.
+DicomObject = Literal["sr", "evidence"]
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+class Target(BaseModel):
+    """One entry of ``destinations``: where results go, and in which form.
+
+    ``dicom`` (a Storage SCP, C-STORE; ``address = "AET@HOST:PORT"``, or the entry
+    is that string alone) and ``dicomweb`` (STOW-RS to ``url``, the service's
+    base URL) take the per-image DICOM objects named in ``objects``. ``hl7`` (an
+    ORU^R01 over MLLP to ``address = "HOST:PORT"``) and ``fhir`` (a
+    DiagnosticReport Bundle POSTed to ``url``, the FHIR base) take one message
+    per study result. ``token`` or the environment variable named by
+    ``token_env`` gives a bearer token to dicomweb and fhir.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Kind = "dicom"
+    #: A short name, shown by ``jobs show``; defaults to the address or URL.
+    name: str = ""
+    address: str = ""
+    url: str = ""
+    objects: tuple[DicomObject, ...] = ("sr", "evidence")
+    token: str | None = Field(default=None, repr=False)
+    token_env: str | None = None
+    #: hl7: MSH-3/4 (us) and MSH-5/6 (the RIS).
+    sending_application: str = "DICOM_NODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    #: fhir: the identifier systems of the patient ID and the accession number.
+    patient_system: str | None = None
+    accession_system: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"kind": "dicom", "address": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Target:
+        if self.kind == "dicom":
+            object.__setattr__(self, "address", str(Destination.parse(self.address)))
+        elif self.kind == "hl7":
+            host, _, port = self.address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"hl7 destination {self.address!r} is not HOST:PORT")
+        else:
+            parsed = urlsplit(self.url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{self.kind} destination needs an http(s) url, "
+                                 f"not {self.url!r}")
+            if parsed.scheme == "http" and parsed.hostname not in _LOOPBACK:
+                raise ValueError(f"{self.kind} destination {self.url!r}: plain http is "
+                                 "allowed to loopback only; use https")
+        if not self.name:
+            object.__setattr__(self, "name", self.key)
+        return self
+
+    @property
+    def key(self) -> str:
+        """What a delivery row names: the address (dicom, hl7) or the URL."""
+        return self.address if self.kind in ("dicom", "hl7") else self.url
+
+    @property
+    def per_study(self) -> bool:
+        """One message per study result (hl7, fhir), not DICOM objects per image."""
+        return self.kind in ("hl7", "fhir")
+
+    def bearer_token(self) -> str | None:
+        """``token``, else the environment variable ``token_env`` (None if neither)."""
+        if self.token:
+            return self.token
+        return os.environ.get(self.token_env) or None if self.token_env else None
+
+    def hl7_endpoint(self) -> tuple[str, int]:
+        """``(host, port)`` of an hl7 destination."""
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"

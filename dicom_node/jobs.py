@@ -23,16 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import studies
 from dicom_node.db import (
     Delivery,
+    DeliveryItem,
     DeliveryState,
     Job,
     JobState,
+    StudyResult,
     create_schema,
     make_engine,
     make_sessionmaker,
@@ -100,6 +102,16 @@ def study_key(secret: bytes, study_instance_uid: str, value: object) -> str | No
 
 
 @dataclass(frozen=True)
+class Route:
+    """One result object of a job to one destination: the destination's kind and key
+    (``destination.Target``), and which object (the SR or the evidence image)."""
+
+    kind: str
+    destination: str
+    item: DeliveryItem = DeliveryItem.SR
+
+
+@dataclass(frozen=True)
 class JobResult:
     """A classified job: its result, its SR file in the spool, and where the SR goes."""
 
@@ -108,7 +120,12 @@ class JobResult:
     probabilities: dict[str, float]
     model_version: str
     sr_file: str | None = None
-    destinations: Sequence[str] = ()
+    #: Where its objects go: ``(kind, destination key, item)``, one delivery each.
+    routes: Sequence[Route] = ()
+    #: The evidence image in the spool, if one was made, and its UIDs (minted with
+    #: the job; for a job from before evidence images, when it was made).
+    evidence_file: str | None = None
+    evidence_uids: tuple[str, str] | None = None
     #: Classes whose operating-point threshold the probability reached; None when the
     #: model has no operating points (nothing was checked).
     flags: Sequence[str] | None = ()
@@ -218,6 +235,8 @@ class JobStore:
             accession_key=instance.accession_key,
             sr_sop_instance_uid=generate_uid(),
             sr_series_instance_uid=generate_uid(),
+            evidence_sop_instance_uid=generate_uid() if state is JobState.QUEUED else None,
+            evidence_series_instance_uid=generate_uid() if state is JobState.QUEUED else None,
             finished_at=utcnow() if state is JobState.IGNORED else None,
         )
         gathered = state is JobState.QUEUED and instance.view is not None
@@ -289,15 +308,20 @@ class JobStore:
                             finished_at=now, updated_at=now, last_error=None,
                             label=result.label, probabilities=result.probabilities,
                             model_version=result.model_version, sr_file=result.sr_file,
+                            evidence_file=result.evidence_file,
+                            **({} if result.evidence_uids is None else {
+                                "evidence_sop_instance_uid": result.evidence_uids[0],
+                                "evidence_series_instance_uid": result.evidence_uids[1]}),
                             flags=None if result.flags is None else list(result.flags),
                             model_validated=result.model_validated)
                 )
                 ours = int(getattr(updated, "rowcount", 0)) == 1
                 stored.append(ours)
                 if ours:
-                    session.add_all(Delivery(job_id=result.job_id, destination=destination,
+                    session.add_all(Delivery(job_id=result.job_id, kind=route.kind,
+                                             destination=route.destination, item=route.item,
                                              next_attempt_at=now)
-                                    for destination in dict.fromkeys(result.destinations))
+                                    for route in dict.fromkeys(result.routes))
         return stored
 
     def fail(self, job_id: int, owner: str, error: str, retry: bool = True) -> JobState | None:
@@ -332,8 +356,9 @@ class JobStore:
     # --- deliveries ---
 
     def claim_due_deliveries(self, limit: int, hold_seconds: float,
-                             now: datetime | None = None) -> list[tuple[Delivery, Job]]:
-        """Due pending deliveries with their jobs; each is held ``hold_seconds``.
+                             now: datetime | None = None) -> list[tuple[Delivery, Job | None]]:
+        """Due pending deliveries with their jobs (None for a study result's message);
+        each is held ``hold_seconds``.
 
         Holding (moving ``next_attempt_at`` forward) keeps a second dispatcher
         from sending the same SR at once; if this process dies mid-send, the
@@ -355,8 +380,9 @@ class JobStore:
                 .execution_options(synchronize_session=False)
             ))
             jobs = {j.id: j for j in session.scalars(
-                select(Job).where(Job.id.in_([d.job_id for d in held])))}
-        return [(d, jobs[d.job_id]) for d in sorted(held, key=lambda d: d.id)]
+                select(Job).where(Job.id.in_([d.job_id for d in held if d.job_id])))}
+        return [(d, jobs.get(d.job_id) if d.job_id else None)
+                for d in sorted(held, key=lambda d: d.id)]
 
     def record_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
         """Record the attempts of one association, in one transaction."""
@@ -378,12 +404,16 @@ class JobStore:
                                 .values(**values))
 
     def retry_dead_deliveries(self, job_id: int) -> int:
-        """Requeue the dead deliveries of a job (``dicom-node jobs retry``); return how many."""
+        """Requeue the dead deliveries of a job and of its study's results
+        (``dicom-node jobs retry``); return how many."""
         now = utcnow()
         with self._sessions.begin() as session:
+            study = select(Job.study_instance_uid).where(Job.id == job_id).scalar_subquery()
+            results = select(StudyResult.id).where(StudyResult.study_instance_uid == study)
             result = session.execute(
                 update(Delivery)
-                .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.DEAD)
+                .where(or_(Delivery.job_id == job_id, Delivery.study_result_id.in_(results)),
+                       Delivery.state == DeliveryState.DEAD)
                 .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
                         updated_at=now)
             )
@@ -405,12 +435,22 @@ class JobStore:
         return requeued
 
     def deliveries(self, job_ids: Sequence[int]) -> dict[int, list[Delivery]]:
-        """Deliveries per job id."""
+        """Deliveries per job id: its own objects', then its study results' messages
+        (study results that include the job)."""
         found: dict[int, list[Delivery]] = {i: [] for i in job_ids}
         with self._sessions() as session:
             for delivery in session.scalars(
                     select(Delivery).where(Delivery.job_id.in_(job_ids)).order_by(Delivery.id)):
-                found[delivery.job_id].append(delivery)
+                found[int(delivery.job_id or 0)].append(delivery)
+            uids = set(session.scalars(select(Job.study_instance_uid)
+                                       .where(Job.id.in_(job_ids))))
+            for study in session.scalars(select(StudyResult).where(
+                    StudyResult.study_instance_uid.in_(uids), StudyResult.job_ids.is_not(None))):
+                messages = list(session.scalars(select(Delivery).where(
+                    Delivery.study_result_id == study.id).order_by(Delivery.id)))
+                for job_id in study.job_ids or []:
+                    if job_id in found:
+                        found[job_id].extend(messages)
         return found
 
     def delivery_counts(self) -> dict[str, int]:
@@ -475,7 +515,7 @@ class JobStore:
         return counts
 
     def spool_files(self) -> set[str]:
-        """Every spool file name referenced by a job."""
+        """Every received file name in the spool referenced by a job."""
         with self._sessions() as session:
             return {
                 name for name in session.scalars(

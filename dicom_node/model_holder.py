@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicom_node import evidence
 from dicom_node.config import Settings
 from dicom_node.report import ReportBuilder
 from model import card as model_card
@@ -98,12 +99,15 @@ class ModelHolder:
         gc.unfreeze()
         s = self.settings
         engine = Engine(active, backend=s.inference_backend, device=s.inference_device,
-                        batch_size=s.batch_size, threads=s.inference_threads)
+                        batch_size=s.batch_size, threads=s.inference_threads,
+                        evidence=s.evidence_image)
         engine.warmup()
         reports = ReportBuilder(engine.card)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reports.warm_up()
+            if s.evidence_image:
+                evidence.warm_up(engine.card)
         self._loaded, self._path = LoadedModel(engine, reports), active
         _freeze_long_lived()
         LOGGER.info("model %s ready (batches of up to %d)", active.name, engine.batch_size)

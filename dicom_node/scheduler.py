@@ -1,5 +1,6 @@
-"""Periodic work, driven by APScheduler: delivery dispatch, lease reaping, and closing
-study results whose quiet period ended.
+"""Periodic work, driven by APScheduler: delivery dispatch (every kind of destination),
+lease reaping, and closing study results whose quiet period ended (with their worklist
+messages).
 
 APScheduler runs *when*; the job store holds *what* (its own job store would
 drop a job that was running when the process died). Each periodic job has
@@ -12,15 +13,20 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import Settings
-from dicom_node.db import Delivery, DeliveryState, Job, utcnow
+from dicom_node.db import Delivery, DeliveryItem, DeliveryState, Job, utcnow
 from dicom_node.deliver import Attempt, send_many
-from dicom_node.destination import Destination
+from dicom_node.destination import Destination, Target
+from dicom_node.fhir import send_fhir
+from dicom_node.hl7 import send_mllp
 from dicom_node.jobs import DeliveryOutcome, JobStore
+from dicom_node.messages import Messenger
 from dicom_node.spool import Spool
+from dicom_node.stow import send_stow
 from dicom_node.studies import StudyBook
 
 LOGGER = logging.getLogger(__name__)
@@ -47,7 +53,13 @@ def backoff(attempts: int, base: float, multiplier: float, cap: float) -> float:
 
 
 class Dispatcher:
-    """Sends due SR deliveries and records each outcome."""
+    """Sends due deliveries, whatever their kind, and records each outcome.
+
+    Due deliveries are grouped per destination: a dicom destination gets its
+    objects over one association and a dicomweb one in one STOW-RS request; an
+    hl7 or fhir destination gets one message per connection or request. The
+    outcomes of a group are recorded in one transaction.
+    """
 
     def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
         self.settings = settings
@@ -61,48 +73,81 @@ class Dispatcher:
         hold = 4 * self.settings.delivery_timeout + 30
         attempted = 0
         while due := self.store.claim_due_deliveries(_BATCH, hold, now):
-            by_destination: dict[str, list[tuple[Delivery, Job]]] = {}
+            groups: dict[tuple[str, str], list[tuple[Delivery, Job | None]]] = {}
             for delivery, job in due:
-                by_destination.setdefault(delivery.destination, []).append((delivery, job))
-            for destination, items in by_destination.items():
-                self._send_all(destination, items)
+                groups.setdefault((delivery.kind, delivery.destination), []).append(
+                    (delivery, job))
+            for (kind, destination), items in groups.items():
+                self._send_all(kind, destination, items)
                 attempted += len(items)
             if len(due) < _BATCH:
                 break
         return attempted
 
-    def _send_all(self, destination: str, items: list[tuple[Delivery, Job]]) -> None:
-        """One association to ``destination`` for all of its due SRs; their outcomes
-        are recorded in one transaction."""
+    def _target(self, kind: str, destination: str) -> Target | None:
+        return next((t for t in self.settings.destinations
+                     if t.kind == kind and t.key == destination), None)
+
+    def _file(self, delivery: Delivery, job: Job | None) -> Path | None:
+        if delivery.item is DeliveryItem.SR:
+            name = job.sr_file if job is not None else None
+        elif delivery.item is DeliveryItem.EVIDENCE:
+            name = job.evidence_file if job is not None else None
+        else:
+            name = delivery.payload_file
+        return self.spool.root / name if name else None
+
+    def _send_all(self, kind: str, destination: str,
+                  items: list[tuple[Delivery, Job | None]]) -> None:
+        """Send ``items`` to one destination; record their outcomes in one transaction."""
         s = self.settings
-        ready = [(d, j) for d, j in items if j.sr_file is not None]
-        outcomes = [DeliveryOutcome(d.id, DeliveryState.DEAD, None, "job has no SR")
-                    for d, j in items if j.sr_file is None]
-        if ready:
-            attempts = send_many(Destination.parse(destination),
-                                 [self.spool.root / str(j.sr_file) for _, j in ready],
-                                 s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning)
-            outcomes += [self._outcome(delivery, destination, job.id, result)
-                         for (delivery, job), result in zip(ready, attempts, strict=True)]
+        ready = [(d, j, path) for d, j in items if (path := self._file(d, j)) is not None]
+        outcomes = [DeliveryOutcome(d.id, DeliveryState.DEAD, None, f"no {d.item.value} file")
+                    for d, j in items if self._file(d, j) is None]
+        target = self._target(kind, destination)
+        paths = [path for _, _, path in ready]
+        attempts: list[Attempt]
+        if not ready:
+            attempts = []
+        elif kind == "dicom":
+            attempts = send_many(Destination.parse(destination), paths, s.delivery_calling_ae,
+                                 s.delivery_timeout, s.retry_on_warning)
+        elif target is None:
+            attempts = [Attempt(DeliveryState.PENDING, None,
+                                f"no {kind} destination {destination} is configured")] * len(ready)
+        elif kind == "dicomweb":
+            attempts = send_stow(target.url, paths, s.delivery_timeout, target.bearer_token())
+        elif kind == "hl7":
+            host, port = target.hl7_endpoint()
+            attempts = [send_mllp(host, port, path.read_bytes(), s.delivery_timeout)
+                        for path in paths]
+        else:
+            attempts = [send_fhir(target.url, path.read_bytes(), target.bearer_token(),
+                                  s.delivery_timeout) for path in paths]
+        outcomes += [self._outcome(delivery, destination, result)
+                     for (delivery, _, _), result in zip(ready, attempts, strict=True)]
         self.store.record_outcomes(outcomes)
 
-    def _outcome(self, delivery: Delivery, destination: str, job_id: int,
-                 result: Attempt) -> DeliveryOutcome:
+    def _outcome(self, delivery: Delivery, destination: str, result: Attempt
+                 ) -> DeliveryOutcome:
         s = self.settings
+        what = (f"job {delivery.job_id}: {delivery.item.value}" if delivery.job_id is not None
+                else f"study result {delivery.study_result_id}: {delivery.item.value}")
+        status = "" if result.status is None else (
+            f" (0x{result.status:04X})" if delivery.kind == "dicom" else f" ({result.status})")
         if result.state is DeliveryState.DONE:
-            LOGGER.info("job %d: SR stored at %s (0x%04X)", job_id, destination,
-                        result.status or 0)
+            LOGGER.info("%s delivered to %s %s%s", what, delivery.kind, destination, status)
             return DeliveryOutcome(delivery.id, DeliveryState.DONE, result.status or 0)
         tries = delivery.attempts + 1
         if result.state is DeliveryState.PENDING and tries < s.delivery_max_attempts:
             retry_at = utcnow() + timedelta(seconds=backoff(
                 tries, s.retry_base_seconds, s.retry_multiplier, s.retry_max_seconds))
-            LOGGER.warning("job %d: SR to %s failed (%s), retry %d at %s", job_id, destination,
-                           result.detail, tries, retry_at.strftime("%H:%M:%S"))
+            LOGGER.warning("%s to %s %s failed (%s), retry %d at %s", what, delivery.kind,
+                           destination, result.detail, tries, retry_at.strftime("%H:%M:%S"))
             return DeliveryOutcome(delivery.id, DeliveryState.PENDING, result.status,
                                    result.detail, retry_at)
-        LOGGER.error("job %d: SR to %s is dead after %d attempt(s): %s", job_id, destination,
-                     tries, result.detail)
+        LOGGER.error("%s to %s %s is dead after %d attempt(s): %s", what, delivery.kind,
+                     destination, tries, result.detail)
         return DeliveryOutcome(delivery.id, DeliveryState.DEAD, result.status, result.detail)
 
 
@@ -119,7 +164,7 @@ class Scheduler:
                                 next_run_time=datetime.now(tz=utcnow().tzinfo))
         self._scheduler.add_job(store.reap_expired_leases, "interval", seconds=30, id=REAP_JOB,
                                 max_instances=1, coalesce=True, misfire_grace_time=None)
-        self.studies = StudyBook(store)
+        self.studies = StudyBook(store, Messenger(settings, spool).on_close)
         self._scheduler.add_job(self.studies.close_due, "interval",
                                 seconds=STUDIES_INTERVAL_SECONDS, id=STUDIES_JOB,
                                 max_instances=1, coalesce=True, misfire_grace_time=None)

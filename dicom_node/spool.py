@@ -29,6 +29,8 @@ _QUARANTINE = ".quarantine"
 _SUFFIX = ".dcm"
 #: Where the worker keeps the SRs it produced (not received files).
 REPORT_DIR = "sr"
+#: The study results' HL7 and FHIR messages, one file per delivery.
+MESSAGE_DIR = "messages"
 _FILE_MODE = 0o640
 _SHARD = re.compile(r"^[0-9a-f]{2}$")
 
@@ -80,6 +82,22 @@ class Spool:
         """Write a job's SR durably as ``sr/job-<id>.dcm`` (our id, never a received
         string), replacing an earlier one; return its name relative to the root."""
         name = f"{REPORT_DIR}/job-{int(job_id)}{_SUFFIX}"
+        self._durable_write(name, [data])
+        return name
+
+    def write_evidence(self, job_id: int, data: bytes) -> str:
+        """Write a job's evidence image durably as ``sr/evidence-<id>.dcm``; return its
+        name relative to the root."""
+        name = f"{REPORT_DIR}/evidence-{int(job_id)}{_SUFFIX}"
+        self._durable_write(name, [data])
+        return name
+
+    def write_message(self, delivery_id: int, data: bytes, suffix: str) -> str:
+        """Write a study result's message for one delivery durably as
+        ``messages/delivery-<id><suffix>`` (``.hl7``, ``.json``); return its name."""
+        if suffix not in (".hl7", ".json"):
+            raise ValueError(f"message suffix {suffix!r}")
+        name = f"{MESSAGE_DIR}/delivery-{int(delivery_id)}{suffix}"
         self._durable_write(name, [data])
         return name
 

@@ -22,6 +22,7 @@ one referenced); when it closes, the old version is marked superseded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -144,10 +145,18 @@ def form(jobs: list[Job]) -> Answer:
 
 
 class StudyBook:
-    """Closes due study results and lists them; shares the job store's database."""
+    """Closes due study results and lists them; shares the job store's database.
 
-    def __init__(self, store: JobStore) -> None:
+    ``on_close(session, study, jobs)``, when given, runs in the transaction that
+    closes each result (the worklist messages are added there, so a closed result
+    never lacks them).
+    """
+
+    def __init__(self, store: JobStore,
+                 on_close: Callable[[Session, StudyResult, list[Job]], None] | None = None
+                 ) -> None:
         self.store = store
+        self.on_close = on_close
 
     def close_due(self, now: datetime | None = None) -> list[StudyResult]:
         """Close every open result whose quiet period ended and whose images are all
@@ -161,7 +170,9 @@ class StudyBook:
             for study in due:
                 if self._waiting(session, study.study_instance_uid):
                     continue  # closes once the network has seen every image
-                self._close(session, study, now)
+                jobs = self._close(session, study, now)
+                if self.on_close is not None:
+                    self.on_close(session, study, jobs)
                 closed.append(study)
         for study in closed:
             LOGGER.info("study result %d (version %d) closed: %s%s, %d image(s)%s%s", study.id,
@@ -182,7 +193,7 @@ class StudyBook:
         return bool(waiting)
 
     @staticmethod
-    def _close(session: Session, study: StudyResult, now: datetime) -> None:
+    def _close(session: Session, study: StudyResult, now: datetime) -> list[Job]:
         jobs = list(session.scalars(select(Job).where(
             Job.study_instance_uid == study.study_instance_uid, Job.view.is_not(None),
             Job.state.in_([JobState.DONE, JobState.FAILED])).order_by(Job.id)))
@@ -198,6 +209,7 @@ class StudyBook:
             previous = session.get(StudyResult, study.supersedes_id)
             if previous is not None:
                 previous.state = StudyState.SUPERSEDED
+        return jobs
 
     def list(self, limit: int = 100, study_instance_uid: str | None = None
              ) -> list[StudyResult]:

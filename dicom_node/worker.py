@@ -129,17 +129,23 @@ class Worker(threading.Thread):
         if not batch.prepared:
             return len(batch.jobs)
         started = time.perf_counter()
-        probabilities = engine.predict(np.stack([p.tensor for p in batch.prepared]))
+        images = np.stack([p.tensor for p in batch.prepared])
+        maps = None
+        if engine.evidence:  # the class maps come from the same forward pass
+            probabilities, maps = engine.predict_with_maps(images)
+        else:
+            probabilities = engine.predict(images)
         inference = time.perf_counter() - started
         self._drain()
         self._finishing = self._finisher.submit(
-            self._finish, batch, probabilities, loaded.reports, inference)
+            self._finish, batch, probabilities, maps, loaded.reports, inference)
         return len(batch.jobs)
 
     def _finish(self, batch: Batch, probabilities: NDArray[np.float32],
-                reports: ReportBuilder, inference: float) -> None:
+                maps: NDArray[np.float32] | None, reports: ReportBuilder,
+                inference: float) -> None:
         started = time.perf_counter()
-        self.results.write_batch(batch.prepared, probabilities, reports)
+        self.results.write_batch(batch.prepared, probabilities, reports, maps)
         timings = BatchTimings(len(batch.jobs), batch.queue_wait, batch.preprocess, inference,
                                time.perf_counter() - started)
         self.last_timings = timings

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 
 from dicom_node.db import DeliveryState, JobState
-from dicom_node.jobs import DeliveryOutcome, JobResult, JobStore, ReceivedInstance
+from dicom_node.jobs import DeliveryOutcome, JobResult, JobStore, ReceivedInstance, Route
 from dicom_node.loopback import free_port
 
 from dicom_factory import chest_image, ct_head, save
@@ -118,7 +118,8 @@ def test_jobs_retry_requeues_dead_deliveries_and_failed_jobs(tmp_path: Path) -> 
         assert store.fail(failed.id, worker, "preprocessing failed") is JobState.FAILED
         assert store.complete_batch(worker, [
             JobResult(job.id, "normal", probabilities, "model 1", f"sr/job-{job.id}.dcm",
-                      ["PACS@127.0.0.1:11112"]) for job in (refused, delivered)]) == [True] * 2
+                      [Route("dicom", "PACS@127.0.0.1:11112")])
+            for job in (refused, delivered)]) == [True] * 2
         sent = store.deliveries([refused.id, delivered.id])
         store.record_outcomes([
             DeliveryOutcome(sent[refused.id][0].id, DeliveryState.DEAD, 0xA900, "refused"),

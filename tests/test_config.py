@@ -90,3 +90,65 @@ def test_example_file_is_valid_and_documents_every_field() -> None:
             assert name in commented, f"{name} is not in {EXAMPLE.name}"
             assert field.default is None, f"{name} has a default the example leaves out"
     assert set(document["intake"]) == set(type(Settings().intake).model_fields)
+
+
+def test_destinations_of_every_kind_from_toml(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('''
+[[destinations]]
+address = "PACS@127.0.0.1:104"
+
+[[destinations]]
+kind = "dicomweb"
+url = "https://pacs.example.org/dicom-web"
+objects = ["evidence"]
+token_env = "PACS_TOKEN"
+
+[[destinations]]
+kind = "hl7"
+name = "ris"
+address = "ris.example.org:2575"
+receiving_application = "RIS"
+
+[[destinations]]
+kind = "fhir"
+url = "https://fhir.example.org/r4"
+token = "s3cret"
+''')
+    targets = load_settings(config).destinations
+    assert [(t.kind, t.name, t.key) for t in targets] == [
+        ("dicom", "PACS@127.0.0.1:104", "PACS@127.0.0.1:104"),
+        ("dicomweb", "https://pacs.example.org/dicom-web", "https://pacs.example.org/dicom-web"),
+        ("hl7", "ris", "ris.example.org:2575"),
+        ("fhir", "https://fhir.example.org/r4", "https://fhir.example.org/r4")]
+    assert targets[1].objects == ("evidence",) and targets[2].hl7_endpoint() == (
+        "ris.example.org", 2575)
+    assert "s3cret" not in repr(targets[3])  # tokens stay out of logs and tracebacks
+
+
+def test_bearer_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    (target,) = Settings(destinations=[{"kind": "fhir", "url": "http://127.0.0.1:1/fhir",
+                                        "token_env": "FHIR_TOKEN"}]).destinations
+    assert target.bearer_token() is None
+    monkeypatch.setenv("FHIR_TOKEN", "from-env")
+    assert target.bearer_token() == "from-env"
+
+
+@pytest.mark.parametrize("entry", [
+    "PACS@127.0.0.1",  # no port
+    {"kind": "hl7", "address": "ris.example.org"},
+    {"kind": "hl7", "address": "ris:99999"},
+    {"kind": "fhir", "url": "ftp://fhir.example.org/"},
+    {"kind": "dicomweb", "url": "http://pacs.example.org/dicom-web"},  # clear text off-host
+    {"kind": "smtp", "url": "https://mail.example.org"},
+    {"kind": "dicom", "address": "PACS@127.0.0.1:104", "objects": ["pdf"]},
+])
+def test_a_malformed_destination_is_refused(entry: object) -> None:
+    with pytest.raises(ValidationError):
+        Settings(destinations=[entry])  # type: ignore[list-item]
+
+
+def test_two_destinations_of_one_name_are_refused() -> None:
+    with pytest.raises(ValidationError, match="same name"):
+        Settings(destinations=[{"kind": "hl7", "name": "ris", "address": "a:1"},
+                               {"kind": "hl7", "name": "ris", "address": "b:2"}])

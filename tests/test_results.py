@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import Settings
-from dicom_node.db import Job
-from dicom_node.jobs import JobStore
+from dicom_node.db import DeliveryItem, Job
+from dicom_node.jobs import JobStore, Route
 from dicom_node.results import ResultWriter
 from dicom_node.spool import Spool
 
@@ -22,9 +22,8 @@ def writer(tmp_path: Path) -> Iterator[Writer]:
     stores: list[JobStore] = []
 
     def make(**settings: object) -> ResultWriter:
-        configured = Settings(data_dir=tmp_path / str(len(stores)),
-                              destinations=["PACS@127.0.0.1:104"],
-                              **settings)  # type: ignore[arg-type]
+        configured = Settings(data_dir=tmp_path / str(len(stores)),  # type: ignore[arg-type]
+                              **{"destinations": ["PACS@127.0.0.1:104"], **settings})
         stores.append(JobStore(configured.database_url))
         return ResultWriter(configured, stores[-1], Spool(configured.storage_dir), "test")
 
@@ -37,18 +36,45 @@ def _job(calling_ae: str = "MODALITY", peer: str | None = "127.0.0.5") -> Job:
     return Job(calling_ae=calling_ae, peer_address=peer)
 
 
+def _sr(destination: str, kind: str = "dicom") -> Route:
+    return Route(kind, destination, DeliveryItem.SR)
+
+
+def _evidence(destination: str, kind: str = "dicom") -> Route:
+    return Route(kind, destination, DeliveryItem.EVIDENCE)
+
+
 def test_every_sr_goes_to_the_configured_destinations(writer: Writer) -> None:
-    assert writer().destinations(_job()) == ["PACS@127.0.0.1:104"]
+    assert writer().routes(_job(), evidence=False) == [_sr("PACS@127.0.0.1:104")]
+
+
+def test_the_evidence_image_goes_beside_the_sr_where_the_destination_takes_it(
+        writer: Writer) -> None:
+    mixed = writer(destinations=[
+        "PACS@127.0.0.1:104",
+        {"kind": "dicom", "address": "VIEWER@127.0.0.1:106", "objects": ["evidence"]},
+        {"kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web", "objects": ["sr"]},
+        {"kind": "hl7", "address": "127.0.0.1:2575"},
+        {"kind": "fhir", "url": "http://127.0.0.1:8080/fhir"}])
+    assert mixed.routes(_job()) == [
+        _sr("PACS@127.0.0.1:104"), _evidence("PACS@127.0.0.1:104"),
+        _evidence("VIEWER@127.0.0.1:106"), _sr("http://127.0.0.1:8042/dicom-web", "dicomweb")]
+    # No evidence image was made (its failure is logged): only the SRs go.
+    assert mixed.routes(_job(), evidence=False) == [
+        _sr("PACS@127.0.0.1:104"), _sr("http://127.0.0.1:8042/dicom-web", "dicomweb")]
 
 
 def test_return_to_the_calling_ae_at_its_known_port(writer: Writer) -> None:
     returning = writer(return_to_calling_ae=True, calling_ae_ports={"MODALITY": 11113})
-    assert returning.destinations(_job()) == ["PACS@127.0.0.1:104", "MODALITY@127.0.0.5:11113"]
+    assert returning.routes(_job()) == [
+        _sr("PACS@127.0.0.1:104"), _evidence("PACS@127.0.0.1:104"),
+        _sr("MODALITY@127.0.0.5:11113"), _evidence("MODALITY@127.0.0.5:11113")]
 
 
 def test_no_return_without_a_port_an_address_or_the_setting(writer: Writer) -> None:
     on = writer(return_to_calling_ae=True, calling_ae_ports={"MODALITY": 11113})
     off = writer(calling_ae_ports={"MODALITY": 11113})
-    assert on.destinations(_job(calling_ae="OTHER")) == ["PACS@127.0.0.1:104"]
-    assert on.destinations(_job(peer=None)) == ["PACS@127.0.0.1:104"]
-    assert off.destinations(_job()) == ["PACS@127.0.0.1:104"]
+    pacs_only = [_sr("PACS@127.0.0.1:104")]
+    assert on.routes(_job(calling_ae="OTHER"), evidence=False) == pacs_only
+    assert on.routes(_job(peer=None), evidence=False) == pacs_only
+    assert off.routes(_job(), evidence=False) == pacs_only

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -61,6 +62,12 @@ def _serving(worker: Worker) -> str:
     return loaded.engine.card.version
 
 
+def sr_only(pacs: FakePACS) -> dict[str, object]:
+    """The fake PACS as a destination of SRs only (the evidence images are still made:
+    see the first test)."""
+    return {"address": f"PACS@127.0.0.1:{pacs.port}", "objects": ["sr"]}
+
+
 @pytest.fixture
 def pacs() -> Iterator[FakePACS]:
     peer = FakePACS()
@@ -72,7 +79,7 @@ def pacs() -> Iterator[FakePACS]:
 def node(tmp_path: Path, pacs: FakePACS) -> Iterator[Node]:
     settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
-                        destinations=[f"PACS@127.0.0.1:{pacs.port}"], max_attempts=2,
+                        destinations=[sr_only(pacs)], max_attempts=2,
                         batch_size=4, max_batch_delay_ms=300, retry_base_seconds=0.5,
                         retry_max_seconds=1, delivery_timeout=5, dispatch_interval_seconds=0.3)
     running = Node(settings)
@@ -104,6 +111,12 @@ def test_jobs_wait_for_a_model_then_flow_to_the_pacs(node: Node, pacs: FakePACS,
         assert sr.StudyInstanceUID == job.study_instance_uid
         assert job.label in ("covid", "normal", "pneumonia")
         assert sum(job.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+        # Beside the SR, the evidence image of the same forward pass, in the study.
+        assert job.evidence_file is not None
+        image = dcmread(node.spool.path(job.evidence_file))
+        assert image.SOPInstanceUID == job.evidence_sop_instance_uid
+        assert image.StudyInstanceUID == job.study_instance_uid
+        assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == job.sop_instance_uid
     assert node.worker.last_timings is not None
 
 
@@ -155,7 +168,7 @@ def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS
     """The batch decoded ahead of time is finished on stop, not left under a lease."""
     settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
-                        destinations=[f"PACS@127.0.0.1:{pacs.port}"], batch_size=2,
+                        destinations=[sr_only(pacs)], batch_size=2,
                         max_batch_delay_ms=0, dispatch_interval_seconds=0.3)
     running = Node(settings)
     running.start()
@@ -180,19 +193,19 @@ def test_a_new_model_is_picked_up_and_the_old_one_freed(
     """The loaded model is exempted from garbage collection (gc.freeze) while it
     serves; a model installed later replaces it, and the old one -- a Keras model
     is full of reference cycles -- is then collected."""
-    import keras
+    from model import engine, network
 
-    from model import network
-
+    # What the engine serves: the loaded model, or (evidence images on, the default)
+    # the model with the features output built from it.
     loaded: list[weakref.ref[Any]] = []
-    load_model = keras.models.load_model
+    served = engine.Engine._served
 
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        model = load_model(*args, **kwargs)
-        loaded.append(weakref.ref(model))
-        return model
+    def recording(self: engine.Engine, model: Any) -> Any:
+        serving = served(self, model)
+        loaded.append(weakref.ref(serving))
+        return serving
 
-    monkeypatch.setattr(keras.models, "load_model", recording)
+    monkeypatch.setattr(engine.Engine, "_served", recording)
     other = tmp_path / "other"
     card.save_artifact(network.build("concatenated", 96, seed=8), other,
                        {"version": "0.0.2", "architecture": "concatenated", "input_size": 96,
@@ -221,7 +234,7 @@ def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
     monkeypatch.setattr(worker_module, "IDLE_POLL_SECONDS", 300.0)
     settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
-                        destinations=[f"PACS@127.0.0.1:{pacs.port}"],
+                        destinations=[sr_only(pacs)],
                         dispatch_interval_seconds=300)
     card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
     running = Node(settings)

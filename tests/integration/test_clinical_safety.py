@@ -65,12 +65,13 @@ def node_with(tmp_path: Path, artifact: Path | None, pacs_port: int, allow: bool
 
 
 def delivered(node: NodeProcess, count: int) -> bool:
+    """``count`` images classified, each with its SR and evidence image delivered."""
     with node.job_store() as store:
         jobs = [j for j in store.list() if j.state is not JobState.IGNORED]
         deliveries = store.deliveries([j.id for j in jobs])
     return (len(jobs) == count and all(j.state is JobState.DONE for j in jobs)
             and all(d.state is DeliveryState.DONE for ds in deliveries.values() for d in ds)
-            and sum(len(ds) for ds in deliveries.values()) == count)
+            and sum(len(ds) for ds in deliveries.values()) == 2 * count)
 
 
 def studies(node: NodeProcess) -> list[dict[str, object]]:
@@ -80,8 +81,11 @@ def studies(node: NodeProcess) -> list[dict[str, object]]:
     return found
 
 
-def received(folder: Path) -> list[Dataset]:
-    return [dcmread(p) for p in sorted(folder.iterdir()) if p.is_file()]
+def received(folder: Path, evidence: bool = False) -> list[Dataset]:
+    """The SRs the PACS received (or, ``evidence``, the evidence images: it receives
+    nothing else here)."""
+    every = [dcmread(p) for p in sorted(folder.iterdir()) if p.is_file()]
+    return [d for d in every if (d.Modality == "SR") != evidence]
 
 
 def test_a_lateral_image_is_ignored_with_its_reason(tmp_path: Path,
@@ -158,6 +162,9 @@ def test_an_allowed_unvalidated_model_says_so_in_every_object(
             assert "UNVALIDATED MODEL" in sr.ConceptNameCodeSequence[0].CodeMeaning
             assert str(sr.SeriesDescription).startswith(model_card.UNVALIDATED_WARNING)
             assert read_result(sr).warning
+        evidence = received(pacs.folder, evidence=True)
+        assert len(evidence) == 2 and all(
+            "UNVALIDATED MODEL" in str(image.SeriesDescription) for image in evidence)
         wait_until(lambda: all(s["state"] == "closed" for s in studies(node))
                    and len(studies(node)) == 2, what="the two study results")
         assert all(s["model_validated"] is False for s in studies(node))
@@ -184,6 +191,8 @@ def test_a_validated_model_gives_thresholds_and_one_result_per_study(
             assert not said.warning and "UNVALIDATED" not in str(sr.SeriesDescription)
             assert said.thresholds == pytest.approx(THRESHOLDS)
             assert said.flags == ("covid",) and said.flagged is True
+        assert all("UNVALIDATED" not in str(image.SeriesDescription)
+                   for image in received(pacs.folder, evidence=True))
         wait_until(lambda: [s["state"] for s in studies(node)] == ["closed"],
                    what="the study's result")
         [first] = studies(node)

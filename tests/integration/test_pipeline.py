@@ -37,19 +37,22 @@ def start_node(tmp_path: Path, artifact: Path, destination: str, name: str = "va
 
 
 
-def sr_uids(node: NodeProcess) -> set[str]:
-    """The SR SOP Instance UID minted for each of the node's jobs."""
+def result_uids(node: NodeProcess) -> set[str]:
+    """The SOP Instance UIDs minted for each of the node's jobs: its SR's and its
+    evidence image's."""
     with node.job_store() as store:
-        return {j.sr_sop_instance_uid for j in store.list()}
+        return {uid for j in store.list()
+                for uid in (j.sr_sop_instance_uid, j.evidence_sop_instance_uid)}
 
 
 def all_delivered(node: NodeProcess, count: int) -> bool:
+    """``count`` jobs done, each with its SR and its evidence image delivered."""
     with node.job_store() as store:
         jobs = store.list()
         deliveries = store.deliveries([j.id for j in jobs])
     return (len(jobs) == count and all(j.state is JobState.DONE for j in jobs)
-            and all(len(deliveries[j.id]) == 1 and deliveries[j.id][0].state
-                    is DeliveryState.DONE for j in jobs))
+            and all(len(deliveries[j.id]) == 2 and all(
+                d.state is DeliveryState.DONE for d in deliveries[j.id]) for j in jobs))
 
 
 def test_orthanc_receives_one_sr_per_image_in_the_right_study(
@@ -62,13 +65,14 @@ def test_orthanc_receives_one_sr_per_image_in_the_right_study(
         assert all(r.all_success for r in send_each(orthanc.dicom_port, files,
                                                     called=orthanc.ae_title))
         assert all(r.all_success for r in send_each(node.port, files))
-        wait_until(lambda: all_delivered(node, 3), what="3 SRs delivered")
+        wait_until(lambda: all_delivered(node, 3), what="3 SRs and evidence images delivered")
         stored = orthanc.instances()
-        images = {str(d.SOPInstanceUID): d for d in stored if d.Modality != "SR"}
-        reports = [d for d in stored if d.Modality == "SR"]
-        assert len(images) == 3 and len(reports) == 3
         with node.job_store() as store:
             jobs = {j.sop_instance_uid: j for j in store.list()}
+        images = {str(d.SOPInstanceUID): d for d in stored if d.SOPInstanceUID in jobs}
+        reports = [d for d in stored if d.Modality == "SR"]
+        assert len(images) == 3 and len(reports) == 3
+        assert len(stored) == 9  # and an evidence image per image
         for sr in reports:
             evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
             referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
@@ -83,7 +87,7 @@ def test_orthanc_receives_one_sr_per_image_in_the_right_study(
         studies = orthanc.get("/studies")
         assert len(studies) == 3  # the SRs joined the images' studies, no new study
         log = node.log  # at INFO: jobs by our ids, never the received UIDs
-        assert "SR stored at" in log
+        assert "sr delivered to dicom" in log
         for source in images.values():
             for uid in (source.SOPInstanceUID, source.StudyInstanceUID):
                 assert str(uid) not in log
@@ -105,7 +109,7 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
             with node.job_store() as store:
                 found = store.deliveries([j.id for j in store.list()])
             return min((d.attempts for ds in found.values() for d in ds), default=0) \
-                if sum(len(ds) for ds in found.values()) == 3 else 0
+                if sum(len(ds) for ds in found.values()) == 6 else 0
 
         seen = 0
         for i, faults in enumerate([["--refuse"], ["--abort-after"],
@@ -119,7 +123,7 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
             wait_until(lambda: all_delivered(node, 3), what="all delivered")
         finally:
             healthy.stop()
-        expected = sr_uids(node)
+        expected = result_uids(node)
         # A faulty PACS may keep what it received before aborting; the retry then
         # re-sends the same object (same SOP Instance UID), never a second one.
         received = healthy.received_uids() + [
@@ -155,8 +159,8 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
             wait_until(lambda: all_delivered(node, 8), what="all delivered after restart")
         finally:
             pacs.stop()
-        expected = sr_uids(node)
-        assert len(expected) == 8
+        expected = result_uids(node)
+        assert len(expected) == 16
         assert set(pacs.received_uids()) == expected
     finally:
         node.stop()
@@ -191,12 +195,16 @@ def test_sr_returns_to_the_calling_ae(tmp_path: Path, small_artifact: Path) -> N
             jobs = {j.sop_instance_uid: j for j in store.list()}
             deliveries = store.deliveries([j.id for j in jobs.values()])
         job = jobs[sop_instance_uid(mine)]
-        (delivery,) = deliveries[job.id]
-        assert delivery.destination == f"{CALLING_AE}@127.0.0.1:{port}"
+        assert [(d.destination, d.item.value) for d in deliveries[job.id]] == [
+            (f"{CALLING_AE}@127.0.0.1:{port}", "sr"),
+            (f"{CALLING_AE}@127.0.0.1:{port}", "evidence")]
         # An AE with no port in calling_ae_ports gets nothing back (and no delivery).
         assert deliveries[jobs[sop_instance_uid(theirs)].id] == []
 
-        (received,) = [dcmread(p) for p in sorted(sender.folder.iterdir())]
+        back = {str(d.SOPInstanceUID): d for d in
+                (dcmread(p) for p in sorted(sender.folder.iterdir()))}
+        assert set(back) == {job.sr_sop_instance_uid, job.evidence_sop_instance_uid}
+        received = back[job.sr_sop_instance_uid]
         assert received.SOPInstanceUID == job.sr_sop_instance_uid
         assert received.StudyInstanceUID == job.study_instance_uid
         referenced = received.CurrentRequestedProcedureEvidenceSequence[0] \
