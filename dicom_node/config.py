@@ -182,6 +182,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+        # A refused value is not echoed: it may be a bearer token.
+        hide_input_in_errors=True,
     )
 
     # --- network ---
@@ -275,7 +277,8 @@ class Settings(BaseSettings):
         "or tables with a kind: dicom, dicomweb (STOW-RS), hl7 (ORU^R01 over MLLP), fhir.",
     )
     return_to_calling_ae: bool = Field(
-        default=False, description="Also send the SR back to the AE that sent the image."
+        default=False,
+        description="Also send the SR and the evidence image back to the AE that sent the image.",
     )
     calling_ae_ports: dict[str, int] = Field(
         default={}, description="Port of each calling AE's Storage SCP, for the return trip."
@@ -312,6 +315,10 @@ class Settings(BaseSettings):
         names = [t.name for t in values]
         if len(set(names)) != len(names):
             raise ValueError("destinations: two entries have the same name")
+        places = [(t.kind, t.key) for t in values]
+        if len(set(places)) != len(places):
+            raise ValueError("destinations: two entries of one kind have the same address "
+                             "or URL")
         return values
 
     @field_validator("delivery_calling_ae")

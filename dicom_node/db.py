@@ -330,23 +330,30 @@ def _rebuild_deliveries(engine: Engine) -> None:
     SR, a study's messages without a job) need a nullable ``job_id`` and other
     unique keys, which SQLite cannot alter in place; so the table is renamed, the
     new one created and every row copied (as the SR it was, to a ``dicom``
-    destination), in one transaction.
+    destination), in one transaction. The tests run it on SQLite; the PostgreSQL
+    path (constraint indexes kept, the id sequence moved past the copied rows) has
+    not met a server yet.
     """
-    existing = inspect(engine)
-    if "deliveries" not in existing.get_table_names():
-        return
-    if "item" in {c["name"] for c in existing.get_columns("deliveries")}:
-        return
-    old_indexes = [i["name"] for i in existing.get_indexes("deliveries") if i["name"]]
     columns = ", ".join(_OLD_DELIVERY_COLUMNS)
-    with engine.begin() as conn:
-        for name in old_indexes:
-            conn.execute(text(f'DROP INDEX "{name}"'))
+    with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE, so a second starter waits
+        existing = inspect(conn)
+        if "deliveries" not in existing.get_table_names():
+            return
+        if "item" in {c["name"] for c in existing.get_columns("deliveries")}:
+            return  # new already (another process may just have rebuilt it)
+        # Plain indexes only: PostgreSQL lists a unique constraint's index too, and it
+        # goes with the renamed table's constraint.
+        for index in existing.get_indexes("deliveries"):
+            if index["name"] and not index.get("duplicates_constraint"):
+                conn.execute(text(f'DROP INDEX "{index["name"]}"'))
         conn.execute(text("ALTER TABLE deliveries RENAME TO deliveries_previous"))
         Base.metadata.tables["deliveries"].create(conn)  # with its indexes
         # The column names are the constant above, never data.
         conn.execute(text(f"INSERT INTO deliveries ({columns}, kind, item) "  # noqa: S608
                           f"SELECT {columns}, 'dicom', 'sr' FROM deliveries_previous"))
+        if engine.dialect.name == "postgresql":  # the new id sequence starts after the rows
+            conn.execute(text("SELECT setval(pg_get_serial_sequence('deliveries', 'id'), "
+                              "COALESCE(MAX(id), 1)) FROM deliveries"))
         conn.execute(text("DROP TABLE deliveries_previous"))
 
 

@@ -8,9 +8,11 @@ calling AE's Storage SCP with it, and delivery opens associations to it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -65,7 +67,40 @@ class Destination:
 Kind = Literal["dicom", "dicomweb", "hl7", "fhir"]
 #: The DICOM objects a dicom or dicomweb destination may take.
 DicomObject = Literal["sr", "evidence"]
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def url_refusal(url: str, what: str) -> str | None:
+    """Why ``url`` may not carry results (``what``: "FHIR base URL", ...), or None: it
+    must be https, or plain http to a loopback host."""
+    try:
+        split = urlsplit(url)
+        host = split.hostname or ""
+    except ValueError:
+        return f"{what} is not a valid URL"
+    if split.scheme not in ("http", "https") or not host:
+        return f"{what} must be https://host/... (or http:// to a loopback host)"
+    if split.scheme == "http" and not is_loopback(host):
+        return (f"{what} refused: plain http is allowed to a loopback host (127.0.0.1, "
+                "localhost, ::1) only; use https")
+    return None
+
+
+def http_phrase(code: int) -> str:
+    """The reason phrase of an HTTP status code ("" for an unknown one)."""
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return ""
 
 
 class Target(BaseModel):
@@ -80,16 +115,19 @@ class Target(BaseModel):
     ``token_env`` gives a bearer token to dicomweb and fhir.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused entry is not echoed in the error (its token).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     kind: Kind = "dicom"
-    #: A short name, shown by ``jobs show``; defaults to the address or URL.
+    #: A short name for the entry (unique in the list); defaults to the address or URL.
     name: str = ""
     address: str = ""
     url: str = ""
     objects: tuple[DicomObject, ...] = ("sr", "evidence")
     token: str | None = Field(default=None, repr=False)
     token_env: str | None = None
+    #: hl7: MLLP has no encryption; a RIS off this host needs this set explicitly.
+    allow_plaintext: bool = False
     #: hl7: MSH-3/4 (us) and MSH-5/6 (the RIS).
     sending_application: str = "DICOM_NODE"
     sending_facility: str = ""
@@ -112,14 +150,13 @@ class Target(BaseModel):
             host, _, port = self.address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"hl7 destination {self.address!r} is not HOST:PORT")
-        else:
-            parsed = urlsplit(self.url)
-            if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                raise ValueError(f"{self.kind} destination needs an http(s) url, "
-                                 f"not {self.url!r}")
-            if parsed.scheme == "http" and parsed.hostname not in _LOOPBACK:
-                raise ValueError(f"{self.kind} destination {self.url!r}: plain http is "
-                                 "allowed to loopback only; use https")
+            if not is_loopback(host) and not self.allow_plaintext:
+                raise ValueError(f"hl7 destination {self.address!r}: MLLP carries the "
+                                 "patient's name and ID in clear text; set allow_plaintext "
+                                 "= true for a RIS on a trusted network (or reach it through "
+                                 "a TLS tunnel on loopback)")
+        elif refusal := url_refusal(self.url, f"{self.kind} destination url"):
+            raise ValueError(refusal)
         if not self.name:
             object.__setattr__(self, "name", self.key)
         return self

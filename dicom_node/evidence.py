@@ -50,7 +50,7 @@ from dicom_node.report import (
     _model_equipment,
 )
 from model import evidence as model_evidence
-from model.card import UNVALIDATED_WARNING, ModelCard, validation_status
+from model.card import AI_RESULT_NOTICE, UNVALIDATED_WARNING, ModelCard, validation_status
 from model.classes import CLASS_KEYS, CLASSES, by_key
 from model.preprocess import dicom_gray8
 
@@ -58,7 +58,7 @@ LOGGER = logging.getLogger(__name__)
 
 #: The evidence image's series (the SR's is 9901).
 SERIES_NUMBER = 9902
-DISCLAIMER = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+DISCLAIMER = AI_RESULT_NOTICE
 #: Opacity of the overlay where the map is at its highest.
 MAX_OPACITY = 0.55
 #: Below this fraction of its maximum the map is not drawn: the radiograph stays gray.
@@ -96,6 +96,10 @@ def turbo_lut() -> NDArray[np.uint8]:
 
 
 _LUT = turbo_lut()
+#: Opacity (0-255) of each of the map's 256 levels: none up to FLOOR, then rising
+#: linearly to MAX_OPACITY.
+_OPACITY = [round(255 * MAX_OPACITY * min(max((v / 255 - FLOOR) / (1 - FLOOR), 0.0), 1.0))
+            for v in range(256)]
 
 
 def legend_lines(label: str, probabilities: dict[str, float], model_text: str,
@@ -154,13 +158,20 @@ def render(source: Dataset, class_maps: NDArray[np.floating], label: str,
 
 def overlay(gray: NDArray[np.uint8], heat: NDArray[np.float32]) -> NDArray[np.uint8]:
     """``heat`` ([0, 1]) in Turbo colours over ``gray``, opaque in proportion to how far
-    it rises above :data:`FLOOR`."""
-    opacity = np.clip((heat - FLOOR) / (1.0 - FLOOR), 0.0, 1.0) * MAX_OPACITY
-    colours = _LUT[np.rint(heat * 255.0).astype(np.uint8)].astype(np.float32)
-    base = gray.astype(np.float32)[..., None]
-    blended = base + opacity[..., None] * (colours - base)
-    out: NDArray[np.uint8] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    return out
+    it rises above :data:`FLOOR`.
+
+    The map is quantised to 256 levels (as its colours are); colour and opacity are
+    256-entry tables applied by Pillow, and the blend is Pillow's composite, all in
+    C: a 2048 x 2048 image takes tens of milliseconds, not the quarter second of the
+    same arithmetic in float32 numpy.
+    """
+    # heat is in [0, 1]: + 0.5 and truncation round to the nearest level.
+    levels = Image.fromarray((heat * 255.0 + 0.5).astype(np.uint8), mode="L")
+    colours = levels.convert("P")
+    colours.putpalette(_LUT.tobytes())
+    mask = levels.point(_OPACITY)
+    base = Image.fromarray(gray, mode="L").convert("RGB")
+    return np.asarray(Image.composite(colours.convert("RGB"), base, mask), dtype=np.uint8)
 
 
 def font_size(rows: int, columns: int) -> int:
@@ -298,6 +309,11 @@ def build_evidence(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[_equipment(card)],
     )
+    # Every attribute of the Patient and Study modules the source has (issuers, other
+    # IDs, age, study description...), as the SR copies them: a PACS files both under
+    # the same patient and study. The names were held back above; the copy, like the
+    # lines below, writes them in without validating them.
+    sc.copy_patient_and_study_information(header)
     for keyword in _NAMES:
         sc[keyword].value = header[keyword].value
     # The same pixel grid and body part as the source: its orientation (Type 2, empty

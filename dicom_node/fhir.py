@@ -3,6 +3,7 @@
 Content (FHIR R4 4.0.1, DiagnosticReport and Observation of the Diagnostics module):
 
 * **DiagnosticReport** -- status ``final`` (``amended`` for a corrected result,
+  ``preliminary`` for an unvalidated model's,
   :attr:`~dicom_node.findings.StudyFindings.corrected`); category v2-0074 ``RAD``;
   code SCT 399208008 "Plain X-ray of chest", the procedure our SR reports (a LOINC
   "XR Chest N Views" code would claim a number of views, and a study may hold one
@@ -50,14 +51,13 @@ targets, which the constants here fix.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import uuid
 from decimal import Decimal
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import requests
 from fhir.resources.R4B.annotation import Annotation
@@ -72,8 +72,9 @@ from fhir.resources.R4B.reference import Reference
 
 from dicom_node.db import DeliveryState
 from dicom_node.deliver import Attempt
+from dicom_node.destination import http_phrase, url_refusal
 from dicom_node.findings import StudyFindings
-from model.card import UNVALIDATED_WARNING
+from model.card import AI_RESULT_NOTICE, UNVALIDATED_WARNING
 from model.classes import CLASS_KEYS, CLASSES, by_key
 
 LOGGER = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ DICOM_UID_SYSTEM = "urn:dicom:uid"
 FHIR_JSON = "application/fhir+json"
 
 #: First line of every conclusion and note: the AI output is not a diagnosis.
-DISCLAIMER = "AI RESULT — NOT FOR DIAGNOSTIC USE"
+DISCLAIMER = AI_RESULT_NOTICE
 #: Namespace of the UUIDs derived from a message id (uuid5): fixed for this node
 #: software, so one message id always gives the same identifiers.
 _NAMESPACE = uuid.UUID("a9b4562f-7833-41f2-b931-671407919495")
@@ -100,7 +101,6 @@ _DETAIL_CHARS = 200
 #: Most of an answer's body read: enough for an OperationOutcome, bounded for a
 #: server that answers with megabytes.
 _BODY_LIMIT = 64 * 1024
-_LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 # --- the Bundle -------------------------------------------------------------------------
@@ -133,7 +133,9 @@ def build_bundle(findings: StudyFindings, *, message_id: str, patient_system: st
     """
     _check(findings, message_id)
     report_uuid = uuid.uuid5(_NAMESPACE, f"study/{findings.identifiers.study_instance_uid}")
-    status = "amended" if findings.corrected else "final"
+    # An unvalidated model's result is preliminary: no system files it as final.
+    status = ("preliminary" if not findings.model_validated
+              else "amended" if findings.corrected else "final")
     subject = _patient(findings, patient_system)
     notes = [Annotation(text=line) for line in _warnings(findings)]
     entries: list[tuple[uuid.UUID, DiagnosticReport | Observation]] = []
@@ -349,7 +351,7 @@ def send_fhir(base_url: str, body: bytes, token: str | None, timeout: float) -> 
     timeout
         Connect timeout, and longest wait for each read of the answer, seconds.
     """
-    refusal = _refuse_url(base_url)
+    refusal = url_refusal(base_url, "FHIR base URL")
     if refusal is not None:
         return Attempt(DeliveryState.DEAD, None, refusal)
     headers = {"Content-Type": f"{FHIR_JSON}; charset=utf-8", "Accept": FHIR_JSON}
@@ -380,7 +382,7 @@ def send_fhir(base_url: str, body: bytes, token: str | None, timeout: float) -> 
 
 def _judge(code: int, answer: bytes, location: str | None) -> Attempt:
     """The Attempt an HTTP answer comes to."""
-    http = f"HTTP {code} {_phrase(code)}".rstrip()
+    http = f"HTTP {code} {http_phrase(code)}".rstrip()
     if 200 <= code < 300:
         where = location or _first_location(answer)
         return Attempt(DeliveryState.DONE, code,
@@ -393,30 +395,6 @@ def _judge(code: int, answer: bytes, location: str | None) -> Attempt:
         return Attempt(DeliveryState.DEAD, code,
                        f"{http}: redirect not followed; configure the server's final URL")
     return Attempt(DeliveryState.DEAD, code, detail)
-
-
-def _refuse_url(url: str) -> str | None:
-    """Why ``url`` is refused (not https, and not plain http to a loopback host), or None."""
-    try:
-        split = urlsplit(url)
-        host = split.hostname or ""
-    except ValueError:
-        return "FHIR base URL is not a valid URL"
-    if split.scheme not in ("http", "https") or not host:
-        return "FHIR base URL must be https://host/... (or http:// to a loopback host)"
-    if split.scheme == "http" and not _is_loopback(host):
-        return ("FHIR base URL refused: plain http is allowed to a loopback host "
-                "(127.0.0.1, localhost, ::1) only; use https")
-    return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _read_capped(response: requests.Response) -> bytes:
@@ -470,13 +448,6 @@ def _cause(exc: BaseException) -> str:
         todo.extend([*current.args, current.__cause__, current.__context__,
                      getattr(current, "reason", None)])
     return type(exc).__name__
-
-
-def _phrase(code: int) -> str:
-    try:
-        return HTTPStatus(code).phrase
-    except ValueError:
-        return ""
 
 
 def _truncate(text: str) -> str:

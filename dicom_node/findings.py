@@ -10,7 +10,7 @@ spool themselves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -47,7 +47,6 @@ class Identifiers:
     placer_order_number: str | None = None
     filler_order_number: str | None = None
     requested_procedure_id: str | None = None
-    study_id: str | None = None
     #: ``YYYYMMDD`` and ``HHMMSS[.ffffff]``
     study_date: str | None = None
     study_time: str | None = None
@@ -72,7 +71,6 @@ class Identifiers:
             placer_order_number=either("PlacerOrderNumberImagingServiceRequest"),
             filler_order_number=either("FillerOrderNumberImagingServiceRequest"),
             requested_procedure_id=either("RequestedProcedureID"),
-            study_id=_text(ds, "StudyID"),
             study_date=_text(ds, "StudyDate"),
             study_time=_text(ds, "StudyTime"),
         )
@@ -107,12 +105,8 @@ class StudyFindings:
     model_validated: bool
     #: Images left out and why (no patient data).
     problems: list[str]
-    #: SOP Instance UIDs of the images the answer is formed from.
-    image_uids: list[str]
     #: When the result closed (the observation time).
     closed_at: datetime
     #: True for a version that replaces an earlier one (HL7 result status C, FHIR
     #: status amended).
     corrected: bool = False
-    #: The per-image SRs' SOP Instance UIDs, for references.
-    sr_uids: list[str] = field(default_factory=list)

@@ -34,7 +34,7 @@ from hl7apy.core import Component, Message  # type: ignore[import-untyped]
 from dicom_node.db import DeliveryState
 from dicom_node.deliver import Attempt
 from dicom_node.findings import Identifiers, StudyFindings
-from model.card import UNVALIDATED_WARNING
+from model.card import AI_RESULT_NOTICE, UNVALIDATED_WARNING
 from model.classes import CLASSES, by_key
 
 LOGGER = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ MAX_ACK_BYTES = 1 << 20
 #: Longest peer text kept in an :class:`Attempt`'s detail.
 MAX_DETAIL = 200
 
-DISCLAIMER = "AI RESULT \N{EM DASH} NOT FOR DIAGNOSTIC USE"
+DISCLAIMER = AI_RESULT_NOTICE
 
 #: (code, meaning, coding system); HL7 table 0396.
 Code = tuple[str, str, str]
@@ -157,6 +157,15 @@ def _timestamp(moment: datetime) -> Any:
 
 # -- the message ------------------------------------------------------------------------------
 
+def result_status(findings: StudyFindings) -> str:
+    """OBR-25 and OBX-11 (HL7 table 0123/0085): ``P`` (preliminary) for an unvalidated
+    model's result, so that no RIS files it as final; else ``C`` for a corrected
+    result (a late image), ``F`` for a final one."""
+    if not findings.model_validated:
+        return "P"
+    return "C" if findings.corrected else "F"
+
+
 def build_oru(findings: StudyFindings, control_id: str, *, sending_application: str,
               sending_facility: str, receiving_application: str, receiving_facility: str,
               message_time: datetime) -> bytes:
@@ -189,7 +198,7 @@ def build_oru(findings: StudyFindings, control_id: str, *, sending_application: 
         obx = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
         _put(obx, "obx_1", SI(set_id))
         fill(obx)
-        _put(obx, "obx_11", "C" if findings.corrected else "F")
+        _put(obx, "obx_11", result_status(findings))
     er7: str = message.to_er7()
     return er7.encode(ENCODING)
 
@@ -265,7 +274,7 @@ def _obr(obr: Any, findings: StudyFindings) -> None:
     _put(obr, "obr_18", ids.accession_number)
     _put(obr, "obr_19", ids.requested_procedure_id)
     _put(obr, "obr_22.ts_1", _timestamp(findings.closed_at))
-    _put(obr, "obr_25", "C" if findings.corrected else "F")
+    _put(obr, "obr_25", result_status(findings))
     if findings.flagged:
         _put(obr, "obr_5", "S")
         _put(obr, "obr_27.tq_6", "S")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +35,7 @@ from dicom_node.db import (
     Job,
     JobState,
     StudyResult,
+    StudyState,
     create_schema,
     make_engine,
     make_sessionmaker,
@@ -409,10 +410,16 @@ class JobStore:
         now = utcnow()
         with self._sessions.begin() as session:
             study = select(Job.study_instance_uid).where(Job.id == job_id).scalar_subquery()
-            results = select(StudyResult.id).where(StudyResult.study_instance_uid == study)
+            # The study's current result only (a superseded one's messages stay dead),
+            # and only messages that were written (one refused for want of a Patient
+            # ID keeps its reason).
+            results = select(StudyResult.id).where(StudyResult.study_instance_uid == study,
+                                                   StudyResult.state == StudyState.CLOSED)
+            messages = and_(Delivery.study_result_id.in_(results),
+                            Delivery.payload_file.is_not(None))
             result = session.execute(
                 update(Delivery)
-                .where(or_(Delivery.job_id == job_id, Delivery.study_result_id.in_(results)),
+                .where(or_(Delivery.job_id == job_id, messages),
                        Delivery.state == DeliveryState.DEAD)
                 .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
                         updated_at=now)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 from sqlalchemy.orm import Session
 
@@ -35,7 +36,6 @@ LOGGER = logging.getLogger(__name__)
 def findings(study: StudyResult, jobs: Sequence[Job], identifiers: Identifiers
              ) -> StudyFindings:
     """What a closed study result says, with the identifiers read from its images."""
-    included = [j for j in jobs if j.id in set(study.job_ids or [])]
     return StudyFindings(
         result_id=study.id, version=study.version, identifiers=identifiers,
         label=study.label,
@@ -44,10 +44,8 @@ def findings(study: StudyResult, jobs: Sequence[Job], identifiers: Identifiers
         flags=list(study.flags or []), flagged=study.flagged,
         model=study.model_version or "", model_validated=bool(study.model_validated),
         problems=list(study.problems or []),
-        image_uids=[j.sop_instance_uid for j in included],
         closed_at=study.closed_at or utcnow(),
-        corrected=study.supersedes_id is not None,
-        sr_uids=[j.sr_sop_instance_uid for j in included])
+        corrected=study.supersedes_id is not None)
 
 
 class Messenger:
@@ -71,11 +69,8 @@ class Messenger:
             LOGGER.warning("study result %d has no classified image: no message sent",
                            study.id)
             return
-        first = next(j for j in jobs if j.id == study.job_ids[0])
         try:
-            if first.spool_file is None:
-                raise FileNotFoundError("the image is not in the spool")
-            identifiers = Identifiers.from_file(self.spool.path(first.spool_file))
+            identifiers = self._identifiers(study, jobs)
             reason = None if identifiers.patient_id else (
                 "no Patient ID in the study's images: the RIS could not match the result")
         except Exception as exc:
@@ -95,11 +90,36 @@ class Messenger:
                 continue
             try:
                 self._write(delivery, target, findings(study, jobs, identifiers))
+            except OSError:
+                raise  # the spool: the study closes on a later run, messages and all
             except Exception as exc:
+                # The type only: a builder's message may quote the values it refused.
                 delivery.state = DeliveryState.DEAD
-                delivery.last_error = f"message could not be built: {type(exc).__name__}: {exc}"
+                delivery.last_error = f"message could not be built: {type(exc).__name__}"
                 LOGGER.error("study result %d: %s message could not be built (%s)", study.id,
                              target.kind, type(exc).__name__)
+
+    def _identifiers(self, study: StudyResult, jobs: Sequence[Job]) -> Identifiers:
+        """The identifiers of the images the answer is formed from, as
+        :func:`dicom_node.studies.form` chose them: the patient's from the first
+        included image that has a Patient ID, the order's (accession and order
+        numbers) from the first that has an accession number."""
+        included = [j for j in jobs if j.id in set(study.job_ids or [])]
+        by_patient = next((j for j in included if j.patient_key), included[0])
+        by_order = next((j for j in included if j.accession_key), by_patient)
+        identifiers = self._read(by_patient)
+        if by_order is by_patient:
+            return identifiers
+        order = self._read(by_order)
+        return replace(identifiers, accession_number=order.accession_number,
+                       placer_order_number=order.placer_order_number,
+                       filler_order_number=order.filler_order_number,
+                       requested_procedure_id=order.requested_procedure_id)
+
+    def _read(self, job: Job) -> Identifiers:
+        if job.spool_file is None:
+            raise FileNotFoundError("the image is not in the spool")
+        return Identifiers.from_file(self.spool.path(job.spool_file))
 
     def _write(self, delivery: Delivery, target: Target, found: StudyFindings) -> None:
         message_id = str(delivery.message_id)

@@ -12,6 +12,7 @@ what is due from the database, so nothing due is skipped after a restart.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -37,6 +38,29 @@ STUDIES_JOB = "close-studies"
 #: How often open study results are looked at (a result closes at most this late).
 STUDIES_INTERVAL_SECONDS = 1.0
 _BATCH = 32
+#: At most this much DICOM in one STOW-RS request (an uncompressed evidence image of a
+#: large CR is some 20 MB).
+STOW_REQUEST_BYTES = 64 * 2**20
+
+
+def _by_size(items: list[tuple[Delivery, Job | None, Path]], budget: int
+             ) -> list[list[tuple[Delivery, Job | None, Path]]]:
+    """``items`` in order, in chunks of at most ``budget`` bytes of files (one file
+    alone may exceed it); a file whose size cannot be read counts as nothing (its send
+    reports it)."""
+    chunks: list[list[tuple[Delivery, Job | None, Path]]] = [[]]
+    size = 0
+    for item in items:
+        try:
+            length = item[2].stat().st_size
+        except OSError:
+            length = 0
+        if chunks[-1] and size + length > budget:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += length
+    return chunks
 
 
 def backoff(attempts: int, base: float, multiplier: float, cap: float) -> float:
@@ -73,12 +97,14 @@ class Dispatcher:
         hold = 4 * self.settings.delivery_timeout + 30
         attempted = 0
         while due := self.store.claim_due_deliveries(_BATCH, hold, now):
+            # Leave time for one more send (an MLLP connect and its ACK) within the hold.
+            deadline = time.monotonic() + hold - 2 * self.settings.delivery_timeout - 5
             groups: dict[tuple[str, str], list[tuple[Delivery, Job | None]]] = {}
             for delivery, job in due:
                 groups.setdefault((delivery.kind, delivery.destination), []).append(
                     (delivery, job))
             for (kind, destination), items in groups.items():
-                self._send_all(kind, destination, items)
+                self._send_all(kind, destination, items, deadline)
                 attempted += len(items)
             if len(due) < _BATCH:
                 break
@@ -95,38 +121,66 @@ class Dispatcher:
             name = job.evidence_file if job is not None else None
         else:
             name = delivery.payload_file
-        return self.spool.root / name if name else None
+        return self.spool.path(name) if name else None
 
     def _send_all(self, kind: str, destination: str,
-                  items: list[tuple[Delivery, Job | None]]) -> None:
-        """Send ``items`` to one destination; record their outcomes in one transaction."""
+                  items: list[tuple[Delivery, Job | None]], deadline: float) -> None:
+        """Send ``items`` to one destination and record their outcomes: the DICOM
+        objects of a group in one transaction, each message as soon as it is sent.
+
+        ``deadline`` (``time.monotonic``) is when the hold on the claimed deliveries
+        may run out with a send still to make: a message not started by then is left
+        held and unsent, so that no other dispatcher, finding it due again, sends it
+        at the same time.
+        """
         s = self.settings
         ready = [(d, j, path) for d, j in items if (path := self._file(d, j)) is not None]
-        outcomes = [DeliveryOutcome(d.id, DeliveryState.DEAD, None, f"no {d.item.value} file")
-                    for d, j in items if self._file(d, j) is None]
-        target = self._target(kind, destination)
-        paths = [path for _, _, path in ready]
-        attempts: list[Attempt]
+        missing = [DeliveryOutcome(d.id, DeliveryState.DEAD, None, f"no {d.item.value} file")
+                   for d, j in items if self._file(d, j) is None]
+        if missing:
+            self.store.record_outcomes(missing)
         if not ready:
-            attempts = []
+            return
+        target = self._target(kind, destination)
+        if kind != "dicom" and target is None:
+            absent = Attempt(DeliveryState.PENDING, None,
+                             f"no {kind} destination {destination} is configured")
+            self._record(destination, [(d, absent) for d, _, _ in ready])
         elif kind == "dicom":
-            attempts = send_many(Destination.parse(destination), paths, s.delivery_calling_ae,
-                                 s.delivery_timeout, s.retry_on_warning)
-        elif target is None:
-            attempts = [Attempt(DeliveryState.PENDING, None,
-                                f"no {kind} destination {destination} is configured")] * len(ready)
-        elif kind == "dicomweb":
-            attempts = send_stow(target.url, paths, s.delivery_timeout, target.bearer_token())
-        elif kind == "hl7":
+            attempts = send_many(Destination.parse(destination), [p for _, _, p in ready],
+                                 s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning)
+            self._record(destination, [(d, a) for (d, _, _), a in
+                                       zip(ready, attempts, strict=True)])
+        elif kind == "dicomweb" and target is not None:
+            for chunk in _by_size(ready, STOW_REQUEST_BYTES):
+                attempts = send_stow(target.url, [p for _, _, p in chunk], s.delivery_timeout,
+                                     target.bearer_token())
+                self._record(destination, [(d, a) for (d, _, _), a in
+                                           zip(chunk, attempts, strict=True)])
+        elif target is not None:
+            for index, (delivery, _, path) in enumerate(ready):
+                if time.monotonic() > deadline:
+                    LOGGER.warning("%s %s: %d message(s) left for the next dispatch (slow "
+                                   "destination)", kind, destination, len(ready) - index)
+                    return
+                self._record(destination, [(delivery, self._send_message(target, path))])
+
+    def _send_message(self, target: Target, path: Path) -> Attempt:
+        """One ORU or FHIR Bundle, as written; an unreadable file is dead on its own."""
+        try:
+            payload = path.read_bytes()
+        except OSError as exc:
+            return Attempt(DeliveryState.DEAD, None, f"message file unreadable: "
+                                                     f"{type(exc).__name__}")
+        timeout = self.settings.delivery_timeout
+        if target.kind == "hl7":
             host, port = target.hl7_endpoint()
-            attempts = [send_mllp(host, port, path.read_bytes(), s.delivery_timeout)
-                        for path in paths]
-        else:
-            attempts = [send_fhir(target.url, path.read_bytes(), target.bearer_token(),
-                                  s.delivery_timeout) for path in paths]
-        outcomes += [self._outcome(delivery, destination, result)
-                     for (delivery, _, _), result in zip(ready, attempts, strict=True)]
-        self.store.record_outcomes(outcomes)
+            return send_mllp(host, port, payload, timeout)
+        return send_fhir(target.url, payload, target.bearer_token(), timeout)
+
+    def _record(self, destination: str, attempts: list[tuple[Delivery, Attempt]]) -> None:
+        self.store.record_outcomes([self._outcome(delivery, destination, attempt)
+                                    for delivery, attempt in attempts])
 
     def _outcome(self, delivery: Delivery, destination: str, result: Attempt
                  ) -> DeliveryOutcome:
@@ -135,6 +189,9 @@ class Dispatcher:
                 else f"study result {delivery.study_result_id}: {delivery.item.value}")
         status = "" if result.status is None else (
             f" (0x{result.status:04X})" if delivery.kind == "dicom" else f" ({result.status})")
+        # A RIS's or FHIR server's error text may quote the patient: the log gets its
+        # kind ("ACK AE", "HTTP 400"); the whole text is kept for `jobs show`.
+        said = result.detail if delivery.kind == "dicom" else result.detail.split(":")[0]
         if result.state is DeliveryState.DONE:
             LOGGER.info("%s delivered to %s %s%s", what, delivery.kind, destination, status)
             return DeliveryOutcome(delivery.id, DeliveryState.DONE, result.status or 0)
@@ -143,11 +200,11 @@ class Dispatcher:
             retry_at = utcnow() + timedelta(seconds=backoff(
                 tries, s.retry_base_seconds, s.retry_multiplier, s.retry_max_seconds))
             LOGGER.warning("%s to %s %s failed (%s), retry %d at %s", what, delivery.kind,
-                           destination, result.detail, tries, retry_at.strftime("%H:%M:%S"))
+                           destination, said, tries, retry_at.strftime("%H:%M:%S"))
             return DeliveryOutcome(delivery.id, DeliveryState.PENDING, result.status,
                                    result.detail, retry_at)
         LOGGER.error("%s to %s %s is dead after %d attempt(s): %s", what, delivery.kind,
-                     destination, tries, result.detail)
+                     destination, tries, said)
         return DeliveryOutcome(delivery.id, DeliveryState.DEAD, result.status, result.detail)
 
 

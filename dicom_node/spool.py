@@ -31,6 +31,7 @@ _SUFFIX = ".dcm"
 REPORT_DIR = "sr"
 #: The study results' HL7 and FHIR messages, one file per delivery.
 MESSAGE_DIR = "messages"
+_MESSAGE_SUFFIXES = (".hl7", ".json")
 _FILE_MODE = 0o640
 _SHARD = re.compile(r"^[0-9a-f]{2}$")
 
@@ -56,7 +57,8 @@ class Spool:
     def path(self, name: str) -> Path:
         """Absolute path of a spooled file; ``name`` must be one this spool generated."""
         candidate = (self.root / name).resolve()
-        if self.root.resolve() not in candidate.parents or not name.endswith(_SUFFIX):
+        if self.root.resolve() not in candidate.parents or not name.endswith(
+                (_SUFFIX, *_MESSAGE_SUFFIXES)):
             raise ValueError("not a spool file name")
         return candidate
 
@@ -95,7 +97,7 @@ class Spool:
     def write_message(self, delivery_id: int, data: bytes, suffix: str) -> str:
         """Write a study result's message for one delivery durably as
         ``messages/delivery-<id><suffix>`` (``.hl7``, ``.json``); return its name."""
-        if suffix not in (".hl7", ".json"):
+        if suffix not in _MESSAGE_SUFFIXES:
             raise ValueError(f"message suffix {suffix!r}")
         name = f"{MESSAGE_DIR}/delivery-{int(delivery_id)}{suffix}"
         self._durable_write(name, [data])

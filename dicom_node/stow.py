@@ -22,7 +22,6 @@ not store (a Lua filter that fails), hence "pending" for an unlisted file.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -31,7 +30,6 @@ from http import HTTPStatus
 from io import BytesIO
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from dicomweb_client import DICOMwebClient
@@ -40,6 +38,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.db import DeliveryState
 from dicom_node.deliver import Attempt, classify
+from dicom_node.destination import http_phrase, url_refusal
 
 LOGGER = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def send_stow(url: str, paths: list[Path], timeout: float,
     token
         Bearer token for the ``Authorization`` header, if the server wants one.
     """
-    refusal = _refuse_url(url)
+    refusal = url_refusal(url, "DICOMweb URL")
     if refusal is not None:
         return [Attempt(DeliveryState.DEAD, None, refusal) for _ in paths]
     parts: list[_Part | Attempt] = [_read(path) for path in paths]
@@ -90,29 +89,6 @@ def send_stow(url: str, paths: list[Path], timeout: float,
     judge = _judge(outcome)
     return [judge(part.sop_instance_uid) if isinstance(part, _Part) else part
             for part in parts]
-
-
-def _refuse_url(url: str) -> str | None:
-    """Why ``url`` is refused (not https, and not to a loopback host), or None."""
-    try:
-        split = urlsplit(url)
-        host = split.hostname or ""
-    except ValueError:
-        return "DICOMweb URL is not a valid URL"
-    if split.scheme not in ("http", "https") or not host:
-        return "DICOMweb URL must be https://host/... (or http:// to a loopback host)"
-    if split.scheme == "http" and not _is_loopback(host):
-        return "DICOMweb URL refused: plain http is allowed to a loopback host only; use https"
-    return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _read(path: Path) -> _Part | Attempt:
@@ -174,7 +150,7 @@ def _post(url: str, datasets: list[Dataset], timeout: float,
 def _judge(response: requests.Response) -> Callable[[str], Attempt]:
     """How the response answers for each SOP Instance UID sent."""
     code = response.status_code
-    http = f"HTTP {code} {_reason(code)}"
+    http = f"HTTP {code} {http_phrase(code)}"
     if code in _TRANSIENT_HTTP or code >= 500:
         return lambda _: Attempt(DeliveryState.PENDING, None, http)
     listed = _listed(response.content)
@@ -189,13 +165,6 @@ def _judge(response: requests.Response) -> Callable[[str], Attempt]:
         unlisted = Attempt(DeliveryState.DEAD, None, http)
     found = listed or {}
     return lambda uid: found.get(uid, unlisted)
-
-
-def _reason(code: int) -> str:
-    try:
-        return HTTPStatus(code).phrase
-    except ValueError:
-        return ""
 
 
 def _listed(body: bytes) -> dict[str, Attempt] | None:

@@ -27,10 +27,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.db import Job, JobState, StudyResult, StudyState, utcnow
+from dicom_node.db import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    StudyResult,
+    StudyState,
+    utcnow,
+)
 from model.card import UNVALIDATED_WARNING
 
 if TYPE_CHECKING:
@@ -170,9 +178,15 @@ class StudyBook:
             for study in due:
                 if self._waiting(session, study.study_instance_uid):
                     continue  # closes once the network has seen every image
-                jobs = self._close(session, study, now)
-                if self.on_close is not None:
-                    self.on_close(session, study, jobs)
+                try:
+                    with session.begin_nested():  # one study's failure is its own
+                        jobs = self._close(session, study, now)
+                        if self.on_close is not None:
+                            self.on_close(session, study, jobs)
+                except Exception as exc:
+                    LOGGER.error("study result %d could not be closed (%s); tried again "
+                                 "on the next run", study.id, type(exc).__name__)
+                    continue
                 closed.append(study)
         for study in closed:
             LOGGER.info("study result %d (version %d) closed: %s%s, %d image(s)%s%s", study.id,
@@ -209,6 +223,13 @@ class StudyBook:
             previous = session.get(StudyResult, study.supersedes_id)
             if previous is not None:
                 previous.state = StudyState.SUPERSEDED
+                # Its messages not yet delivered would follow the correction and undo it
+                # (an F after the C at the RIS; the FHIR report put back to final).
+                session.execute(update(Delivery).where(
+                    Delivery.study_result_id == previous.id,
+                    Delivery.state == DeliveryState.PENDING).values(
+                    state=DeliveryState.DEAD, updated_at=now,
+                    last_error=f"superseded by version {study.version}"))
         return jobs
 
     def list(self, limit: int = 100, study_instance_uid: str | None = None

@@ -46,6 +46,9 @@ ACTIVE_LINK = "active"
 #: What every output of an unvalidated model says, in its title and its text (ASCII:
 #: it goes into DICOM LO/ST values and HL7 fields as it is).
 UNVALIDATED_WARNING = "UNVALIDATED MODEL - NOT FOR CLINICAL USE"
+#: What every result says whatever the model (the evidence image's legend, the HL7 and
+#: FHIR messages); ASCII for the same reason.
+AI_RESULT_NOTICE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 #: Balanced accuracy of a classifier that guesses among the three classes.
 CHANCE_BALANCED_ACCURACY = 1 / len(CLASS_KEYS)
 

@@ -108,6 +108,7 @@ token_env = "PACS_TOKEN"
 kind = "hl7"
 name = "ris"
 address = "ris.example.org:2575"
+allow_plaintext = true
 receiving_application = "RIS"
 
 [[destinations]]
@@ -138,6 +139,7 @@ def test_bearer_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     "PACS@127.0.0.1",  # no port
     {"kind": "hl7", "address": "ris.example.org"},
     {"kind": "hl7", "address": "ris:99999"},
+    {"kind": "hl7", "address": "ris.example.org:2575"},  # clear text off-host, not allowed
     {"kind": "fhir", "url": "ftp://fhir.example.org/"},
     {"kind": "dicomweb", "url": "http://pacs.example.org/dicom-web"},  # clear text off-host
     {"kind": "smtp", "url": "https://mail.example.org"},
@@ -148,7 +150,19 @@ def test_a_malformed_destination_is_refused(entry: object) -> None:
         Settings(destinations=[entry])  # type: ignore[list-item]
 
 
-def test_two_destinations_of_one_name_are_refused() -> None:
+def test_a_refused_destination_does_not_echo_its_token() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(destinations=[{"kind": "fhir", "url": "http://ris.example.org/fhir",
+                                "token": "SECRET-TOKEN"}])
+    assert "plain http" in str(refused.value) and "SECRET-TOKEN" not in str(refused.value)
+
+
+def test_two_destinations_of_one_name_or_one_address_are_refused() -> None:
     with pytest.raises(ValidationError, match="same name"):
-        Settings(destinations=[{"kind": "hl7", "name": "ris", "address": "a:1"},
-                               {"kind": "hl7", "name": "ris", "address": "b:2"}])
+        Settings(destinations=[{"kind": "hl7", "name": "ris", "address": "127.0.0.1:1"},
+                               {"kind": "hl7", "name": "ris", "address": "127.0.0.2:2"}])
+    # Each delivery names its destination by kind and address: two entries for one
+    # place would be one delivery row with two settings.
+    with pytest.raises(ValidationError, match="same address"):
+        Settings(destinations=[{"kind": "hl7", "name": "a", "address": "localhost:1"},
+                               {"kind": "hl7", "name": "b", "address": "localhost:1"}])

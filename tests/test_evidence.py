@@ -222,3 +222,26 @@ def test_lossy_source_gives_a_lossy_image(shared_dicom: Path) -> None:
 
 def test_warm_up_builds_and_encodes_one_image() -> None:
     evidence.warm_up(UNVALIDATED)  # a made-up source: no shared data, nothing raised
+
+
+def test_the_evidence_image_has_the_srs_patient_and_study_attributes() -> None:
+    """A PACS files the SR and the evidence image under one patient and study: the
+    issuers, other IDs, age, study description... go into both."""
+    from pydicom.sequence import Sequence
+
+    from dicom_node.report import Classification, build_sr
+
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID = "OLD-7", "OTHER-HOSP"
+    source = dx_16bit(IssuerOfPatientID="HOSP", PatientAge="045Y", PatientWeight="70",
+                      StudyDescription="CHEST PA", OtherPatientIDsSequence=Sequence([other]))
+    with pydicom_config.disable_value_validation():
+        sc = evidence.build_evidence(source, render(source), "normal", VALIDATED,
+                                     generate_uid(), generate_uid())
+        sr = build_sr(source, Classification("normal", {"covid": 0.1, "normal": 0.8,
+                                                        "pneumonia": 0.1}), VALIDATED,
+                      generate_uid(), generate_uid(), generate_uid())
+    for keyword in ("IssuerOfPatientID", "PatientAge", "PatientWeight", "StudyDescription",
+                    "OtherPatientIDsSequence", *PATIENT_AND_STUDY):
+        assert keyword in sr and keyword in sc, keyword
+        assert sc[keyword].value == sr[keyword].value, keyword

@@ -47,7 +47,7 @@ def findings(**changes: Any) -> StudyFindings:
                                 patient_name="Doe^Jane", accession_number="ACC-42"),
         label="covid", probabilities={"covid": 0.83125, "normal": 0.1, "pneumonia": 0.06875},
         flags=["covid"], flagged=True, model="concatenated 1.2.0", model_validated=True,
-        problems=[], image_uids=["1.2.3.4.5"], closed_at=CLOSED)
+        problems=[], closed_at=CLOSED)
     return replace(base, **changes)
 
 
@@ -107,6 +107,14 @@ def test_bundle_is_a_transaction_of_conditional_updates_with_uuid_full_urls() ->
         assert any(i.system == system and i.value == value for i in resource.identifier or [])
     assert len(own) == len(entries)
     assert {r.reference for r in report.result or []} == own - {entries[0].fullUrl}
+
+
+def test_an_unvalidated_models_report_is_preliminary() -> None:
+    for corrected in (False, True):
+        _, report, observations = parse(build(findings(model_validated=False,
+                                                        corrected=corrected)))
+        assert report.status == "preliminary"
+        assert {o.status for o in observations} == {"preliminary"}
 
 
 def test_report_status_category_code_times() -> None:
@@ -202,13 +210,13 @@ def test_finding_is_the_label_code_interpreted_by_the_flag(
 def test_conclusion_says_ai_result_model_and_problems() -> None:
     _, report, observations = parse(build(findings(problems=["image 2: another patient"])))
     conclusion = report.conclusion or ""
-    assert "AI RESULT — NOT FOR DIAGNOSTIC USE" in conclusion
+    assert "AI RESULT - NOT FOR DIAGNOSTIC USE" in conclusion
     assert "concatenated 1.2.0" in conclusion
     assert "image 2: another patient" in conclusion
     assert UNVALIDATED_WARNING not in conclusion
     for observation in observations:
         notes = " ".join(n.text or "" for n in observation.note or [])
-        assert "AI RESULT — NOT FOR DIAGNOSTIC USE" in notes and UNVALIDATED_WARNING not in notes
+        assert "AI RESULT - NOT FOR DIAGNOSTIC USE" in notes and UNVALIDATED_WARNING not in notes
 
 
 def test_unvalidated_model_warning_in_conclusion_and_notes() -> None:

@@ -43,7 +43,7 @@ def findings(**changes: Any) -> StudyFindings:
         result_id=1, version=1, identifiers=identifiers(), label="covid",
         probabilities={"covid": 0.91234, "normal": 0.05, "pneumonia": 0.0375},
         flags=["covid"], flagged=True, model="cxr-concatenated 1.2.0", model_validated=False,
-        problems=["image 2 left out: another patient"], image_uids=["1.2.3.4"],
+        problems=["image 2 left out: another patient"],
         closed_at=CLOSED_AT)
     return dataclasses.replace(base, **changes)
 
@@ -131,7 +131,7 @@ def test_text_that_looks_escaped_stays_literal() -> None:
 
 
 def test_order_numbers_accession_and_final_status() -> None:
-    message = parse(build(findings(flagged=False, flags=[])))
+    message = parse(build(findings(flagged=False, flags=[], model_validated=True)))
     orc, obr = message.segment("ORC"), message.segment("OBR")
     assert [str(orc(n)) for n in (1, 2, 3)] == ["RE", "PL-1", "FL-1"]
     assert [str(obr(n)) for n in (2, 3)] == ["PL-1", "FL-1"]
@@ -145,9 +145,16 @@ def test_order_numbers_accession_and_final_status() -> None:
 
 
 def test_corrected_result_is_status_c() -> None:
-    message = parse(build(findings(corrected=True, version=2)))
+    message = parse(build(findings(corrected=True, version=2, model_validated=True)))
     assert str(message.segment("OBR")(25)) == "C"
     assert {str(obx(11)) for obx in segments(message, "OBX")} == {"C"}
+
+
+def test_an_unvalidated_models_result_is_preliminary_even_when_corrected() -> None:
+    for corrected in (False, True):
+        message = parse(build(findings(corrected=corrected, model_validated=False)))
+        assert str(message.segment("OBR")(25)) == "P"
+        assert {str(obx(11)) for obx in segments(message, "OBX")} == {"P"}
 
 
 def test_flagged_result_is_stat() -> None:
