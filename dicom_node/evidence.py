@@ -104,7 +104,19 @@ _OPACITY = [round(255 * MAX_OPACITY * min(max((v / 255 - FLOOR) / (1 - FLOOR), 0
 
 def legend_lines(label: str, probabilities: dict[str, float], model_text: str,
                  validated: bool) -> list[str]:
-    """The legend's text, top to bottom (ASCII: the built-in font has no dashes)."""
+    """The legend's text, top to bottom (ASCII: the built-in font has no dashes).
+
+    Parameters
+    ----------
+    label
+        The predicted class's key.
+    probabilities
+        Each class's probability, by key.
+    model_text
+        The model as named ("name version").
+    validated
+        False adds :data:`model.card.UNVALIDATED_WARNING` as the last line.
+    """
     lines = [f"AI finding: {by_key(label).display_name}"]
     # A tab separates a name from its value, drawn right-aligned.
     lines += [f"{c.display_name}\t{100.0 * float(probabilities[c.key]):.1f} %" for c in CLASSES]

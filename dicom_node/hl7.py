@@ -174,6 +174,19 @@ def build_oru(findings: StudyFindings, control_id: str, *, sending_application: 
     A missing patient ID, accession number or order number leaves its field empty;
     the receiving system decides what to do with such a result.
 
+    Parameters
+    ----------
+    findings
+        The closed study result with the identifiers of its images.
+    control_id
+        MSH-10, the same on every retry (the delivery's message id).
+    sending_application, sending_facility
+        MSH-3 and MSH-4: us.
+    receiving_application, receiving_facility
+        MSH-5 and MSH-6: the RIS.
+    message_time
+        MSH-7 (timezone-aware).
+
     Raises
     ------
     ValueError
@@ -366,6 +379,15 @@ def send_mllp(host: str, port: int, message: bytes, timeout: float) -> Attempt:
     for another control ID, no connection, a connection closed without an ACK, no
     ACK within ``timeout`` seconds (for connecting and for the whole exchange) or a
     reply that is not an ACK: try again later. Never raises.
+
+    Parameters
+    ----------
+    host, port
+        The RIS's MLLP listener.
+    message
+        The ORU as built (:func:`build_oru`), without MLLP framing.
+    timeout
+        Seconds for connecting and for the whole exchange.
     """
     try:
         control_id = _control_id(message)

@@ -52,6 +52,18 @@ class ResultWriter:
 
         A job whose SR cannot be built is failed with the reason; a job whose lease
         was lost meanwhile is left alone (logged), the others are stored.
+
+        Parameters
+        ----------
+        prepared
+            The batch's decoded jobs.
+        probabilities
+            The network's output, one row per job.
+        reports
+            The SR builder of the model that classified them.
+        maps
+            The class maps of the same forward pass (N x h x w x classes), or None
+            (evidence images off).
         """
         per_image = maps if maps is not None else [None] * len(prepared)
         results = [result for item, row, cam in zip(prepared, probabilities, per_image,
@@ -72,7 +84,19 @@ class ResultWriter:
                   cam: NDArray[np.float32] | None = None) -> JobResult | None:
         """Build and durably write the SR (and, given its class maps, the evidence
         image) of one classified job; None (and the job failed with the reason) if the
-        SR cannot be built."""
+        SR cannot be built.
+
+        Parameters
+        ----------
+        item
+            The decoded job.
+        row
+            Its probabilities.
+        reports
+            The model's SR builder.
+        cam
+            Its class maps (h x w x classes), or None.
+        """
         job = item.job
         card = reports.card
         probabilities = {key: float(p) for key, p in zip(CLASS_KEYS, row, strict=True)}
@@ -106,7 +130,21 @@ class ResultWriter:
     def write_evidence(self, item: Prepared, result: Classification, reports: ReportBuilder,
                        cam: NDArray[np.float32], uids: tuple[str, str]) -> str | None:
         """Render, build and durably write one job's evidence image; its spool name, or
-        None (logged) when it cannot be made -- the SR goes without it."""
+        None (logged) when it cannot be made -- the SR goes without it.
+
+        Parameters
+        ----------
+        item
+            The decoded job (its source image).
+        result
+            What the network said of it.
+        reports
+            The model's SR builder (its card and validation).
+        cam
+            The job's class maps (h x w x classes).
+        uids
+            The evidence image's SOP Instance and Series Instance UIDs.
+        """
         job, card = item.job, reports.card
         try:
             with warnings.catch_warnings():

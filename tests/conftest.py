@@ -93,3 +93,20 @@ def global_policy() -> Iterator[None]:
     before = keras.config.dtype_policy()
     yield
     keras.config.set_dtype_policy(before)
+
+
+@pytest.fixture
+def strict_pydicom() -> Iterator[None]:
+    """Every object built in the test must be standard-valid (as highdicom's own tests
+    do): pydicom's reading and writing validation raise, then are restored."""
+    from pydicom import config as pydicom_config
+
+    reading = pydicom_config.settings.reading_validation_mode
+    writing = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
+    try:
+        yield
+    finally:
+        pydicom_config.settings.reading_validation_mode = reading
+        pydicom_config.settings.writing_validation_mode = writing

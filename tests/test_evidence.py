@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import warnings
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -43,19 +42,9 @@ PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex
                      "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
                      "AccessionNumber", "ReferringPhysicianName")
 
+#: Every object built here must be standard-valid.
+pytestmark = pytest.mark.usefixtures("strict_pydicom")
 
-@pytest.fixture(autouse=True)
-def strict_pydicom() -> Iterator[None]:
-    """Every object built here must be standard-valid (as highdicom's own tests do)."""
-    reading = pydicom_config.settings.reading_validation_mode
-    writing = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
-    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
-    try:
-        yield
-    finally:
-        pydicom_config.settings.reading_validation_mode = reading
-        pydicom_config.settings.writing_validation_mode = writing
 
 
 def sources(shared_dicom: Path) -> list[Dataset]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
@@ -60,19 +59,9 @@ VIEWS = {"frontal": "View: frontal",
          "undetermined": "View undetermined: the image carries no view information; "
                          "it was classified as if frontal."}
 
+#: Every object built here must be standard-valid.
+pytestmark = pytest.mark.usefixtures("strict_pydicom")
 
-@pytest.fixture(autouse=True)
-def strict_pydicom() -> Iterator[None]:
-    """Every object built here must be standard-valid (as highdicom's own tests do)."""
-    reading = pydicom_config.settings.reading_validation_mode
-    writing = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
-    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
-    try:
-        yield
-    finally:
-        pydicom_config.settings.reading_validation_mode = reading
-        pydicom_config.settings.writing_validation_mode = writing
 
 
 def sources(shared_dicom: Path) -> list[Dataset]:

@@ -13,6 +13,14 @@ from dicom_node.loopback import free_port, wait_for_port
 
 from helpers.environment import CALLING_AE
 
+#: Settings for tests that wait on deliveries: quick retries and dispatch, batches not
+#: held back, INFO logs (to check what they say).
+FAST_DELIVERY = {
+    "DICOM_NODE_RETRY_BASE_SECONDS": "0.5", "DICOM_NODE_RETRY_MAX_SECONDS": "1",
+    "DICOM_NODE_DELIVERY_TIMEOUT": "3", "DICOM_NODE_DISPATCH_INTERVAL_SECONDS": "0.3",
+    "DICOM_NODE_MAX_BATCH_DELAY_MS": "100", "DICOM_NODE_LOG_LEVEL": "INFO",
+}
+
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600
         ) -> subprocess.CompletedProcess[str]:

@@ -14,18 +14,13 @@ from dicom_node.loopback import free_port
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit, save
 from helpers.environment import CALLING_AE, wait_until
 from helpers.files import sop_instance_uid
-from helpers.processes import NodeProcess
+from helpers.processes import FAST_DELIVERY, NodeProcess
 from helpers.sr import read_result
 from peers import Orthanc, Storescp, send_each, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-FAST_RETRY = {
-    "DICOM_NODE_RETRY_BASE_SECONDS": "0.5", "DICOM_NODE_RETRY_MAX_SECONDS": "1",
-    "DICOM_NODE_DELIVERY_TIMEOUT": "3", "DICOM_NODE_DISPATCH_INTERVAL_SECONDS": "0.3",
-    "DICOM_NODE_DELIVERY_MAX_ATTEMPTS": "1000", "DICOM_NODE_MAX_BATCH_DELAY_MS": "100",
-    "DICOM_NODE_LOG_LEVEL": "INFO",
-}
+FAST_RETRY = {**FAST_DELIVERY, "DICOM_NODE_DELIVERY_MAX_ATTEMPTS": "1000"}
 
 
 

@@ -22,17 +22,12 @@ from dicom_factory import chest_image, save
 from helpers.environment import CALLING_AE, wait_until
 from helpers.fhir_server import FhirServer
 from helpers.mllp import MllpReceiver, Mode
-from helpers.processes import NodeProcess, cli
+from helpers.processes import FAST_DELIVERY, NodeProcess, cli
 from peers import Orthanc, Storescp, send_each
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-FAST = {
-    "DICOM_NODE_RETRY_BASE_SECONDS": "0.5", "DICOM_NODE_RETRY_MAX_SECONDS": "1",
-    "DICOM_NODE_DELIVERY_TIMEOUT": "3", "DICOM_NODE_DISPATCH_INTERVAL_SECONDS": "0.3",
-    "DICOM_NODE_MAX_BATCH_DELAY_MS": "100", "DICOM_NODE_STUDY_QUIET_SECONDS": "1",
-    "DICOM_NODE_LOG_LEVEL": "INFO",
-}
+FAST = {**FAST_DELIVERY, "DICOM_NODE_STUDY_QUIET_SECONDS": "1"}
 
 
 def start(tmp_path: Path, artifact: Path, destinations: list[dict[str, Any]],
