@@ -20,7 +20,6 @@ names it (IHE AI Results). :func:`png` gives the same image for the demo.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from io import BytesIO
 
 import highdicom as hd
@@ -29,7 +28,6 @@ from highdicom.sc import SCImage
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -45,9 +43,9 @@ from dicom_node import __version__
 from dicom_node.report import (
     MANUFACTURER,
     NODE_NAME,
-    _equipment_model_name,
-    _evidence,
-    _model_equipment,
+    model_equipment,
+    set_model_device_uid,
+    source_header,
 )
 from model import evidence as model_evidence
 from model.card import AI_RESULT_NOTICE, UNVALIDATED_WARNING, ModelCard, validation_status
@@ -292,7 +290,7 @@ def build_evidence(
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"rgb: expected rows x columns x 3 uint8, got {rgb.shape} {rgb.dtype}")
-    header = _evidence(source)
+    header = source_header(source)
     validation = validation_status(card)
     # highdicom checks person names with a warning that quotes the name (patient data,
     # which must not reach a log): the names are copied after it has built the image.
@@ -319,7 +317,8 @@ def build_evidence(
         institution_name=institution_name,
         series_description=series_description(label, validation.validated),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[_equipment(card)],
+        contributing_equipment=[model_equipment(
+            card, "Class-activation map of the chest radiograph classification")],
     )
     # Every attribute of the Patient and Study modules the source has (issuers, other
     # IDs, age, study description...), as the SR copies them: a PACS files both under
@@ -349,7 +348,7 @@ def build_evidence(
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in header:
                 sc[keyword] = header[keyword]
-    _model_equipment(sc, card).DeviceUID = card.device_uid
+    set_model_device_uid(sc, card)
     return sc
 
 
@@ -368,19 +367,6 @@ def warm_up(card: ModelCard) -> None:
                  dict.fromkeys(CLASS_KEYS, 1.0 / len(CLASS_KEYS)), card.name, False)
     build_evidence(source, rgb, CLASS_KEYS[0], card, generate_uid(), generate_uid()
                    ).save_as(BytesIO(), enforce_file_format=True)
-
-
-def _equipment(card: ModelCard) -> hd.ContributingEquipment:
-    """The model as Contributing Equipment, named as the SR names it."""
-    return hd.ContributingEquipment(
-        manufacturer=card.manufacturer[:64],
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=_equipment_model_name(card),
-        software_versions=[card.display_version[:64], f"{NODE_NAME} {__version__}"],
-        contribution_datetime=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
-        contribution_description="Class-activation map of the chest radiograph "
-                                 "classification"[:64],
-    )
 
 
 def _source_reference(source: Dataset) -> Dataset:

@@ -208,8 +208,8 @@ _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
 _AGE = re.compile(r"^\d{3}[DWMY]$")
 
 
-def _evidence(source: Dataset) -> Dataset:
-    """The source's header, fit to be copied into the SR.
+def source_header(source: Dataset) -> Dataset:
+    """The source's header, fit to be copied into the SR (or the evidence image).
 
     Missing Type 2 attributes are added empty; an invalid Patient's Age (AS, e.g.
     "62" instead of "062Y" in the NIH files) is left out rather than guessed.
@@ -267,7 +267,7 @@ def build_sr(
         ),
     )
     algorithm = _algorithm(card)
-    source = _evidence(source)
+    source = source_header(source)
     source_image = SourceImageForMeasurementGroup.from_source_image(source)
     validation = validation_status(card)
     reached = reached_thresholds(card, result.probabilities)
@@ -319,17 +319,10 @@ def build_sr(
 def _document(source: Dataset, content: Dataset | Sequence, card: ModelCard,
               validation: Validation, sop_instance_uid: str, series_instance_uid: str,
               institution_name: str | None) -> Comprehensive3DSR:
-    """The SR document around ``content``; ``source`` is already :func:`_evidence`'d and
-    ``validation`` is the card's."""
-    equipment = hd.ContributingEquipment(
-        manufacturer=card.manufacturer[:64],
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=_equipment_model_name(card),
-        software_versions=[card.display_version[:64], f"{NODE_NAME} {__version__}"],
-        contribution_datetime=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
-        contribution_description=("Automated classification of a chest radiograph "
-                                  "(normal / pneumonia / COVID-19)")[:64],
-    )
+    """The SR document around ``content``; ``source`` is already a :func:`source_header`
+    and ``validation`` is the card's."""
+    equipment = model_equipment(card, "Automated classification of a chest radiograph "
+                                      "(normal / pneumonia / COVID-19)")
     sr = Comprehensive3DSR(
         evidence=[source],
         content=content,
@@ -347,10 +340,7 @@ def _document(source: Dataset, content: Dataset | Sequence, card: ModelCard,
             LOCAL_SCHEME, name="dicom-node local codes",
             responsible_organization=MANUFACTURER)],
     )
-    # The model's own Device UID (a new one per model version) identifies it in its
-    # Contributing Equipment item (IHE AIR); highdicom has no argument for it. That
-    # item is not the first when highdicom lists the source's acquisition equipment.
-    _model_equipment(sr, card).DeviceUID = card.device_uid
+    set_model_device_uid(sr, card)
     sr.SeriesDescription = series_description(card, validation)
     return sr
 
@@ -359,14 +349,30 @@ def _equipment_model_name(card: ModelCard) -> str:
     return f"{card.name} {card.architecture}"[:64]
 
 
-def _model_equipment(sr: Dataset, card: ModelCard) -> Dataset:
-    """The Contributing Equipment item that stands for the model."""
+def model_equipment(card: ModelCard, description: str) -> hd.ContributingEquipment:
+    """The model as Contributing Equipment (processing equipment, IHE AI Results), as
+    every object the node makes names it; ``description`` says what it contributed."""
+    return hd.ContributingEquipment(
+        manufacturer=card.manufacturer[:64],
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=_equipment_model_name(card),
+        software_versions=[card.display_version[:64], f"{NODE_NAME} {__version__}"],
+        contribution_datetime=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        contribution_description=description[:64],
+    )
+
+
+def set_model_device_uid(made: Dataset, card: ModelCard) -> None:
+    """Give the model's Contributing Equipment item in ``made`` (an SR or the evidence
+    image) the model's own Device UID (a new one per model version; IHE AIR), which
+    highdicom has no argument for. The item is found by what it says, as it is not the
+    first when highdicom lists the source's acquisition equipment."""
     processing = codes.DCM.ProcessingEquipment.value
-    item: Dataset = next(item for item in sr.ContributingEquipmentSequence
+    item: Dataset = next(item for item in made.ContributingEquipmentSequence
                 if item.PurposeOfReferenceCodeSequence[0].CodeValue == processing
                 and item.get("Manufacturer") == card.manufacturer[:64]
                 and item.get("ManufacturerModelName") == _equipment_model_name(card))
-    return item
+    item.DeviceUID = card.device_uid
 
 
 class ReportBuilder:
@@ -423,7 +429,7 @@ class ReportBuilder:
                           self.card.device_uid, self.institution_name)
             self._keep(sr)
             return sr
-        evidence = _evidence(source)
+        evidence = source_header(source)
         root = ContainerContentItem(name=title(self.validation), template_id="1500")
         root.ContentSequence = ContentSequence(
             [SourceImageForMeasurementGroup.from_source_image(evidence)])
