@@ -175,7 +175,7 @@ class Target(BaseModel):
         """``token``, else the environment variable ``token_env`` (None if neither)."""
         if self.token:
             return self.token
-        return os.environ.get(self.token_env) or None if self.token_env else None
+        return os.environ.get(self.token_env or "") or None
 
     def hl7_endpoint(self) -> tuple[str, int]:
         """``(host, port)`` of an hl7 destination."""

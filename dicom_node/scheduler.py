@@ -134,9 +134,10 @@ class Dispatcher:
         at the same time.
         """
         s = self.settings
-        ready = [(d, j, path) for d, j in items if (path := self._file(d, j)) is not None]
+        files = [(d, j, self._file(d, j)) for d, j in items]
+        ready = [(d, j, path) for d, j, path in files if path is not None]
         missing = [DeliveryOutcome(d.id, DeliveryState.DEAD, None, f"no {d.item.value} file")
-                   for d, j in items if self._file(d, j) is None]
+                   for d, _, path in files if path is None]
         if missing:
             self.store.record_outcomes(missing)
         if not ready:
