@@ -128,12 +128,14 @@ def serve(
         raise typer.Exit(2) from exc
     if model is not None:
         from model import card
+        from model.cli import parity_bounds
 
         try:
             card.install(model, settings.model_dir,
-                         allow_unvalidated=settings.allow_unvalidated_models)
-        except (card.ModelIntegrityError, card.UnvalidatedModelError, FileNotFoundError,
-                ValueError) as exc:
+                         allow_unvalidated=settings.allow_unvalidated_models,
+                         parity=parity_bounds(settings))
+        except (card.ModelIntegrityError, card.UnvalidatedModelError, card.ParityError,
+                FileNotFoundError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
     LOGGER.info("dicom-node %s starting; data in %s", __version__, settings.data_dir)

@@ -240,9 +240,10 @@ class Settings(BaseSettings):
         default=None,  # type: ignore[assignment]
         description="Installed models and the 'active' link; default data_dir/models.",
     )
-    inference_backend: Literal["keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16"] = (
-        Field(default="keras-fp32", description="Inference backend (see model/engine.py).")
-    )
+    inference_backend: Literal["keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16",
+                               "openvino-int8"] = Field(
+        default="keras-fp32", description="Inference backend (see model/engine.py); an int8 "
+        "model is served by openvino-int8 whatever this says.")
     inference_device: Literal["auto", "cpu", "gpu"] = Field(
         default="auto", description="auto: a GPU when the backend sees one, else the CPU."
     )
@@ -254,6 +255,14 @@ class Settings(BaseSettings):
     max_batch_delay_ms: int = Field(
         default=50, ge=0, description="How long the worker waits to fill a batch."
     )
+
+    int8_min_top1_agreement: float = Field(
+        default=0.99, ge=0.0, le=1.0,
+        description="model install refuses an int8 model whose top-1 agreement with its "
+        "fp32 source (on its card) is lower, unless --force.")
+    int8_max_probability_difference: float = Field(
+        default=0.02, ge=0.0, le=1.0,
+        description="... or whose largest probability difference from it is higher.")
 
     allow_unvalidated_models: bool = Field(
         default=False,

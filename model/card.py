@@ -16,6 +16,13 @@ when it carries test results on a declared data set of a stated size (from
 by a named person) whose 95 % interval of balanced accuracy lies wholly above
 chance (1/3 for three classes). Images that chose the checkpoint (the paper's
 protocol) are not test images: such results never validate.
+
+An int8 artifact (``dicom-node model quantize``, :mod:`model.quantize`) is an
+OpenVINO IR made from an fp32 artifact. It keeps the fp32 model's test evidence
+only as far as it reproduces that model: its card records the parity measured on
+validation images (:class:`QuantizationRecord`), :func:`validation_status` judges
+it against :data:`INT8_PARITY` as well, and :func:`install` refuses it when it
+misses the configured bounds unless forced.
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ LOGGER = logging.getLogger(__name__)
 
 CARD_FILE = "model-card.json"
 WEIGHTS_FILE = "model.keras"
+#: An int8 artifact's files: the OpenVINO IR (graph and weights) and the Dense head's
+#: kernel and bias, from which the evidence maps are computed (:mod:`model.evidence`).
+INT8_GRAPH_FILE = "model.xml"
+INT8_WEIGHTS_FILE = "model.bin"
+HEAD_FILE = "head.npz"
 ACTIVE_LINK = "active"
 
 
@@ -53,8 +65,42 @@ AI_RESULT_NOTICE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 CHANCE_BALANCED_ACCURACY = 1 / len(CLASS_KEYS)
 
 
+@dataclass(frozen=True)
+class ParityBounds:
+    """How close an int8 model's outputs must be to its fp32 source's, on at least
+    ``min_images`` validation images, for it to keep the source's evidence."""
+
+    min_top1_agreement: float = 0.99
+    max_probability_difference: float = 0.02
+    min_images: int = 100
+
+    def failures(self, record: QuantizationRecord) -> list[str]:
+        """What ``record`` misses of these bounds, in words (empty: within them)."""
+        failed = []
+        if record.validation_images < self.min_images:
+            failed.append(f"parity measured on {record.validation_images} images "
+                          f"(at least {self.min_images})")
+        if not record.top1_agreement >= self.min_top1_agreement:
+            failed.append(f"top-1 agreement {record.top1_agreement:.4f} < "
+                          f"{self.min_top1_agreement}")
+        if not record.max_probability_difference <= self.max_probability_difference:
+            failed.append(f"largest probability difference "
+                          f"{record.max_probability_difference:.4f} > "
+                          f"{self.max_probability_difference}")
+        return failed
+
+
+#: The bounds :func:`validation_status` holds an int8 card to (the issue's defaults:
+#: 99 % top-1 agreement, 0.02 largest probability difference).
+INT8_PARITY = ParityBounds()
+
+
 class ModelIntegrityError(RuntimeError):
     """The weights file does not match the sha256 its card pins."""
+
+
+class ParityError(RuntimeError):
+    """An int8 model whose parity with its fp32 source misses the configured bounds."""
 
 
 class UnvalidatedModelError(RuntimeError):
@@ -126,6 +172,32 @@ class OperatingPoint(BaseModel):
     test_specificity_95: list[float] | None = None
 
 
+class QuantizationRecord(BaseModel):
+    """How an int8 model was made from its fp32 source, and how closely it follows it
+    (written by ``dicom-node model quantize``)."""
+
+    toolkit: str = Field(description="e.g. nncf 3.4.0, openvino 2026.4.1")
+    preset: str
+    source_version: str
+    source_sha256: str
+    source_device_uid: str
+    calibration_images: int
+    validation_images: int
+    overlap_images: int = Field(
+        default=0, description="Images both in the calibration and the validation set.")
+    top1_agreement: float
+    max_probability_difference: float
+    mean_top_probability: float = Field(
+        description="The fp32 model's mean top probability on the validation images: "
+        "parity near chance-level outputs (about 0.33) proves little.")
+    labelled_images: int = 0
+    #: class -> sensitivity and specificity of each model on the labelled validation
+    #: images (sensitivity_fp32, sensitivity_int8, specificity_fp32, specificity_int8,
+    #: positives, negatives)
+    per_class: dict[str, dict[str, float]] = Field(default_factory=dict)
+    quantized_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
 def starting_weights(weights: str) -> str:
     """The card's name for a ``--weights`` value: imagenet, random (for ``none``) or
     ``file:<name>`` (the file's name only: where it lay says nothing about the model)."""
@@ -157,6 +229,13 @@ class ModelCard(BaseModel):
     interpolation: str = "bilinear"
     weights_file: str = WEIGHTS_FILE
     sha256: str
+    #: "float32": a Keras file (``weights_file``); "int8": an OpenVINO IR whose
+    #: ``weights_file`` is the .bin, with the .xml and the head's weights in
+    #: ``extra_files``.
+    precision: Literal["float32", "int8"] = "float32"
+    #: Other files of the artifact: name -> sha256, checked like the weights.
+    extra_files: dict[str, str] = Field(default_factory=dict)
+    quantization: QuantizationRecord | None = None
     trained: bool
     device_uid: str = Field(default_factory=generate_uid)
     manufacturer: str = "dicom-node project"
@@ -181,6 +260,14 @@ def validation_status(card: ModelCard) -> Validation:
     nothing): validated only with test results on a declared data set of a stated
     size, signed by a person when imported, not used to choose the checkpoint, whose
     95 % interval of balanced accuracy lies wholly above chance."""
+    if card.precision == "int8":
+        if card.quantization is None:
+            return Validation(False, "an int8 model without a record of its parity with "
+                                     "its fp32 source")
+        missed = INT8_PARITY.failures(card.quantization)
+        if missed:
+            return Validation(False, "int8 parity with its fp32 source is out of bounds: "
+                                     + "; ".join(missed))
     test = card.test
     if test is None:
         return Validation(False, "the card carries no test results")
@@ -234,16 +321,24 @@ def verify(artifact: Path) -> ModelCard:
     card = read_card(artifact)
     if list(card.classes) != list(CLASS_KEYS):
         raise ModelIntegrityError(f"class order {card.classes} differs from {list(CLASS_KEYS)}")
-    weights = artifact / card.weights_file
-    if Path(card.weights_file).name != card.weights_file or not weights.is_file():
-        raise ModelIntegrityError(f"weights file {card.weights_file!r} missing or not local")
-    actual = sha256_file(weights)
-    if actual != card.sha256:
-        raise ModelIntegrityError(
-            f"{weights.name}: sha256 {actual[:12]}... does not match the card's "
-            f"{card.sha256[:12]}...; refusing to load"
-        )
+    if card.precision == "int8" and card.quantization is None:
+        raise ModelIntegrityError("an int8 card without its quantization record")
+    for name, expected in artifact_files(card).items():
+        path = artifact / name
+        if Path(name).name != name or name in ("", ".", "..") or not path.is_file():
+            raise ModelIntegrityError(f"file {name!r} missing or not local")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelIntegrityError(
+                f"{name}: sha256 {actual[:12]}... does not match the card's "
+                f"{expected[:12]}...; refusing to load"
+            )
     return card
+
+
+def artifact_files(card: ModelCard) -> dict[str, str]:
+    """Every file of an artifact besides its card: name -> sha256."""
+    return {card.weights_file: card.sha256, **card.extra_files}
 
 
 def framework_versions() -> dict[str, str]:
@@ -293,11 +388,27 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def install(artifact: Path, models_dir: Path, allow_unvalidated: bool = False) -> Path:
+def install(artifact: Path, models_dir: Path, allow_unvalidated: bool = False,
+            parity: ParityBounds = INT8_PARITY, force_parity: bool = False) -> Path:
     """Verify ``artifact``, copy it under ``models_dir`` and make it the active model.
 
-    A model whose card is not validated (:func:`validation_status`) is refused unless
-    ``allow_unvalidated``; its results then carry :data:`UNVALIDATED_WARNING`. The
+    Parameters
+    ----------
+    artifact
+        The artifact directory to install.
+    models_dir
+        The node's model directory (holds the ``active`` link).
+    allow_unvalidated
+        Install a model that is not validated.
+    parity
+        The bounds an int8 model's recorded parity with its fp32 source must meet.
+    force_parity
+        Install an int8 model out of ``parity`` (with a warning).
+
+    An int8 model whose recorded parity with its fp32 source misses ``parity`` is
+    refused unless ``force_parity``. A model whose card is not validated
+    (:func:`validation_status`) is refused unless ``allow_unvalidated``; its results
+    then carry :data:`UNVALIDATED_WARNING`. The
     switch is atomic: a new symlink is created beside ``active`` and renamed over it,
     so a reader sees either the old model or the new one, never neither.
 
@@ -305,10 +416,22 @@ def install(artifact: Path, models_dir: Path, allow_unvalidated: bool = False) -
     ------
     ModelIntegrityError
         The weights do not match the card.
+    ParityError
+        An int8 model out of ``parity`` and ``force_parity`` is false.
     UnvalidatedModelError
         The card is not validated and ``allow_unvalidated`` is false.
     """
     card = verify(artifact)
+    if card.quantization is not None:
+        missed = parity.failures(card.quantization)
+        if missed and not force_parity:
+            raise ParityError(
+                f"int8 model {card.name} {card.display_version} does not follow its fp32 "
+                f"source closely enough: {'; '.join(missed)}; install it anyway with --force "
+                "(or quantize again with more calibration images)")
+        if missed:
+            LOGGER.warning("installing int8 model %s %s out of parity bounds: %s", card.name,
+                           card.display_version, "; ".join(missed))
     status = validation_status(card)
     if not status.validated:
         if not allow_unvalidated:
@@ -326,7 +449,7 @@ def install(artifact: Path, models_dir: Path, allow_unvalidated: bool = False) -
     target = models_dir / name
     if not target.exists():
         staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=".install-"))
-        for item in (CARD_FILE, card.weights_file):
+        for item in (CARD_FILE, *artifact_files(card)):
             shutil.copy2(artifact / item, staging / item)
         verify(staging)
         os.replace(staging, target)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 import typer
 
 if TYPE_CHECKING:
-    from model.card import ModelCard, OperatingPoint, TestEvidence
+    from model.card import ModelCard, OperatingPoint, ParityBounds, TestEvidence
     from model.engine import Backend, Device
 
 # The options that find the node's settings; here, in the bottom layer, so that every
@@ -43,6 +43,10 @@ class NodeSettings(Protocol):
     def inference_threads(self) -> int: ...
     @property
     def allow_unvalidated_models(self) -> bool: ...
+    @property
+    def int8_min_top1_agreement(self) -> float: ...
+    @property
+    def int8_max_probability_difference(self) -> float: ...
 
 
 class Host(Protocol):
@@ -231,28 +235,110 @@ def model_install(
         "--allow-unvalidated", help="Install a model whose card does not earn 'validated' "
         "(demos, tests); its results then say UNVALIDATED MODEL - NOT FOR CLINICAL USE. "
         "The setting allow_unvalidated_models allows it too.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Install an int8 model whose recorded parity with its fp32 source "
+        "misses the settings int8_min_top1_agreement / int8_max_probability_difference. "
+        "Below the defaults (0.99, 0.02) it is not validated either.")] = False,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """Verify an artifact, copy it into the node's model directory and activate it.
 
     A model that is not validated (test evidence on its card, see 'model show') is
-    refused unless --allow-unvalidated or the setting allow_unvalidated_models.
+    refused unless --allow-unvalidated or the setting allow_unvalidated_models. An
+    int8 model out of its parity bounds is refused unless --force.
     """
     from model import card
 
     settings = _host(ctx).settings(config, data_dir)
     try:
         target = card.install(artifact, settings.model_dir, allow_unvalidated=(
-            allow_unvalidated or settings.allow_unvalidated_models))
-    except (card.ModelIntegrityError, card.UnvalidatedModelError, FileNotFoundError,
-            ValueError) as exc:
+            allow_unvalidated or settings.allow_unvalidated_models),
+            parity=parity_bounds(settings), force_parity=force)
+    except (card.ModelIntegrityError, card.UnvalidatedModelError, card.ParityError,
+            FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     installed = card.read_card(target)
     typer.echo(f"installed and active: {installed.name} {installed.display_version} "
                f"({target})")
     _echo_validation(installed)
+
+
+def parity_bounds(settings: NodeSettings) -> ParityBounds:
+    """The int8 parity bounds the settings configure."""
+    from model import card
+
+    return card.ParityBounds(settings.int8_min_top1_agreement,
+                             settings.int8_max_probability_difference)
+
+
+@model_app.command("quantize")
+def model_quantize(
+    ctx: typer.Context,
+    artifact: Annotated[Path, typer.Argument(exists=True, file_okay=False,
+                                             help="The fp32 artifact to quantize.")],
+    calibration: Annotated[Path, typer.Option(
+        "--calibration", exists=True, file_okay=False,
+        help="Images (DICOM, PNG, JPEG) whose activations set the int8 ranges: a few "
+        "hundred from your own PACS.")],
+    validation: Annotated[Path, typer.Option(
+        "--validation", exists=True, file_okay=False,
+        help="Images on which the int8 model is compared with the fp32 one (other images "
+        "than the calibration ones); a labels.csv (filename,label) there adds per-class "
+        "sensitivity and specificity.")],
+    out: Annotated[Path, typer.Option("--out", help="New artifact directory.")],
+    labels: Annotated[Path | None, typer.Option(
+        "--labels", exists=True, dir_okay=False,
+        help="CSV filename,label of the validation images (default: DIR/labels.csv).")] = None,
+    version: Annotated[str | None, typer.Option(
+        "--version", help="Default: the source's version with -int8.")] = None,
+    preset: Annotated[str, typer.Option(
+        "--preset", help="mixed (symmetric weights, asymmetric activations: the more "
+        "accurate) or performance.")] = "mixed",
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Make a validated int8 model (NNCF post-training quantisation for OpenVINO).
+
+    Prints its parity with the fp32 model on the validation images (top-1 agreement,
+    largest probability difference, per-class sensitivity and specificity with
+    labels), which its card records, and whether 'model install' will take it.
+    """
+    quiet_tensorflow()
+    host = _host(ctx)
+    settings = host.settings(config, data_dir)
+    host.setup_logging("WARNING")
+    if preset not in ("mixed", "performance"):
+        typer.echo("error: --preset is mixed or performance", err=True)
+        raise typer.Exit(2)
+    from model import card, quantize
+
+    try:
+        made = quantize.quantize(artifact, calibration, validation, out, labels=labels,
+                                 version=version, preset=preset,  # type: ignore[arg-type]
+                                 threads=settings.inference_threads)
+    except (quantize.QuantizeError, card.ModelIntegrityError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    record = made.quantization
+    assert record is not None, "quantize always records it"
+    typer.echo(f"{out}: int8 {made.display_version}, {record.calibration_images} "
+               f"calibration images, {record.validation_images} validation images "
+               f"({record.overlap_images} also used for calibration)")
+    typer.echo(f"parity with fp32: top-1 agreement {record.top1_agreement:.4f}, largest "
+               f"probability difference {record.max_probability_difference:.4f}, fp32 mean "
+               f"top probability {record.mean_top_probability:.3f}")
+    for key, figures in record.per_class.items():
+        shown = ", ".join(f"{name} {value:.3f}" if isinstance(value, float) else
+                          f"{name} {value}" for name, value in figures.items())
+        typer.echo(f"  {key}: {shown}")
+    missed = parity_bounds(settings).failures(record)
+    if missed:
+        typer.echo(f"model install will refuse it without --force: {'; '.join(missed)}")
+    else:
+        typer.echo("within the configured parity bounds")
+    _echo_validation(made)
 
 
 @model_app.command("show")

@@ -11,6 +11,11 @@ Backends:
 * ``openvino-fp32`` / ``openvino-bf16``: the model exported as a SavedModel and
   compiled by OpenVINO for the CPU; bf16 is faster only where the CPU has
   AVX-512 BF16 or AMX. Check parity with :func:`parity` first.
+* ``openvino-int8``: an int8 artifact (``dicom-node model quantize``,
+  :mod:`model.quantize`), an OpenVINO IR whose parity with its fp32 source is on
+  its card. An int8 artifact is always served by this backend, whatever the
+  setting says, and this backend serves nothing else. It needs neither
+  TensorFlow nor Keras to load.
 
 With ``evidence=True`` the compiled forward pass has a second output, the
 ``fusion_conv`` activations, from which :meth:`Engine.predict_with_maps` computes
@@ -44,8 +49,10 @@ from model import network
 
 LOGGER = logging.getLogger(__name__)
 
-Backend = Literal["keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16"]
-BACKENDS: tuple[Backend, ...] = ("keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16")
+Backend = Literal["keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16",
+                  "openvino-int8"]
+BACKENDS: tuple[Backend, ...] = ("keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16",
+                                 "openvino-int8")
 Device = Literal["auto", "cpu", "gpu"]
 #: Automatic batch sizes. On a CPU the network runs fastest per image in small
 #: batches (larger ones fall out of cache), and small batches keep latency and
@@ -198,6 +205,13 @@ class Engine:
             raise ValueError("batch_size must be at least 1 (or 0: automatic)")
         self.card = model_card.verify(artifact)
         self.artifact = artifact
+        if self.card.precision == "int8" and backend != "openvino-int8":
+            LOGGER.info("model %s %s is int8: served by openvino-int8, not %s",
+                        self.card.name, self.card.display_version, backend)
+            backend = "openvino-int8"
+        elif self.card.precision != "int8" and backend == "openvino-int8":
+            raise ValueError("backend openvino-int8 serves int8 artifacts only; make one "
+                             "from this model with 'dicom-node model quantize'")
         self.backend = backend
         self.input_size = self.card.input_size
         self._threads = threads or (os.cpu_count() or 1)
@@ -224,6 +238,8 @@ class Engine:
         return "gpu" if has_gpu and device in ("auto", "gpu") else "cpu"
 
     def _load(self) -> dict[int, Call]:
+        if self.backend == "openvino-int8":
+            return self._int8()
         import keras
 
         weights = self.artifact / self.card.weights_file
@@ -262,30 +278,52 @@ class Engine:
         return placed
 
     def _openvino(self, fp32: Any) -> dict[int, Call]:
-        import openvino as ov
-
-        xml = self._openvino_ir(fp32)
-        core = ov.Core()
         precision = "bf16" if self.backend == "openvino-bf16" else "f32"
         if precision == "bf16" and not bf16_supported():
             LOGGER.warning("openvino-bf16: this CPU has no BF16 support (no AVX-512 BF16/AMX); "
                            "OpenVINO computes in fp32, at fp32 speed")
+        return self._compile_openvino(self._openvino_ir(fp32), precision, self.evidence)
+
+    def _int8(self) -> dict[int, Call]:
+        """The int8 IR, compiled. It always has the features output (so that one file
+        serves both kinds of engine); without ``evidence`` it is dropped."""
+        xml = self.artifact / model_card.INT8_GRAPH_FILE
+        if self.evidence:
+            with np.load(self.artifact / model_card.HEAD_FILE) as head:
+                self._head = (np.asarray(head["kernel"], dtype=np.float32),
+                              np.asarray(head["bias"], dtype=np.float32))
+        # Non-quantized operations in fp32 whatever the CPU: measured no faster in
+        # bf16 on an AMX machine (docs/performance.md), and closer to the source.
+        calls = self._compile_openvino(xml, "f32", True)
+        if self.evidence:
+            return calls
+
+        def probabilities_only(call: Call) -> Call:
+            return lambda x: call(x)[:1]
+
+        return {batch: probabilities_only(call) for batch, call in calls.items()}
+
+    def _compile_openvino(self, xml: Path, precision: str, features: bool
+                          ) -> dict[int, Call]:
+        """One compiled request per batch shape of the IR at ``xml``."""
+        import openvino as ov
+
+        core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": str(self._threads)}
         calls: dict[int, Call] = {}
         for batch in self.shapes:
             ov_model = core.read_model(xml)
             ov_model.reshape([batch, self.input_size, self.input_size, 3])
+            if features:
+                self.map_size = tuple(int(d) for d in  # type: ignore[assignment]
+                                      openvino_outputs_shapes(ov_model)[-1][1:3])
             compiled = core.compile_model(ov_model, "CPU", config)
             request = compiled.create_infer_request()
 
             def call(x: NDArray[np.float32], request: Any = request
                      ) -> tuple[NDArray[np.float32], ...]:
-                result = request.infer([x])
-                # The converted model's output order is OpenVINO's; the probabilities
-                # (N x 3) come before the features (N x h x w x k) by rank.
-                return tuple(sorted((np.asarray(out, dtype=np.float32)
-                                     for out in result.values()), key=np.ndim))
+                return openvino_outputs(request.infer([x]))
 
             calls[batch] = call
         return calls
@@ -305,11 +343,7 @@ class Engine:
         xml = cache / f"{self.card.sha256[:16]}{suffix}.xml"
         if xml.is_file():
             return xml
-        with tempfile.TemporaryDirectory() as tmp:
-            saved = Path(tmp) / "saved_model"
-            fp32.export(str(saved), format="tf_saved_model", verbose=False)
-            ov_model = ov.convert_model(str(saved))
-        ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+        ov.save_model(to_openvino(fp32), str(xml), compress_to_fp16=False)
         return xml
 
     def warmup(self) -> None:
@@ -360,6 +394,31 @@ class Engine:
             pad = np.zeros((batch - n, *chunk.shape[1:]), dtype=np.float32)
             chunk = np.concatenate([chunk, pad])
         return tuple(out[:n] for out in self._calls[batch](np.ascontiguousarray(chunk)))
+
+
+def to_openvino(model: Any) -> Any:
+    """A Keras model as an OpenVINO model (``openvino.Model``), through a SavedModel."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "saved_model"
+        model.export(str(saved), format="tf_saved_model", verbose=False)
+        return ov.convert_model(str(saved))
+
+
+def openvino_outputs(result: Any) -> tuple[NDArray[np.float32], ...]:
+    """An OpenVINO request's outputs as float32 arrays in the Keras model's order: the
+    converted model's order is OpenVINO's, but the probabilities (N x 3) come before
+    the features (N x h x w x k) by rank."""
+    return tuple(sorted((np.asarray(out, dtype=np.float32) for out in result.values()),
+                        key=np.ndim))
+
+
+def openvino_outputs_shapes(ov_model: Any) -> list[tuple[int, ...]]:
+    """The static output shapes of an OpenVINO model, in :func:`openvino_outputs`' order."""
+    shapes = [tuple(int(d) for d in out.get_partial_shape().to_shape())
+              for out in ov_model.outputs]
+    return sorted(shapes, key=len)
 
 
 def batch_shapes(batch_size: int) -> tuple[int, ...]:
