@@ -39,7 +39,7 @@ def fit_head(model: Any, images: NDArray[np.float32], labels: Sequence[int],
         Batch size of the feature extraction.
     """
     import keras
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 
     head = model.get_layer(HEAD_LAYER)
     features_of = keras.Model(model.input, head.input)
