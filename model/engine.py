@@ -282,7 +282,8 @@ class Engine:
         if precision == "bf16" and not bf16_supported():
             LOGGER.warning("openvino-bf16: this CPU has no BF16 support (no AVX-512 BF16/AMX); "
                            "OpenVINO computes in fp32, at fp32 speed")
-        return self._compile_openvino(self._openvino_ir(fp32), precision, self.evidence)
+        # The map size is known from the Keras model already.
+        return self._compile_openvino(self._openvino_ir(fp32), precision, read_map_size=False)
 
     def _int8(self) -> dict[int, Call]:
         """The int8 IR, compiled. It always has the features output (so that one file
@@ -294,7 +295,7 @@ class Engine:
                               np.asarray(head["bias"], dtype=np.float32))
         # Non-quantized operations in fp32 whatever the CPU: measured no faster in
         # bf16 on an AMX machine (docs/performance.md), and closer to the source.
-        calls = self._compile_openvino(xml, "f32", True)
+        calls = self._compile_openvino(xml, "f32", read_map_size=self.evidence)
         if self.evidence:
             return calls
 
@@ -303,9 +304,10 @@ class Engine:
 
         return {batch: probabilities_only(call) for batch, call in calls.items()}
 
-    def _compile_openvino(self, xml: Path, precision: str, features: bool
+    def _compile_openvino(self, xml: Path, precision: str, read_map_size: bool
                           ) -> dict[int, Call]:
-        """One compiled request per batch shape of the IR at ``xml``."""
+        """One compiled request per batch shape of the IR at ``xml``; with
+        ``read_map_size``, :attr:`map_size` from its features output."""
         import openvino as ov
 
         core = ov.Core()
@@ -315,7 +317,7 @@ class Engine:
         for batch in self.shapes:
             ov_model = core.read_model(xml)
             ov_model.reshape([batch, self.input_size, self.input_size, 3])
-            if features:
+            if read_map_size:
                 self.map_size = tuple(int(d) for d in  # type: ignore[assignment]
                                       openvino_outputs_shapes(ov_model)[-1][1:3])
             compiled = core.compile_model(ov_model, "CPU", config)
@@ -447,7 +449,11 @@ def _rebuild_with_policy(fp32: Any, card: model_card.ModelCard, policy: str) -> 
 
 def parity(reference: Engine, candidate: Engine, images: NDArray[np.float32]) -> Parity:
     """Top-1 agreement and largest probability difference of ``candidate`` vs ``reference``."""
-    ref = reference.predict(images)
-    out = candidate.predict(images)
-    agreement = float(np.mean(np.argmax(ref, axis=1) == np.argmax(out, axis=1)))
-    return Parity(agreement, float(np.max(np.abs(ref - out))))
+    return compare(reference.predict(images), candidate.predict(images))
+
+
+def compare(reference: NDArray[np.float32], candidate: NDArray[np.float32]) -> Parity:
+    """Top-1 agreement and largest probability difference of two models' probabilities
+    (N x classes) on the same images."""
+    agreement = float(np.mean(np.argmax(reference, axis=1) == np.argmax(candidate, axis=1)))
+    return Parity(agreement, float(np.max(np.abs(reference - candidate))))

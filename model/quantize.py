@@ -126,10 +126,11 @@ def parity_record(reference: NDArray[np.float32], candidate: NDArray[np.float32]
     if len(reference) == 0:
         raise QuantizeError("no validation images could be read")
     ref_top, cand_top = np.argmax(reference, axis=1), np.argmax(candidate, axis=1)
+    parity = model_engine.compare(reference, candidate)
     record: dict[str, Any] = {
         "validation_images": len(reference),
-        "top1_agreement": float(np.mean(ref_top == cand_top)),
-        "max_probability_difference": float(np.max(np.abs(reference - candidate))),
+        "top1_agreement": parity.top1_agreement,
+        "max_probability_difference": parity.max_abs_diff,
         "mean_top_probability": float(np.mean(np.max(reference, axis=1))),
     }
     labelled = np.array([label is not None for label in truth])
@@ -182,7 +183,7 @@ def quantize(
     preset
         NNCF's preset: mixed (asymmetric activations) or performance.
     threads
-        CPU threads (0: all).
+        CPU threads of the two engines that measure parity (0: all).
 
     Raises
     ------
@@ -223,8 +224,6 @@ def quantize(
     ov_model = model_engine.to_openvino(model_engine.with_features(fp32))
     kernel, bias = model_engine.head_weights(fp32)
     del fp32
-    if threads:
-        ov.Core().set_property("CPU", {"INFERENCE_NUM_THREADS": str(threads)})
     quantized = nncf.quantize(
         ov_model,
         nncf.Dataset(list(calibrating.tensors), lambda image: image[None]),
