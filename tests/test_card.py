@@ -205,3 +205,29 @@ def test_reinstalling_a_reevaluated_model_installs_its_new_card(small_artifact: 
     second = card.install(copy, models, allow_unvalidated=True)
     assert second != first and card.active(models) == second.resolve()
     assert not card.validation_status(card.read_card(second)).validated
+
+
+def _int8_card(**parity: object) -> card.ModelCard:
+    """A card of an int8 model of a validated fp32 source, with the given parity."""
+    record = card.QuantizationRecord.model_validate({
+        "toolkit": "nncf 3.4.0", "preset": "mixed", "source_version": "1.0.0",
+        "source_sha256": "ab" * 32, "source_device_uid": "1.2.3",
+        "calibration_images": 300, "validation_images": 200, "top1_agreement": 0.995,
+        "max_probability_difference": 0.015, "mean_top_probability": 0.9, **parity})
+    return _card_with(_evidence([0.60, 0.80])).model_copy(
+        update={"precision": "int8", "quantization": record})
+
+
+@pytest.mark.parametrize(("parity", "reason"), [
+    ({"top1_agreement": 0.98}, "top-1 agreement 0.9800 < 0.99"),
+    ({"max_probability_difference": 0.03}, "largest probability difference 0.0300 > 0.02"),
+    ({"validation_images": 99}, "parity measured on 99 images (at least 100)"),
+])
+def test_an_int8_model_keeps_its_sources_evidence_only_within_parity(
+        parity: dict[str, object], reason: str) -> None:
+    assert card.validation_status(_int8_card()).validated is True
+    status = card.validation_status(_int8_card(**parity))
+    assert status.validated is False
+    assert status.reason == f"int8 parity with its fp32 source is out of bounds: {reason}"
+    unrecorded = _int8_card().model_copy(update={"quantization": None})
+    assert card.validation_status(unrecorded).validated is False
