@@ -16,10 +16,9 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Imported only by backends and commands that need an extra, and said so where they
-#: are imported: OpenVINO (extra openvino), NNCF (extra quantize), the other Keras
-#: backends.
-OPTIONAL = {"openvino", "nncf", "torch", "jax"}
+#: Imported only by commands and backends that need an extra: NNCF (extra quantize,
+#: for `model quantize`), the other Keras backends.
+OPTIONAL = {"nncf", "torch", "jax"}
 FIRST_PARTY = {"dicom_node", "model", "training"}
 
 
