@@ -265,6 +265,11 @@ def model_install(
     _echo_validation(installed)
 
 
+#: Below this mean top probability (chance is 1/3) the fp32 model barely tells the
+#: validation images apart, and any two numerical paths agree on it.
+NEAR_CHANCE = 0.5
+
+
 def parity_bounds(settings: NodeSettings) -> ParityBounds:
     """The int8 parity bounds the settings configure."""
     from model import card
@@ -329,6 +334,10 @@ def model_quantize(
     typer.echo(f"parity with fp32: top-1 agreement {record.top1_agreement:.4f}, largest "
                f"probability difference {record.max_probability_difference:.4f}, fp32 mean "
                f"top probability {record.mean_top_probability:.3f}")
+    if record.mean_top_probability < NEAR_CHANCE:
+        typer.echo(f"WARNING: the fp32 model's outputs are near chance on these images (mean "
+                   f"top probability {record.mean_top_probability:.3f}): parity on them "
+                   "proves little", err=True)
     for key, figures in record.per_class.items():
         shown = ", ".join(f"{name} {value:.3f}" if isinstance(value, float) else
                           f"{name} {value}" for name, value in figures.items())

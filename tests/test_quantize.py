@@ -71,6 +71,7 @@ def int8(tmp_path_factory: pytest.TempPathFactory, shared_cxr: Path
                "--validation", str(validation), "--out", str(out), timeout=600)
     assert made.returncode == 0, made.stderr
     assert "parity with fp32: top-1 agreement" in made.stdout
+    assert "near chance" not in made.stderr
     return fp32, out, calibration, validation
 
 
@@ -194,3 +195,15 @@ def test_quantize_refuses_what_cannot_make_an_int8_model(
     assert nothing.returncode == 2 and "no calibration image could be read" in nothing.stderr
     assert not (tmp_path / "y").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".quantize-")]
+
+
+def test_parity_on_near_chance_outputs_is_flagged(int8: tuple[Path, Path, Path, Path],
+                                                  small_artifact: Path, tmp_path: Path
+                                                  ) -> None:
+    """An untrained model's outputs are all about 1/3: int8 agrees with it whatever
+    quantisation did, and the command says that this proves little."""
+    _, _, calibration, validation = int8
+    made = cli("model", "quantize", str(small_artifact), "--calibration", str(calibration),
+               "--validation", str(validation), "--out", str(tmp_path / "untrained8"))
+    assert made.returncode == 0, made.stderr
+    assert "outputs are near chance on these images" in made.stderr
