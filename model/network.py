@@ -189,23 +189,39 @@ def feature_map_shape(model: keras.Model) -> tuple[int, ...]:
 
 def multiply_accumulates(model: keras.Model) -> int:
     """Analytic multiply-accumulate count of one forward pass (convolutions and dense)."""
-    total = 0
+    return sum(multiply_accumulates_by_kind(model).values())
+
+
+#: The kinds :func:`multiply_accumulates_by_kind` counts (the profile in
+#: bench/inference.py puts each engine operation in one of them).
+MAC_KINDS = ("pointwise", "spatial", "depthwise", "dense")
+
+
+def multiply_accumulates_by_kind(model: keras.Model) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass by kind of operation: ``pointwise``
+    (1x1 convolutions, and the pointwise half of Xception's separable ones),
+    ``spatial`` (k x k convolutions, k > 1), ``depthwise`` (the depthwise half of
+    separable convolutions) and ``dense``."""
+    macs = dict.fromkeys(MAC_KINDS, 0)
     for layer in _all_layers(model):
         if isinstance(layer, layers.SeparableConv2D):
             out = layer.output.shape
             k = layer.kernel_size[0] * layer.kernel_size[1]
             cin = layer.input.shape[-1]
-            total += out[1] * out[2] * cin * (k + layer.filters)
+            macs["depthwise"] += out[1] * out[2] * cin * k
+            macs["pointwise"] += out[1] * out[2] * cin * layer.filters
         elif isinstance(layer, layers.DepthwiseConv2D):
             out = layer.output.shape
-            total += out[1] * out[2] * out[3] * layer.kernel_size[0] * layer.kernel_size[1]
+            macs["depthwise"] += out[1] * out[2] * out[3] * layer.kernel_size[0] * \
+                layer.kernel_size[1]
         elif isinstance(layer, layers.Conv2D):
             out = layer.output.shape
             k = layer.kernel_size[0] * layer.kernel_size[1]
-            total += out[1] * out[2] * out[3] * k * layer.input.shape[-1]
+            macs["pointwise" if k == 1 else "spatial"] += (out[1] * out[2] * out[3] * k *
+                                                           layer.input.shape[-1])
         elif isinstance(layer, layers.Dense):
-            total += layer.input.shape[-1] * layer.units
-    return int(total)
+            macs["dense"] += layer.input.shape[-1] * layer.units
+    return {kind: int(count) for kind, count in macs.items()}
 
 
 def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:

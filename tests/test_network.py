@@ -30,6 +30,12 @@ def test_concatenated_feature_maps_and_parameters(concatenated_300: keras.Model)
     assert model.count_params() == 48_928_811
     assert model.get_layer("flatten").output.shape[1] == 102_400
     assert network.multiply_accumulates(model) == pytest.approx(15.31e9, rel=0.01)
+    kinds = network.multiply_accumulates_by_kind(model)
+    assert sum(kinds.values()) == network.multiply_accumulates(model)
+    assert kinds["dense"] == 102_400 * 3  # the flattened features into three classes
+    # Xception's separable convolutions: the depthwise half is small, the 1x1 half large.
+    assert kinds["depthwise"] < 0.02 * kinds["pointwise"]
+    assert kinds["pointwise"] > kinds["spatial"] > kinds["depthwise"] > kinds["dense"]
 
 
 @pytest.mark.parametrize(("arch", "params"), [("xception", 23_266_859),
