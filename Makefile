@@ -12,7 +12,7 @@ DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc orthanc-dicomweb openssl
 RUN_ARGS ?= --allow-calling-ae STORESCU
 PYTEST_ARGS ?=
 
-.PHONY: run test test-long demo demo-model install install-bench install-test lock debian-test-packages lint bench bench-quick clean
+.PHONY: run test test-long demo demo-model install install-bench install-gpu install-test lock debian-test-packages lint bench bench-quick clean
 
 # Exact versions with hashes, made by pip-tools from the ranges in pyproject.toml:
 # LOCK for the node (`make run`: no extras), TEST_LOCK for `make test` (extras test and
@@ -38,6 +38,16 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
+
+# The node on an NVIDIA GPU: its lock, then TensorFlow's CUDA build of the same version in
+# place of tensorflow-cpu (both install the module `tensorflow`), and nvidia-ml-py (the
+# `gpu` extra). Needs PyPI, or WHEELS=/folder/of/wheels for a machine without network.
+install-gpu: install
+	tf=$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("tensorflow-cpu"))' \
+	  2>/dev/null || $(BIN)/python -c 'import importlib.metadata as m; print(m.version("tensorflow"))') && \
+	$(BIN)/pip uninstall --quiet -y tensorflow-cpu && \
+	$(BIN)/pip install --quiet $(if $(WHEELS),--no-index --find-links $(WHEELS)) \
+	  "tensorflow[and-cuda]==$$tf" "nvidia-ml-py>=13.615,<14"
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet --require-hashes -r $(TEST_LOCK)

@@ -100,7 +100,8 @@ class ModelHolder:
         s = self.settings
         engine = Engine(active, backend=s.inference_backend, device=s.inference_device,
                         batch_size=s.batch_size, threads=s.inference_threads,
-                        evidence=s.evidence_image)
+                        evidence=s.evidence_image,
+                        xla=None if s.inference_xla == "auto" else s.inference_xla == "on")
         engine.warmup()
         reports = ReportBuilder(engine.card)
         with warnings.catch_warnings():

@@ -7,7 +7,10 @@ Backends:
   which is slower on a CPU; ``jax.jit``; eager ``torch.no_grad``), never
   ``model.predict``, whose per-call overhead dominates at small batches.
   Runs on the GPU when TensorFlow sees one (``device = "auto"``).
-* ``keras-bf16``: the same network rebuilt under the ``mixed_bfloat16`` policy.
+* ``keras-bf16`` / ``keras-fp16``: the same network rebuilt under the
+  ``mixed_bfloat16`` / ``mixed_float16`` policy (weights and outputs float32). On a
+  GPU with tensor cores these are the fast paths; on a CPU fp16 is emulated
+  (slow) and bf16 is fast only with AMX.
 * ``openvino-fp32`` / ``openvino-bf16``: the model exported as a SavedModel and
   compiled by OpenVINO for the CPU; bf16 is faster only where the CPU has
   AVX-512 BF16 or AMX. Check parity with :func:`parity` first.
@@ -22,6 +25,12 @@ With ``evidence=True`` the compiled forward pass has a second output, the
 each image's class-activation maps (:mod:`model.evidence`) in the same pass;
 :meth:`Engine.predict` then drops them. Without it (the default) the compiled
 pass is exactly the classifier's.
+
+On a GPU (TensorFlow) the forward pass is compiled with XLA (``xla=None``: on a GPU,
+never on a CPU, where it measured 3.5x slower), TensorFlow takes GPU memory as it
+needs it rather than all of it at start, and the automatic batch size is the
+largest power of two up to :data:`MAX_GPU_BATCH` whose activations, measured on
+the device, fit in half of the GPU's free memory (:func:`batch_for_memory`).
 
 Batches are padded to a fixed set of shapes -- powers of two up to
 ``batch_size``, and ``batch_size`` -- so a compiled function is traced once per
@@ -49,17 +58,27 @@ from model import network
 
 LOGGER = logging.getLogger(__name__)
 
-Backend = Literal["keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16",
-                  "openvino-int8"]
-BACKENDS: tuple[Backend, ...] = ("keras-fp32", "keras-bf16", "openvino-fp32", "openvino-bf16",
-                                 "openvino-int8")
+Backend = Literal["keras-fp32", "keras-bf16", "keras-fp16", "openvino-fp32",
+                  "openvino-bf16", "openvino-int8"]
+BACKENDS: tuple[Backend, ...] = ("keras-fp32", "keras-bf16", "keras-fp16", "openvino-fp32",
+                                 "openvino-bf16", "openvino-int8")
+#: The Keras dtype policy of each Keras backend.
+KERAS_POLICIES = {"keras-fp32": "float32", "keras-bf16": "mixed_bfloat16",
+                  "keras-fp16": "mixed_float16"}
 Device = Literal["auto", "cpu", "gpu"]
 #: Automatic batch sizes. On a CPU the network runs fastest per image in small
 #: batches (larger ones fall out of cache), and small batches keep latency and
 #: the worker's pipeline short; a GPU needs large batches to fill.
 #: Figures: docs/performance.md.
 CPU_BATCH = 4
+#: A GPU's batch when its memory cannot be measured (no nvidia-ml-py, not TensorFlow).
 GPU_BATCH = 32
+#: The largest automatic GPU batch: beyond it a GPU's throughput no longer grows
+#: measurably for this network, while the worker's batches wait longer to fill.
+MAX_GPU_BATCH = 128
+#: The share of the GPU's free memory the automatic batch may fill with activations;
+#: the rest is left to cuDNN's workspaces and to other processes on the GPU.
+GPU_MEMORY_SHARE = 0.5
 #: The layer whose activations the class-activation maps are computed from, and the
 #: Dense layer that weighs them (:mod:`model.evidence`).
 FEATURES_LAYER = "fusion_conv"
@@ -71,8 +90,42 @@ Call = Callable[[NDArray[np.float32]], tuple[NDArray[np.float32], ...]]
 
 
 def resolve_batch_size(batch_size: int, device: str) -> int:
-    """``batch_size``, or for 0 the automatic one for ``device`` ("cpu" or "gpu")."""
+    """``batch_size``, or for 0 the automatic one for ``device`` ("cpu" or "gpu"); on a
+    GPU the engine then replaces :data:`GPU_BATCH` by a measured one where it can."""
     return batch_size or (GPU_BATCH if device == "gpu" else CPU_BATCH)
+
+
+def batch_for_memory(free_bytes: int, per_image_bytes: int, cap: int = MAX_GPU_BATCH,
+                     share: float = GPU_MEMORY_SHARE) -> int:
+    """The largest power of two up to ``cap`` whose activations (``per_image_bytes``
+    each) fit in ``share`` of ``free_bytes``; at least 1."""
+    if per_image_bytes <= 0:
+        return cap
+    batch = 1
+    while batch * 2 <= cap and batch * 2 * per_image_bytes <= share * free_bytes:
+        batch *= 2
+    return batch
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of the GPU TensorFlow calls GPU:0, from NVIDIA's management library
+    (the ``gpu`` extra's nvidia-ml-py); None when it cannot be read."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
+                      else pynvml.nvmlDeviceGetHandleByUUID(visible))
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, a MIG device, an unusual CUDA_VISIBLE_DEVICES
+        LOGGER.warning("could not read the GPU's free memory", exc_info=True)
+        return None
 
 
 @dataclass(frozen=True)
@@ -139,15 +192,28 @@ def _outputs(out: Any) -> tuple[NDArray[np.float32], ...]:
                  for part in parts)
 
 
-def _compiled(model: Any) -> Call:
-    """The model's forward pass, compiled the way each Keras backend runs fastest."""
+def _gpu_memory_on_demand() -> None:
+    """Let TensorFlow take GPU memory as it needs it, not all of it at start (a node
+    may share its GPU); effective only before TensorFlow first uses the GPU."""
+    try:
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        LOGGER.debug("GPU memory growth not set: %s", exc)
+
+
+def _compiled(model: Any, xla: bool = False) -> Call:
+    """The model's forward pass, compiled the way each Keras backend runs fastest;
+    ``xla``: TensorFlow's XLA compiler (JAX always compiles with XLA)."""
     import keras
 
     backend = keras.config.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        fn = tf.function(lambda x: model(x, training=False), jit_compile=False,
+        fn = tf.function(lambda x: model(x, training=False), jit_compile=xla,
                          reduce_retracing=False)
         return lambda x: _outputs(fn(tf.constant(x)))
     if backend == "jax":
@@ -196,9 +262,11 @@ class Engine:
         threads: int = 0,
         cache_dir: Path | None = None,
         evidence: bool = False,
+        xla: bool | None = None,
     ) -> None:
         """``evidence``: compile the forward pass with the features output too, for
-        :meth:`predict_with_maps` (without it, that method refuses)."""
+        :meth:`predict_with_maps` (without it, that method refuses). ``xla``: compile
+        the Keras backends' forward pass with XLA (None: on a GPU only)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend: {backend!r} is not one of {BACKENDS}")
         if batch_size < 0:
@@ -217,6 +285,8 @@ class Engine:
         self._threads = threads or (os.cpu_count() or 1)
         configure_threads(threads)
         self.device = self._choose_device(device)
+        self.xla = (self.device == "gpu") if xla is None else xla
+        self._measure_batch = batch_size == 0 and self.device == "gpu"
         self.batch_size = resolve_batch_size(batch_size, self.device)
         self._cache_dir = cache_dir
         self.shapes = batch_shapes(self.batch_size)
@@ -232,10 +302,17 @@ class Engine:
                     time.perf_counter() - started)
 
     def _choose_device(self, device: Device) -> str:
-        has_gpu = self.backend.startswith("keras") and gpu_available()
+        has_gpu = self.backend.startswith("keras") and device != "cpu" and gpu_available()
         if device == "gpu" and not has_gpu:
-            raise RuntimeError("device = gpu, but no GPU is visible to the Keras backend")
-        return "gpu" if has_gpu and device in ("auto", "gpu") else "cpu"
+            raise RuntimeError("device = gpu, but no GPU is visible to the Keras backend "
+                               "(the openvino backends run on the CPU)")
+        if has_gpu:
+            _gpu_memory_on_demand()
+            return "gpu"
+        if self.backend == "keras-fp16":
+            LOGGER.warning("keras-fp16 on a CPU: float16 is emulated there, slower than "
+                           "fp32; it is meant for GPUs")
+        return "cpu"
 
     def _load(self) -> dict[int, Call]:
         if self.backend == "openvino-int8":
@@ -248,14 +325,38 @@ class Engine:
             self._head = head_weights(fp32)
             h, w = fp32.get_layer(FEATURES_LAYER).output.shape[1:3]
             self.map_size = (int(h), int(w))
-        if self.backend == "keras-fp32":
-            call = self._on_device(_compiled(self._served(fp32)))
-            return dict.fromkeys(self.shapes, call)
-        if self.backend == "keras-bf16":
-            bf16 = _rebuild_with_policy(fp32, self.card, "mixed_bfloat16")
-            call = self._on_device(_compiled(self._served(bf16)))
+        if self.backend in KERAS_POLICIES:
+            policy = KERAS_POLICIES[self.backend]
+            served = (fp32 if policy == "float32" else
+                      _rebuild_with_policy(fp32, self.card, policy))
+            call = self._on_device(_compiled(self._served(served), self.xla))
+            if self._measure_batch:
+                self.batch_size = self._gpu_batch(call)
+                self.shapes = batch_shapes(self.batch_size)
             return dict.fromkeys(self.shapes, call)
         return self._openvino(self._served(fp32))
+
+    def _gpu_batch(self, call: Call) -> int:
+        """The automatic GPU batch: :func:`batch_for_memory` with the activations'
+        bytes per image measured on the device (TensorFlow's peak memory at batch 2
+        less that at batch 1); :data:`GPU_BATCH` where they cannot be measured."""
+        import keras
+
+        free = gpu_free_bytes()
+        if free is None or keras.config.backend() != "tensorflow":
+            return GPU_BATCH
+        import tensorflow as tf
+
+        peaks = []
+        for n in (1, 2):
+            tf.config.experimental.reset_memory_stats("GPU:0")
+            call(np.zeros((n, self.input_size, self.input_size, 3), dtype=np.float32))
+            peaks.append(int(tf.config.experimental.get_memory_info("GPU:0")["peak"]))
+        per_image = peaks[1] - peaks[0]
+        batch = batch_for_memory(free, per_image)
+        LOGGER.info("GPU: %.1f GiB free, %.0f MiB of activations an image: batches of %d",
+                    free / 2**30, per_image / 2**20, batch)
+        return batch
 
     def _served(self, model: Any) -> Any:
         """What is compiled: the classifier, or with ``evidence`` the classifier with

@@ -17,8 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Imported only by commands and backends that need an extra: NNCF (extra quantize,
-#: for `model quantize`), the other Keras backends.
-OPTIONAL = {"nncf", "torch", "jax"}
+#: for `model quantize`), NVIDIA's management library (extra gpu, read only on a GPU,
+#: where its absence is handled), the other Keras backends.
+OPTIONAL = {"nncf", "pynvml", "torch", "jax"}
 FIRST_PARTY = {"dicom_node", "model", "training"}
 
 

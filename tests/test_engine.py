@@ -85,6 +85,8 @@ def test_automatic_device_is_what_this_machine_has(small_artifact: Path) -> None
     ("keras-fp32", "gpu", True, "gpu"),
     ("keras-fp32", "cpu", True, "cpu"),
     ("keras-bf16", "auto", True, "gpu"),
+    ("keras-fp16", "auto", True, "gpu"),
+    ("keras-fp16", "auto", False, "cpu"),  # emulated there (a warning), but it runs
     ("openvino-fp32", "auto", True, "cpu"),  # OpenVINO runs on the CPU only
     ("openvino-fp32", "gpu", True, RuntimeError),
     ("keras-fp32", "auto", False, "cpu"),
@@ -104,10 +106,29 @@ def test_device_decision(small_artifact: Path, monkeypatch: pytest.MonkeyPatch,
     chosen = engine.Engine(small_artifact, backend=backend, device=device)
     assert chosen.device == expected
     assert chosen.batch_size == (engine.GPU_BATCH if expected == "gpu" else engine.CPU_BATCH)
+    assert chosen.xla is (expected == "gpu")  # XLA on a GPU only, unless told
+    assert engine.Engine(small_artifact, backend=backend, device=device, xla=False).xla is False
+
+
+@pytest.mark.parametrize(("free_gib", "per_image_mib", "expected"), [
+    (140, 300, 128),  # an H200: capped
+    (22, 300, 32),  # a 24 GB card: 11 GiB for activations, 37 images, a power of two
+    (7, 300, 8),
+    (0.2, 300, 1),  # never below one image
+    (16, 0, 128),  # nothing measured per image: the cap
+])
+def test_gpu_batch_fills_half_the_free_memory(free_gib: float, per_image_mib: int,
+                                              expected: int) -> None:
+    batch = engine.batch_for_memory(int(free_gib * 2**30), per_image_mib * 2**20)
+    assert batch == expected
+    if 1 < batch < engine.MAX_GPU_BATCH:
+        assert batch * per_image_mib * 2**20 <= engine.GPU_MEMORY_SHARE * free_gib * 2**30
+        assert 2 * batch * per_image_mib * 2**20 > engine.GPU_MEMORY_SHARE * free_gib * 2**30
 
 
 @pytest.mark.parametrize(("backend", "tolerance"), [("openvino-fp32", 1e-5),
                                                     ("keras-bf16", 2e-2),
+                                                    ("keras-fp16", 2e-2),
                                                     ("openvino-bf16", 2e-2)])
 def test_backend_parity(fp32: engine.Engine, small_artifact: Path, tmp_path: Path,
                         backend: engine.Backend, tolerance: float) -> None:
