@@ -41,13 +41,16 @@ install: $(BIN)/python
 
 # The node on an NVIDIA GPU: its lock, then TensorFlow's CUDA build of the same version in
 # place of tensorflow-cpu (both install the module `tensorflow`), and nvidia-ml-py (the
-# `gpu` extra). Needs PyPI, or WHEELS=/folder/of/wheels for a machine without network.
+# `gpu` extra); the CUDA build is reinstalled last, as a rerun of `install` puts the CPU
+# build's files back. Needs PyPI, or WHEELS=/folder/of/wheels for a machine without network.
 install-gpu: install
 	tf=$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("tensorflow-cpu"))' \
 	  2>/dev/null || $(BIN)/python -c 'import importlib.metadata as m; print(m.version("tensorflow"))') && \
 	$(BIN)/pip uninstall --quiet -y tensorflow-cpu && \
 	$(BIN)/pip install --quiet $(if $(WHEELS),--no-index --find-links $(WHEELS)) \
-	  "tensorflow[and-cuda]==$$tf" "nvidia-ml-py>=13.615,<14"
+	  "tensorflow[and-cuda]==$$tf" "nvidia-ml-py>=13.615,<14" && \
+	$(BIN)/pip install --quiet --force-reinstall --no-deps \
+	  $(if $(WHEELS),--no-index --find-links $(WHEELS)) "tensorflow==$$tf"
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet --require-hashes -r $(TEST_LOCK)

@@ -193,7 +193,8 @@ def main() -> None:
     with_int8 = not args.no_int8
     bf16 = engine.bf16_supported()
     backends = (args.backends.split(",") if args.backends else
-                [b for b in engine.BACKENDS if not quick or b != "keras-bf16"])
+                [b for b in engine.BACKENDS  # keras-fp16 is for GPUs (emulated here)
+                 if b != "keras-fp16" and (not quick or b != "keras-bf16")])
     if not with_int8:
         backends = [b for b in backends if b != "openvino-int8"]
     threads = os.cpu_count() or 1

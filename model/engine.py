@@ -99,8 +99,8 @@ def batch_for_memory(free_bytes: int, per_image_bytes: int, cap: int = MAX_GPU_B
                      share: float = GPU_MEMORY_SHARE) -> int:
     """The largest power of two up to ``cap`` whose activations (``per_image_bytes``
     each) fit in ``share`` of ``free_bytes``; at least 1."""
-    if per_image_bytes <= 0:
-        return cap
+    if per_image_bytes <= 0:  # nothing measured (noise): the fixed default, not the cap
+        return min(GPU_BATCH, cap)
     batch = 1
     while batch * 2 <= cap and batch * 2 * per_image_bytes <= share * free_bytes:
         batch *= 2
@@ -348,10 +348,16 @@ class Engine:
         import tensorflow as tf
 
         peaks = []
-        for n in (1, 2):
-            tf.config.experimental.reset_memory_stats("GPU:0")
-            call(np.zeros((n, self.input_size, self.input_size, 3), dtype=np.float32))
-            peaks.append(int(tf.config.experimental.get_memory_info("GPU:0")["peak"]))
+        try:
+            for n in (1, 2):
+                x = np.zeros((n, self.input_size, self.input_size, 3), dtype=np.float32)
+                call(x)  # the first call traces and compiles: its scratch memory is not
+                tf.config.experimental.reset_memory_stats("GPU:0")  # the activations'
+                call(x)
+                peaks.append(int(tf.config.experimental.get_memory_info("GPU:0")["peak"]))
+        except (RuntimeError, ValueError) as exc:
+            LOGGER.warning("GPU memory not measured (%s): batches of %d", exc, GPU_BATCH)
+            return GPU_BATCH
         per_image = peaks[1] - peaks[0]
         batch = batch_for_memory(free, per_image)
         LOGGER.info("GPU: %.1f GiB free, %.0f MiB of activations an image: batches of %d",
