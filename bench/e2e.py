@@ -26,8 +26,12 @@ unless --model is given) sending its SRs to DCMTK ``storescp``. Measures:
 * CPU seconds of the node and of this process (sender and PACS) per phase.
 
 The sender sends files by path without re-encoding them, as a PACS sends from
-its archive. Ends with one ``bench:`` line.
-Usage: python bench/e2e.py [--quick] [--model DIR] [--batch-size N]
+its archive. ``--int8`` serves the int8 model instead (made by the product's
+``model quantize`` path from a network with a fitted head, ``bench/models.py``;
+about 3 minutes more), installed with ``--force`` whatever its parity (this bench
+measures speed), with bursts three times longer: the int8 engine is several times
+faster. Ends with one ``bench:`` line.
+Usage: python bench/e2e.py [--quick] [--model DIR] [--int8] [--batch-size N]
 """
 
 from __future__ import annotations
@@ -193,6 +197,13 @@ class Sender:
         self.assoc.release()
 
 
+def card_of(artifact: Path) -> Any:
+    """The model card of ``artifact``."""
+    from model import card
+
+    return card.verify(artifact)
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -246,8 +257,8 @@ class Node:
         command = [sys.executable, "-m", "dicom_node", "serve", "--port", str(self.port),
                    "--data-dir", str(self.data), "--allow-calling-ae", "STORESCU",
                    "--destination", f"PACS@127.0.0.1:{pacs.port}"]
-        if model is not None:
-            command += ["--model", str(model)]
+        if model is not None:  # installed as IT staff would, forced past int8 parity
+            self.install(model, force=True)
         # The bench's model is untrained: the node serves it because this allows it (speed
         # does not depend on the weights), and every SR says UNVALIDATED MODEL.
         env = {**os.environ, "DICOM_NODE_MIN_FREE_DISK_MB": "0",
@@ -273,9 +284,11 @@ class Node:
         return {source: (sr, evidence) if self.evidence else (sr,)
                 for source, sr, evidence in rows}
 
-    def install(self, artifact: Path) -> None:
+    def install(self, artifact: Path, force: bool = False) -> None:
+        """``model install``; ``force``: whatever an int8 model's recorded parity."""
         subprocess.run([sys.executable, "-m", "dicom_node", "model", "install", str(artifact),
-                        "--allow-unvalidated", "--data-dir", str(self.data)], check=True,
+                        "--allow-unvalidated", "--data-dir", str(self.data),
+                        *(["--force"] if force else [])], check=True,
                        cwd=ROOT, stdout=subprocess.DEVNULL)
 
     def ready_at(self, timeout: float) -> tuple[float, int]:
@@ -310,7 +323,7 @@ def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_si
         sender.close()
         before = engine_rate(engine, node_batch, 64)
         offset = len(node.log())
-        node.install(artifact)
+        node.install(artifact, force=True)
         ready, logged_batch = node.ready_at(600)
         assert logged_batch == node_batch, (logged_batch, node_batch)
         cpu = CpuMeter(node.process.pid, pacs.proc.pid).start()
@@ -341,10 +354,23 @@ def run(work: Path) -> None:
     parser.add_argument("--image-size", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="the node's batch_size (default: the node's own default)")
+    parser.add_argument("--int8", action="store_true",
+                        help="serve the int8 model made from a fitted 300 px network")
     args = parser.parse_args()
     singles, burst = (5, 16) if args.quick else (20, 100)
     artifact = args.model
-    if artifact is None:
+    if args.int8 and artifact is not None:
+        sys.exit("--int8 makes its own model; quantize yours with 'dicom-node model "
+                 "quantize' and pass the result as --model")
+    if args.int8 or (artifact is not None and card_of(artifact).precision == "int8"):
+        burst *= 3
+    if args.int8:
+        import models  # bench/models.py
+
+        made = models.int8_models(work / "int8-models")
+        artifact = made.int8
+        print(f"int8 model made in {made.fit_s + made.quantize_s:.0f} s", flush=True)
+    elif artifact is None:
         from model import card, network
 
         artifact = work / "model"
@@ -365,6 +391,7 @@ def run(work: Path) -> None:
         sender = Sender(node.port)
         sender.send(warm[0][1])
         pacs.wait_for(node, [warm[0][0]], 300)  # model loaded and traced
+        _, node_batch = node.ready_at(60)  # as the node chose it (on a GPU, by its memory)
         latencies = []
         for uid, path in single_files:
             acked = sender.send(path)
@@ -391,16 +418,15 @@ def run(work: Path) -> None:
     # with the bare engine (same model, the node's batch size) measured in this process
     # right before and right after it: this shared VM's speed drifts by several per cent
     # over minutes, so the baseline brackets the run it is compared with.
-    from model.engine import Engine, resolve_batch_size
+    from model.engine import Engine
 
-    engine = Engine(artifact, batch_size=16)
+    engine = Engine(artifact, batch_size=max(16, node_batch))
     engine.warmup()
-    node_batch = resolve_batch_size(args.batch_size or 0, engine.device)  # as the node does
     try:
         sustained, cpu_queued, stages, before, after = queued_run(
             work, "queued", pacs, artifact, args.batch_size, queued_files, engine, node_batch,
             evidence=True)
-        plain, _, _, plain_before, plain_after = queued_run(
+        plain, cpu_plain, plain_stages, plain_before, plain_after = queued_run(
             work, "queued-no-evidence", pacs, artifact, args.batch_size, plain_files, engine,
             node_batch, evidence=False)
     finally:
@@ -414,9 +440,20 @@ def run(work: Path) -> None:
     # send) in forward passes: each run's time per image in units of the bare engine's
     # time per image measured around it, so drift of the machine's speed cancels.
     extra = bare / sustained - plain_bare / plain
+    plain_parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in plain_stages.items())
     print(f"sustained, queue of {burst}, evidence images off: {plain:.2f} img/s (engine "
-          f"{plain_bare:.2f} img/s around it); evidence image extra cost "
-          f"{extra:.2f} forward passes per image (target < 1)", flush=True)
+          f"{plain_bare:.2f} img/s around it; {cpu_plain}); per image: {plain_parts}; "
+          f"evidence image extra cost {extra:.2f} forward passes per image (target < 1)",
+          flush=True)
+    # On a saturated CPU the pipeline can reach at most the engine's share of the CPU
+    # time per image: (engine's CPU s per image) / (node's CPU s per image).
+    cores = os.cpu_count() or 1
+    engine_cpu = cores / plain_bare
+    node_cpu = cpu_plain.node / burst
+    print(f"  evidence off, CPU per image: node {node_cpu * 1000:.0f} ms, of which the "
+          f"engine's about {engine_cpu * 1000:.0f} ms ({cores} cores / engine img/s): on a "
+          f"saturated CPU the ratio cannot pass {min(1.0, engine_cpu / node_cpu):.2f}",
+          flush=True)
     print(f"  bare engine at the node's batch size ({node_batch}): {before:.2f} img/s "
           f"before, {after:.2f} after", flush=True)
     rates = {}
@@ -430,6 +467,8 @@ def run(work: Path) -> None:
           f"the engine's best batch size ({best_batch}, {rates[best_batch]:.2f} img/s, "
           f"measured afterwards): {best_ratio:.2f}; live / engine = {live / bare:.2f}; "
           f"p50 target <= 1 s")
+    print(f"model: {engine.card.name} {engine.card.display_version} ({engine.backend} on "
+          f"{engine.device})")
     print(f"bench: latency_p50_s={percentile(latencies, 50):.3f} "
           f"latency_p95_s={percentile(latencies, 95):.3f} sustained_img_s={sustained:.3f} "
           f"engine_img_s={bare:.3f} engine_before_img_s={before:.3f} "
@@ -438,7 +477,10 @@ def run(work: Path) -> None:
           f"ratio_to_best={best_ratio:.3f} live_img_s={live:.3f} live_ratio={live / bare:.3f} "
           f"no_evidence_img_s={plain:.3f} no_evidence_ratio={plain / plain_bare:.3f} "
           f"evidence_extra_forward={extra:.3f} "
+          f"int8={int(engine.backend == 'openvino-int8')} batch={node_batch} "
           f"node_cpu_s_per_img={cpu_queued.node / burst:.3f} "
+          f"no_evidence_node_cpu_s_per_img={node_cpu:.3f} "
+          f"no_evidence_cpu_bound={min(1.0, engine_cpu / node_cpu):.3f} "
           + " ".join(f"{k}_ms={v * 1000:.1f}" for k, v in stages.items()))
 
 
