@@ -97,8 +97,21 @@ def resolve_batch_size(batch_size: int, device: str) -> int:
 
 def batch_for_memory(free_bytes: int, per_image_bytes: int, cap: int = MAX_GPU_BATCH,
                      share: float = GPU_MEMORY_SHARE) -> int:
-    """The largest power of two up to ``cap`` whose activations (``per_image_bytes``
-    each) fit in ``share`` of ``free_bytes``; at least 1."""
+    """The largest power of two up to ``cap`` whose activations fit in ``share`` of
+    ``free_bytes``; at least 1.
+
+    Parameters
+    ----------
+    free_bytes
+        The GPU's free memory.
+    per_image_bytes
+        The activations' memory per image (0 or less: not measured, and the answer is
+        :data:`GPU_BATCH`).
+    cap
+        The largest batch.
+    share
+        The share of ``free_bytes`` the activations may fill.
+    """
     if per_image_bytes <= 0:  # nothing measured (noise): the fixed default, not the cap
         return min(GPU_BATCH, cap)
     batch = 1
