@@ -4,8 +4,8 @@ artifact made by the product's own ``dicom-node model quantize`` path.
 Speed does not depend on the weights; parity does, and on near-chance outputs any
 two numerical paths agree. So the network's Dense head is fitted as a linear probe
 (:func:`training.probe.fit_head`, seconds on a CPU) on labelled chest images -- the
-shared cxr-dev PNGs when ``../shared`` is there, synthetic images of three kinds
-otherwise -- to a mean top probability of about 0.9 on the parity images (a fully
+shared cxr-dev PNGs when ``../shared`` is there, the tests' synthetic stand-in
+for them otherwise -- to a mean top probability of about 0.9 on the parity images (a fully
 fitted head gives 0.9997 there, where softmax saturation hides every difference).
 The backbones keep their seeded random weights (ImageNet weights cannot be
 downloaded here). Not a benchmark itself: ``bench/inference.py`` and
@@ -15,6 +15,7 @@ downloaded here). Not a benchmark itself: ``bench/inference.py`` and
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_CXR = ROOT.parent / "shared" / "data" / "cxr-dev"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from dicom_factory import SHARED_CXR, make_cxr_dev  # noqa: E402
+
 #: The fitted head's mean top probability on its images: confident (the issue asks
 #: for at least 0.8), yet not saturated at 1.0, where every probability difference
 #: vanishes whatever the arithmetic.
@@ -42,29 +46,14 @@ class Int8Models:
     quantize_s: float
 
 
-def labelled_images(folder: Path, count: int = 150) -> tuple[Path, list[tuple[str, str]]]:
+def labelled_images(folder: Path) -> tuple[Path, list[tuple[str, str]]]:
     """(folder, [(file name, class key)]): the cxr-dev images when ``../shared`` is
-    there, else ``count`` synthetic images made in ``folder`` (three kinds: a bright
-    lower field, bright side fields, an even field; each with noise)."""
-    if (SHARED_CXR / "labels.csv").is_file():
-        with (SHARED_CXR / "labels.csv").open(newline="") as f:
-            rows = sorted((row["filename"], row["label"]) for row in csv.DictReader(f))
-        return SHARED_CXR, rows
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:384, 0:384] / 384.0
-    patterns = {"covid": 0.3 + 0.5 * y, "pneumonia": 0.3 + 0.5 * np.abs(x - 0.5) * 2,
-                "normal": np.full_like(x, 0.5)}
-    rows = []
-    for index in range(count):
-        label = list(patterns)[index % 3]
-        image = np.clip(patterns[label] + rng.normal(0, 0.15, x.shape), 0, 1)
-        name = f"synthetic{index:03d}.png"
-        Image.fromarray((image * 255).astype(np.uint8)).save(folder / name)
-        rows.append((name, label))
-    return folder, rows
+    there, else the tests' synthetic stand-in for them made in ``folder``
+    (``tests/dicom_factory.make_cxr_dev``: 50 chest-like images a class)."""
+    source = SHARED_CXR if (SHARED_CXR / "labels.csv").is_file() else make_cxr_dev(folder)
+    with (source / "labels.csv").open(newline="") as f:
+        rows = sorted((row["filename"], row["label"]) for row in csv.DictReader(f))
+    return source, rows
 
 
 def _link_set(folder: Path, source: Path, rows: list[tuple[str, str]]) -> Path:
