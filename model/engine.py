@@ -308,6 +308,8 @@ class Engine:
         #: ``evidence``), and the maps' h x w.
         self._head: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None
         self.map_size: tuple[int, int] = (0, 0)
+        #: The OpenVINO IR the openvino backends compiled (None for the Keras ones).
+        self.ir: Path | None = None
         started = time.perf_counter()
         self._calls = self._load()
         LOGGER.info("model %s %s loaded (%s on %s) in %.1f s", self.card.name,
@@ -403,12 +405,13 @@ class Engine:
             LOGGER.warning("openvino-bf16: this CPU has no BF16 support (no AVX-512 BF16/AMX); "
                            "OpenVINO computes in fp32, at fp32 speed")
         # The map size is known from the Keras model already.
-        return self._compile_openvino(self._openvino_ir(fp32), precision, read_map_size=False)
+        self.ir = self._openvino_ir(fp32)
+        return self._compile_openvino(self.ir, precision, read_map_size=False)
 
     def _int8(self) -> dict[int, Call]:
         """The int8 IR, compiled. It always has the features output (so that one file
         serves both kinds of engine); without ``evidence`` it is dropped."""
-        xml = self.artifact / model_card.INT8_GRAPH_FILE
+        xml = self.ir = self.artifact / model_card.INT8_GRAPH_FILE
         if self.evidence:
             with np.load(self.artifact / model_card.HEAD_FILE) as head:
                 self._head = (np.asarray(head["kernel"], dtype=np.float32),
