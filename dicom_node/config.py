@@ -314,7 +314,8 @@ class Settings(BaseSettings):
 
     # --- job queue ---
     max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails.")
-    lease_seconds: float = Field(default=300.0, gt=0, description="Worker lease on a job.")
+    lease_seconds: float = Field(default=300.0, gt=0, description=(
+        "Worker lease on a job; the worker renews it every third of this while it runs."))
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -290,6 +290,23 @@ class JobStore:
             jobs = list(session.scalars(statement.execution_options(synchronize_session=False)))
         return sorted(jobs, key=lambda j: j.id)
 
+    def extend_leases(self, owner: str, lease_seconds: float) -> int:
+        """Renew every lease ``owner`` holds to ``lease_seconds`` from now; how many.
+
+        A worker calls this while it works, so that a batch slower than one lease
+        (a slow GPU, a large batch) is not reclaimed by another worker and
+        classified twice. A lease that already expired and was reaped is not
+        ours any more and stays with whoever holds it now.
+        """
+        now = utcnow()
+        with self._sessions.begin() as session:
+            renewed = session.execute(
+                update(Job)
+                .where(Job.lease_owner == owner, Job.state == JobState.RUNNING)
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+                .execution_options(synchronize_session=False))
+        return int(getattr(renewed, "rowcount", 0))
+
     def complete_batch(self, owner: str, results: Sequence[JobResult]) -> list[bool]:
         """Store each result and queue one delivery per destination, all in one transaction.
 

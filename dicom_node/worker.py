@@ -56,6 +56,8 @@ class Worker(threading.Thread):
                  on_results: Callable[[], None] | None = None) -> None:
         super().__init__(name="inference-worker", daemon=True)
         self.owner = new_worker_id()
+        self._store = store
+        self._lease_seconds = settings.lease_seconds
         self._stop_event = threading.Event()
         self._work = threading.Event()  # set when a job is queued (or on stop)
         self.models = ModelHolder(settings)
@@ -84,6 +86,30 @@ class Worker(threading.Thread):
         self._work.set()
 
     def run(self) -> None:
+        finished = threading.Event()  # set when the loop and the last batch are done
+        renewer = threading.Thread(target=self._renew_leases, args=(finished,),
+                                   name="lease-renewer", daemon=True)
+        renewer.start()
+        try:
+            self._loop()
+        finally:
+            finished.set()
+            renewer.join()
+
+    def _renew_leases(self, finished: threading.Event) -> None:
+        """Renew this worker's leases every third of a lease until ``finished``: a batch
+        (claimed ahead, in the network, or being written) may take longer than one
+        lease, and must not be reclaimed and classified twice meanwhile. If the
+        process dies or is paused, the renewals stop and the leases expire."""
+        interval = self._lease_seconds / 3
+        while not finished.wait(interval):
+            try:
+                self._store.extend_leases(self.owner, self._lease_seconds)
+            except Exception:
+                LOGGER.exception("renewing the worker's leases failed; trying again in %.0f s",
+                                 interval)
+
+    def _loop(self) -> None:
         while not self._stop_event.is_set():
             try:
                 done = self.step()
