@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from dicom_node.config import Settings
+from dicom_node.datadir import DataDirLock
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import JobStore
 from dicom_node.libraries import configure
@@ -48,6 +49,8 @@ class Node:
         configure()
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # One receiving node per data directory (taken in start, released in stop).
+        self.lock = DataDirLock(settings.data_dir) if receive else None
         self.store = JobStore(settings.database_url, max_attempts=settings.max_attempts,
                               study_quiet_seconds=settings.study_quiet_seconds)
         self.spool = Spool(settings.storage_dir, settings.min_free_disk_mb * 2**20)
@@ -81,21 +84,29 @@ class Node:
         """Judge the active model, recover, then start the SCP, the scheduler and the
         worker.
 
-        ConfigError, before anything is touched, when the active model may not serve
-        (:meth:`check_model`). A node that does not receive recovers only the jobs of
+        ConfigError, before anything is touched, when another node receives on the
+        same data directory (:mod:`dicom_node.datadir`) or when the active model may
+        not serve (:meth:`check_model`). A node that does not receive recovers only the jobs of
         dead local workers: the spool is the receiving node's, and a file it has just
         renamed may not have its job row yet.
         """
-        active = self.check_model()
-        if self.scp is not None:
-            self.recover()
-        else:
-            self.store.recover_dead_local_workers()
-        self._report_model(active)
-        if self.scp is not None:
-            self.scp.start()
-        self.scheduler.start()
-        self.worker.start()
+        if self.lock is not None:
+            self.lock.acquire()  # DataDirInUse (a ConfigError) names the node running
+        try:
+            active = self.check_model()
+            if self.scp is not None:
+                self.recover()
+            else:
+                self.store.recover_dead_local_workers()
+            self._report_model(active)
+            if self.scp is not None:
+                self.scp.start()
+            self.scheduler.start()
+            self.worker.start()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
 
     def check_model(self) -> card.ModelCard | None:
         """The active model's card (None: no model yet; instances are received and wait
@@ -136,6 +147,8 @@ class Node:
             self.worker.join(timeout=120)
         self.scheduler.stop()
         self.store.close()
+        if self.lock is not None:
+            self.lock.release()
         LOGGER.info("stopped")
 
     def run(self) -> None:

@@ -93,6 +93,34 @@ def test_serve_without_an_allowed_calling_ae_refuses_to_start(tmp_path: Path) ->
     assert not (tmp_path / "var").exists()  # no recovery, no database: nothing touched
 
 
+def test_a_second_node_on_the_same_data_dir_refuses_to_start(node: NodeProcess) -> None:
+    """A double start (systemd plus a start by hand): the second node must not run its
+    start-up recovery, which would quarantine the first one's instances in flight."""
+    assert node.proc is not None
+    in_flight = node.spool / "ab" / "renamed-not-yet-committed.dcm"  # no job row yet
+    in_flight.parent.mkdir(parents=True, exist_ok=True)
+    in_flight.write_bytes(b"DICM")
+    second = cli("serve", "--host", "127.0.0.1", "--port", str(free_port()),
+                 "--data-dir", str(node.data_dir), "--allow-calling-ae", CALLING_AE,
+                 timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "in use by another node" in second.stderr
+    assert f"pid {node.proc.pid} " in second.stderr and "Traceback" not in second.stderr
+    assert in_flight.exists()  # not quarantined
+    assert cli("echo", "127.0.0.1", str(node.port), "--calling-ae", CALLING_AE).returncode == 0
+    # Once the first has stopped, a node starts there (a killed node leaves no lock either:
+    # the kernel drops it with the process).
+    assert node.stop() == 0
+    again = NodeProcess(node.data_dir).start()
+    try:
+        assert cli("echo", "127.0.0.1", str(again.port), "--calling-ae", CALLING_AE
+                   ).returncode == 0
+        again.kill9()
+        NodeProcess(node.data_dir).start().stop()
+    finally:
+        again.stop()
+
+
 def _instance() -> ReceivedInstance:
     uid = generate_uid()
     return ReceivedInstance(sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", sop_instance_uid=uid,
