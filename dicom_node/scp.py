@@ -52,6 +52,7 @@ from dicom_node.errors import (
     UndecodableDataset,
 )
 from dicom_node.jobs import JobStore, ReceivedInstance, study_key, study_key_secret
+from dicom_node.libraries import bound_pdu_reads
 from dicom_node.spool import Spool, SpooledFile
 from dicom_node.tcp import NO_DELAY
 
@@ -271,6 +272,20 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+#: The longest PDU read when ``max_pdu_size`` is 0 (unlimited), and the least any
+#: PDU may be (an A-ASSOCIATE-RQ with many contexts and a user identity).
+UNLIMITED_PDU_READ = 64 * 2**20
+MIN_PDU_READ = 2**20
+
+
+def pdu_limit(settings: Settings) -> int:
+    """The longest PDU the node reads: ``max_pdu_size`` (what it tells requestors it
+    takes in P-DATA), at least 1 MiB for association requests; 64 MiB when
+    ``max_pdu_size`` is 0. A peer declaring more is disconnected before a byte of
+    it is read."""
+    return max(settings.max_pdu_size or UNLIMITED_PDU_READ, MIN_PDU_READ)
+
+
 class _NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server, made with ``AE.make_server``, that
     disconnects peers not in ``allowed_hosts`` (empty: anyone) before reading a
@@ -311,6 +326,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self.service.handle_store),
             (evt.EVT_C_ECHO, _handle_echo),
             NO_DELAY,
+            (evt.EVT_CONN_OPEN, self._bound_reads),
         ]
         server = cast(_NodeServer, self._ae.make_server(
             (self.settings.host, self.settings.port),
@@ -325,6 +341,14 @@ class StorageSCP:
         LOGGER.info("listening on %s:%d as %s", self.settings.host, server.server_address[1],
                     self.settings.ae_title)
         return server
+
+    def _bound_reads(self, event: Event) -> None:
+        """``EVT_CONN_OPEN`` handler: no PDU over :func:`pdu_limit` is read, and none may
+        take longer than ``network_timeout`` to arrive (:func:`bound_pdu_reads`)."""
+        transport = event.assoc.dul.socket
+        if transport is None or transport.socket is None:
+            return
+        bound_pdu_reads(transport, pdu_limit(self.settings), self.settings.network_timeout)
 
     @property
     def port(self) -> int:

@@ -10,12 +10,16 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dicom_node import libraries
+from dicom_node.config import Settings
+from dicom_node.loopback import free_port
+from dicom_node.node import Node
 
 from dicom_factory import (
     SHARED_CXR,
@@ -25,7 +29,7 @@ from dicom_factory import (
     make_cxr_dev,
     make_dicom_samples,
 )
-from helpers.environment import require_files
+from helpers.environment import CALLING_AE, require_files
 from helpers.processes import NodeProcess
 
 
@@ -34,6 +38,29 @@ def library_settings() -> None:
     """pynetdicom's and pydicom's process-wide settings, as the node and the CLI set
     them (tests that use StorageSCP or delivery directly rely on them)."""
     libraries.configure()
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start in-process nodes (settings overridden by keyword), stopped at the end."""
+    started: list[Node] = []
+
+    def factory(**overrides: Any) -> Node:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / "var",
+            "port": free_port(),
+            "allowed_calling_ae": [CALLING_AE],
+            "min_free_disk_mb": 0,
+        }
+        values.update(overrides)
+        node = Node(Settings(**values))
+        node.start()
+        started.append(node)
+        return node
+
+    yield factory
+    for node in started:
+        node.stop()
 
 
 @pytest.fixture

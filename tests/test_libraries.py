@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification
 
 from dicom_node import libraries
 from dicom_node.loopback import free_port
@@ -118,3 +118,52 @@ def test_a_marked_dataset_is_written_as_it_is(charset: str | None) -> None:
     assert not ds.is_original_encoding
     libraries.mark_as_written_encoding(ds)
     assert ds.is_original_encoding
+
+
+def test_pynetdicom_reads_a_pdu_as_its_header_then_its_body() -> None:
+    """bound_pdu_reads relies on the DUL reading each PDU with exactly two calls of its
+    socket's recv: six bytes, then the length the header declared."""
+    import inspect
+
+    from pynetdicom.dul import DULServiceProvider
+
+    source = inspect.getsource(DULServiceProvider._read_pdu_data)
+    assert source.count("self.socket.recv(") == 2
+    assert "self.socket.recv(6)" in source and "self.socket.recv(pdu_length)" in source
+
+
+class _Transport:
+    """What bound_pdu_reads needs of an AssociationSocket: its socket and recv."""
+
+    recv: Any  # set by bound_pdu_reads
+
+    def __init__(self, sock: Any) -> None:
+        self.socket = sock
+
+
+def test_bounded_reads_pass_pdus_within_bounds_and_refuse_the_rest() -> None:
+    import socket
+    import struct
+
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        transport = _Transport(ours)
+        libraries.bound_pdu_reads(transport, limit=1000, seconds=2)
+        body = bytes(range(256)) * 3
+        peer.sendall(struct.pack(">BBL", 4, 0, len(body)) + body
+                     + struct.pack(">BBL", 5, 0, 0))  # a P-DATA-TF, an A-RELEASE-RQ
+        assert bytes(transport.recv(6)) == struct.pack(">BBL", 4, 0, len(body))
+        assert bytes(transport.recv(len(body))) == body
+        assert bytes(transport.recv(6)) == struct.pack(">BBL", 5, 0, 0)
+        assert bytes(transport.recv(0)) == b""
+        peer.sendall(struct.pack(">BBL", 4, 0, 1001))
+        with pytest.raises(libraries.PduRefused, match="1001 bytes"):
+            transport.recv(6)
+        assert peer.recv(10)[:1] == b"\x07"  # an A-ABORT before the close
+        peer.sendall(struct.pack(">BBL", 4, 0, 10) + b"abc")  # then nothing more
+        transport.recv(6)
+        with pytest.raises(libraries.PduRefused, match="3 of 10 bytes"):
+            transport.recv(10)
+        assert peer.recv(10)[:1] == b"\x07"
+        peer.close()
+        assert bytes(transport.recv(6)) == b""  # closed

@@ -7,7 +7,7 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -44,28 +44,6 @@ from helpers.dimse import associate, scu, store
 from helpers.environment import CALLING_AE, NODE_AE, wait_until
 
 NodeFactory = Callable[..., Node]
-
-
-@pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
-    started: list[Node] = []
-
-    def factory(**overrides: Any) -> Node:
-        values: dict[str, Any] = {
-            "data_dir": tmp_path / "var",
-            "port": free_port(),
-            "allowed_calling_ae": [CALLING_AE],
-            "min_free_disk_mb": 0,
-        }
-        values.update(overrides)
-        node = Node(Settings(**values))
-        node.start()
-        started.append(node)
-        return node
-
-    yield factory
-    for node in started:
-        node.stop()
 
 
 def jobs(node: Node) -> list[Any]:
