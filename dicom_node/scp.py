@@ -41,7 +41,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import intake
+from dicom_node import faults, intake
 from dicom_node.config import Settings
 from dicom_node.db import JobState
 from dicom_node.errors import (
@@ -115,6 +115,8 @@ class StorageService:
             return _status(Status.INTERNAL_ERROR, "internal error")
 
     def _store(self, event: Event) -> StoreOutcome:
+        if faults.ARMED:
+            faults.reached("received")
         raw = event.encoded_dataset(include_meta=False)
         try:
             ds = event.dataset
@@ -169,6 +171,8 @@ class StorageService:
             self.spool.remove(spooled.name)
             LOGGER.exception("job row could not be committed; instance refused")
             raise IntakeError("job store unavailable", Status.OUT_OF_RESOURCES) from None
+        if faults.ARMED:
+            faults.reached("committed")
         if job is None:  # the same instance arrived concurrently on another association
             self.spool.remove(spooled.name)
             return StoreOutcome(Status.SUCCESS, None, duplicate=True)
@@ -191,6 +195,12 @@ class StorageService:
     def close(self) -> None:
         """Wait for spool writes in flight."""
         self._io.shutdown(wait=True)
+
+
+def _store_responded(event: Event) -> None:
+    """``EVT_DIMSE_SENT`` handler, bound only with fault injection armed."""
+    if type(event.message).__name__ == "C_STORE_RSP":
+        faults.reached("responded")
 
 
 def _identify(event: Event, ds: Dataset) -> dict[str, str]:
@@ -328,6 +338,10 @@ class StorageSCP:
             NO_DELAY,
             (evt.EVT_CONN_OPEN, self._bound_reads),
         ]
+        if faults.ARMED:
+            LOGGER.warning("TEST FAULT INJECTION ARMED (%s=%s:%d): this node kills itself; "
+                           "never in production", faults.ENV, *faults.ARMED)
+            handlers.append((evt.EVT_DIMSE_SENT, _store_responded))
         server = cast(_NodeServer, self._ae.make_server(
             (self.settings.host, self.settings.port),
             evt_handlers=handlers,

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_node import faults
 from dicom_node.errors import OutOfResources
 
 LOGGER = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class Spool:
         token = uuid.uuid4().hex
         name = f"{token[:2]}/{token}{_SUFFIX}"
         try:
-            self._durable_write(name, chunks)
+            self._durable_write(name, chunks, received=True)
         except OSError as exc:
             reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
             LOGGER.error("spool write failed: %s", os.strerror(exc.errno or 0))
@@ -103,22 +104,30 @@ class Spool:
         self._durable_write(name, [data])
         return name
 
-    def _durable_write(self, name: str, chunks: Sequence[bytes]) -> None:
+    def _durable_write(self, name: str, chunks: Sequence[bytes], received: bool = False
+                       ) -> None:
         """temp file -> fsync -> rename to ``name`` -> fsync its directory; nothing
-        is left behind on failure (raises OSError)."""
+        is left behind on failure (raises OSError). ``received``: a received
+        instance (the steps :mod:`dicom_node.faults` can stop at)."""
         tmp = self._tmp / f"{uuid.uuid4().hex}.part"
         final = self.root / name
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
             try:
                 _write_all(fd, chunks)
+                if received and faults.ARMED:
+                    faults.reached("temp_written")
                 os.fsync(fd)
+                if received and faults.ARMED:
+                    faults.reached("temp_fsynced")
             finally:
                 os.close(fd)
             if not final.parent.is_dir():
                 final.parent.mkdir(mode=0o750, exist_ok=True)
                 _fsync_dir(self.root)
             os.replace(tmp, final)
+            if received and faults.ARMED:
+                faults.reached("renamed")
             _fsync_dir(final.parent)
         except OSError:
             _unlink_quietly(tmp)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE
+
+from dicom_node import faults
 
 from dicom_factory import chest_image, save
 from helpers.environment import CALLING_AE, NODE_AE
@@ -98,3 +102,68 @@ def test_sigkill_while_receiving(tmp_path: Path) -> None:
     finally:
         node.stop()
         thread.join(timeout=60)
+
+
+@pytest.mark.parametrize("step", faults.STEPS)
+def test_killed_at_each_receive_step_loses_nothing_and_queues_nothing_half_received(
+        tmp_path: Path, step: str) -> None:
+    """The node SIGKILLs itself (``DICOM_NODE_TEST_KILL_AT``) at ``step`` of the 5th of
+    10 instances sent on one association. After a restart, every instance the sender
+    saw acknowledged is on disk with its hash and exactly one job; the instance in
+    flight is queued only if its job row was committed (then whole), and sending it
+    again is acknowledged without a second job."""
+    kill_at = 5
+    node = NodeProcess(tmp_path / "var", env={faults.ENV: f"{step}:{kill_at}"}).start()
+    datasets = [chest_image(rows=256, columns=256, seed=i) for i in range(10)]
+    acknowledged: set[str] = set()
+    try:
+        ae = AE(ae_title=CALLING_AE)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(datasets[0].SOPClassUID)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        for ds in datasets:
+            try:
+                rsp = assoc.send_c_store(ds)
+            except Exception:
+                break
+            if "Status" not in rsp or rsp.Status != 0:
+                break
+            acknowledged.add(str(ds.SOPInstanceUID))
+        assoc.abort()
+        assert node.proc is not None
+        assert node.proc.wait(timeout=30) == -signal.SIGKILL  # killed itself, at the step
+        in_flight = str(datasets[kill_at - 1].SOPInstanceUID)
+        if step == "responded":  # the response may or may not have left before the kill
+            assert kill_at - 1 <= len(acknowledged) <= kill_at
+        else:
+            assert len(acknowledged) == kill_at - 1 and in_flight not in acknowledged
+        node.env.pop(faults.ENV)
+        node.start()
+        check_every_acknowledged_instance(node, acknowledged)
+        with node.job_store() as store:
+            queued = {j.sop_instance_uid for j in store.list(limit=100)}
+        committed = step in ("committed", "responded")
+        assert queued == acknowledged | ({in_flight} if committed else set())
+        assert "recovery:" in node.log
+        if step in ("renamed",):  # renamed, never committed: moved aside, not queued
+            assert any((node.spool / ".quarantine").iterdir())
+        assert storescu_statuses(node, datasets[kill_at - 1]) == [0]
+        with node.job_store() as store:
+            again = [j.sop_instance_uid for j in store.list(limit=100)]
+        assert again.count(in_flight) == 1
+    finally:
+        node.stop()
+
+
+def storescu_statuses(node: NodeProcess, ds: Dataset) -> list[int]:
+    """Send ``ds`` once more, as a sender retrying after a failure."""
+    ae = AE(ae_title=CALLING_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(ds.SOPClassUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status)]
+    finally:
+        assoc.release()
