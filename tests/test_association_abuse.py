@@ -6,11 +6,13 @@ what was declared, and the node must go on answering (a C-ECHO after each)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from pynetdicom import evt
@@ -19,8 +21,8 @@ from dicom_node.node import Node
 from dicom_node.scp import MIN_PDU_READ, pdu_limit
 
 from dicom_factory import chest_image
-from helpers.dimse import associate
-from helpers.environment import wait_until
+from helpers.dimse import associate, scu
+from helpers.environment import NODE_AE, wait_until
 
 NodeFactory = Callable[..., Node]
 
@@ -167,3 +169,88 @@ def test_a_p_data_pdu_over_the_limit_ends_its_association_only(make_node: NodeFa
     finally:
         assoc.abort()
     still_answers(node)
+
+
+def test_max_associations_plus_five_senders_extras_refused_accepted_complete(
+        make_node: NodeFactory) -> None:
+    """8 senders at once against ``max_associations = 3``: each accepted association
+    stays open until every sender has had its answer, so at most 3 are accepted, and
+    every other sender gets an A-ASSOCIATE-RJ (no hang, no failure); the accepted ones
+    then store their images. (pynetdicom counts acceptors still negotiating, so a
+    burst arriving at once may see fewer than 3 accepted.)"""
+    node = make_node(max_associations=3)
+    senders, per_sender = 8, 2
+    answered = threading.Barrier(senders, timeout=60)
+    outcomes: dict[int, list[int] | str] = {}
+
+    def sender(k: int) -> None:
+        datasets = [chest_image(seed=100 * k + i) for i in range(per_sender)]
+        assoc = associate(node.settings.port, datasets)
+        established, rejected = assoc.is_established, assoc.is_rejected
+        answered.wait()  # all 8 have their answer before any accepted one ends
+        if not established:
+            outcomes[k] = "rejected" if rejected else "failed"
+            return
+        try:
+            outcomes[k] = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    accepted = [v for v in outcomes.values() if isinstance(v, list)]
+    assert len(outcomes) == senders, outcomes
+    assert 1 <= len(accepted) <= 3, outcomes
+    assert list(outcomes.values()).count("rejected") == senders - len(accepted), outcomes
+    assert accepted == [[0] * per_sender] * len(accepted)
+    assert node.store.counts() == {"queued": len(accepted) * per_sender}
+    still_answers(node)
+
+
+def _resources() -> tuple[int, int, int]:
+    """This process's resident memory (KiB), open file descriptors and threads."""
+    status = Path("/proc/self/status").read_text()
+    rss = int(next(line.split()[1] for line in status.splitlines()
+                   if line.startswith("VmRSS:")))
+    return rss, len(os.listdir("/proc/self/fd")), threading.active_count()
+
+
+def _cycles(node: Node, count: int) -> None:
+    ae = scu()
+    ae.add_requested_context("1.2.840.10008.1.1")
+    for _ in range(count):
+        assoc = ae.associate("127.0.0.1", node.settings.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        assoc.release()
+
+
+def _flat_after_cycles(make_node: NodeFactory, count: int) -> None:
+    node = make_node(max_associations=2)
+    server = node.scp._server
+    assert server is not None
+    _cycles(node, 50)  # warm: imports, caches, the first threads
+    wait_until(lambda: not server.active_associations, timeout=30)
+    before = _resources()
+    _cycles(node, count)
+    wait_until(lambda: not server.active_associations, timeout=30)
+    time.sleep(0.5)
+    after = _resources()
+    # A leak per association would show as hundreds of descriptors or threads; pools the
+    # node starts lazily (the scheduler's executor, SQLite connections) add a few once.
+    assert after[0] - before[0] < 20 * 1024, (before, after)  # RSS: under 20 MiB more
+    assert after[1] - before[1] <= 4, (before, after)  # descriptors
+    assert after[2] - before[2] <= 2, (before, after)  # threads
+    still_answers(node)
+
+
+def test_associate_release_cycles_leave_memory_descriptors_and_threads_flat(
+        make_node: NodeFactory) -> None:
+    _flat_after_cycles(make_node, 300)
+
+
+@pytest.mark.long
+def test_two_thousand_associate_release_cycles_stay_flat(make_node: NodeFactory) -> None:
+    _flat_after_cycles(make_node, 2000)
