@@ -309,3 +309,58 @@ def test_previous_deliveries_are_rebuilt_for_result_objects_and_none_is_lost(
                        (b.id, now, now, now))
         assert not db.execute("SELECT name FROM sqlite_master WHERE name = "
                               "'deliveries_previous'").fetchall()
+
+
+@pytest.mark.slow
+def test_a_backlog_of_5000_survives_a_restart_and_each_job_is_done_once(url: str) -> None:
+    """5,000 queued jobs, 8 of them claimed by a worker that then dies with the node;
+    after the restart the dead worker's jobs are requeued, the claim reads the
+    (state, id) index instead of scanning the table, and two workers racing through
+    the backlog complete every job exactly once."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dead_owner = f"{new_worker_id().split(':')[0]}:{dead}:deadbeef"
+    total = 5000
+    with JobStore(url) as before:
+        fill(before, total)
+        assert len(before.claim(dead_owner, limit=8, lease_seconds=3600)) == 8
+    with JobStore(url) as store:  # the restart
+        assert store.recover_dead_local_workers() == (8, 0)
+        assert store.counts() == {"queued": total}
+        statements: list[tuple[str, object]] = []
+
+        def capture(_conn: object, _cursor: object, statement: str, parameters: object,
+                    _context: object, _many: bool) -> None:
+            statements.append((statement, parameters))
+
+        sqlalchemy_event.listen(store.engine, "before_cursor_execute", capture)
+        (probe,) = store.claim("probe", limit=1, lease_seconds=60)
+        sqlalchemy_event.remove(store.engine, "before_cursor_execute", capture)
+        (claim, parameters), = [(s, p) for s, p in statements if s.lstrip().startswith("UPDATE")]
+        with store.engine.connect() as connection:
+            plan = " ".join(str(row[-1]) for row in connection.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN {claim}", parameters))  # type: ignore[arg-type]
+        assert "ix_jobs_state_id" in plan and "SCAN jobs" not in plan, plan
+        assert store.fail(probe.id, "probe", "probe") is JobState.QUEUED  # given back
+
+        done: dict[str, list[int]] = {"w1": [], "w2": []}
+
+        def work(owner: str) -> None:
+            while jobs := store.claim(owner, limit=16, lease_seconds=60):
+                stored = store.complete_batch(owner, [
+                    JobResult(job.id, "normal", {"normal": 1.0}, "v1", f"sr/job-{job.id}.dcm",
+                              []) for job in jobs])
+                assert all(stored)
+                done[owner] += [job.id for job in jobs]
+
+        workers = [threading.Thread(target=work, args=(owner,)) for owner in done]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=300)
+        assert not set(done["w1"]) & set(done["w2"])
+        assert sorted(done["w1"] + done["w2"]) == list(range(1, total + 1))
+        assert store.counts() == {"done": total}
+        attempts = [j.attempts for j in store.list(limit=total)]
+        # The dead worker's 8 were claimed twice; the first of them, by the probe, three times.
+        assert sorted(attempts) == [1] * (total - 8) + [2] * 7 + [3]
