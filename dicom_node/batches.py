@@ -117,7 +117,9 @@ class BatchLoader:
         for job, future in futures:
             try:
                 prepared.append(future.result())
-            except Exception as exc:
+            except preprocess.MUST_PROPAGATE:
+                raise
+            except BaseException as exc:  # a native extension's panic too
                 state = self.store.fail(job.id, self.owner, f"preprocessing failed: {exc}")
                 LOGGER.warning("job %d: preprocessing failed (%s); now %s", job.id,
                                type(exc).__name__, state.value if state else "not ours")

@@ -37,6 +37,7 @@ from dicom_node.errors import (
     PolicyRefused,
     UndecodableDataset,
 )
+from model.preprocess import MUST_PROPAGATE
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,7 +105,9 @@ def decode_elements(ds: Dataset) -> None:
         raise
     except RecursionError as exc:
         raise UndecodableDataset("data set nested too deeply") from exc
-    except Exception as exc:
+    except MUST_PROPAGATE:
+        raise
+    except BaseException as exc:  # a native extension's panic too
         raise UndecodableDataset(f"malformed element: {type(exc).__name__}") from exc
 
 
@@ -128,15 +131,38 @@ def decode_pixels(ds: Dataset, max_pixels: int) -> None:
     if "PixelData" not in ds:
         raise DatasetMismatch("image SOP Class without Pixel Data")
     _check_pixel_budget(ds, max_pixels)
+    _check_display_numbers(ds)
     try:
         # Every frame is decoded (compressed data must prove decodable); native data,
         # already checked for length, is only viewed, and the unused high bits are
         # left to the worker's lookup table.
         pixels = pixel_array(ds, view_only=True, correct_unused_bits=False)
-    except Exception as exc:
+    except MUST_PROPAGATE:
+        raise
+    except BaseException as exc:  # a Rust decoder's panic too
         raise UndecodableDataset(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
     if not isinstance(pixels, np.ndarray) or pixels.size == 0:
         raise UndecodableDataset("pixel data decoded to nothing")
+
+
+#: The numbers the display pipeline computes with (PS3.3 C.11.1, C.11.2): an image whose
+#: window or rescale is not a number cannot be shown as it would be read, so it is not
+#: acknowledged for classification (the worker could only fail it later).
+_DISPLAY_NUMBERS = ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept")
+
+
+def _check_display_numbers(ds: Dataset) -> None:
+    for keyword in _DISPLAY_NUMBERS:
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        values = value if isinstance(value, MultiValue) else [value]
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            numbers = []
+        if not numbers or not all(np.isfinite(numbers)):
+            raise DatasetMismatch(f"{keyword} is not a number")
 
 
 def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:

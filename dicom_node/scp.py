@@ -55,6 +55,7 @@ from dicom_node.jobs import JobStore, ReceivedInstance, study_key, study_key_sec
 from dicom_node.libraries import bound_pdu_reads
 from dicom_node.spool import Spool, SpooledFile
 from dicom_node.tcp import NO_DELAY
+from model.preprocess import MUST_PROPAGATE
 
 LOGGER = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ class StorageService:
         except IntakeError as exc:
             LOGGER.warning("C-STORE refused (0x%04X): %s", exc.status, exc.comment)
             return _status(exc.status, exc.comment)
-        except Exception:
+        except MUST_PROPAGATE:
+            raise
+        except BaseException:  # a native extension's panic too
             LOGGER.exception("C-STORE failed unexpectedly")
             return _status(Status.INTERNAL_ERROR, "internal error")
 

@@ -36,6 +36,24 @@ class PreprocessError(ValueError):
     """The file cannot be turned into a network input; the message says why."""
 
 
+#: What a decoder's failure must never be mistaken for. Anything else escaping a pixel
+#: decoder -- including pyo3's ``PanicException``, which the Rust decoders
+#: (pylibjpeg-rle) raise on crafted data and which derives from BaseException, not
+#: Exception -- means the pixel data cannot be decoded.
+MUST_PROPAGATE = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _pixels(ds: Dataset, **options: Any) -> NDArray[Any]:
+    """``pydicom.pixels.pixel_array(ds, **options)``; PreprocessError when it fails."""
+    try:
+        decoded: NDArray[Any] = pixel_array(ds, **options)
+    except MUST_PROPAGATE:
+        raise
+    except BaseException as exc:  # see MUST_PROPAGATE
+        raise PreprocessError(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
+    return decoded
+
+
 def load(path: Path, size: int, interpolation: Interpolation = DEFAULT_INTERPOLATION
          ) -> NDArray[np.float32]:
     """Read a DICOM or image file and return the network input (size x size x 3, [0, 1])."""
@@ -122,13 +140,10 @@ def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | Non
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     colour = int(ds.get("SamplesPerPixel", 1)) != 1
     bits_stored = int(ds.get("BitsStored", 0) or 0)
-    try:
-        if colour:
-            pixels = pixel_array(ds, index=0)
-        else:
-            pixels = pixel_array(ds, index=0, view_only=True, correct_unused_bits=False)
-    except Exception as exc:
-        raise PreprocessError(f"pixel data cannot be decoded: {type(exc).__name__}") from exc
+    if colour:
+        pixels = _pixels(ds, index=0)
+    else:
+        pixels = _pixels(ds, index=0, view_only=True, correct_unused_bits=False)
     if colour or pixels.ndim == 3:
         rgb = np.asarray(pixels, dtype=np.float64)
         gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
@@ -136,7 +151,7 @@ def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | Non
     if pixels.dtype.kind not in "iu" or pixels.itemsize > 2 \
             or not 0 < bits_stored <= 8 * pixels.itemsize:
         # 32-bit stored values: no table; the pipeline runs on the corrected pixels.
-        corrected = pixel_array(ds, index=0)
+        corrected = _pixels(ds, index=0)
         return _display_gray8(corrected, ds), None
     if not pixels.dtype.isnative:  # Explicit VR Big Endian (retired) viewed as stored
         pixels = pixels.astype(pixels.dtype.newbyteorder("="))
@@ -169,7 +184,21 @@ def _already_8bit(ds: Dataset) -> bool:
 def _display_gray8(pixels: NDArray[Any], ds: Dataset,
                    stretch: tuple[float, float] | None = None) -> NDArray[np.uint8]:
     """Stored values -> 8-bit gray: Modality LUT, VOI LUT or first window (else min-max
-    over the image, or over ``stretch`` when given), MONOCHROME1 inverted."""
+    over the image, or over ``stretch`` when given), MONOCHROME1 inverted.
+    PreprocessError when the file's display attributes cannot be applied (a Window
+    Center that is not a number, a malformed LUT): the image cannot be shown as it
+    would be read, so it is not classified."""
+    try:
+        return _display(pixels, ds, stretch)
+    except (PreprocessError, *MUST_PROPAGATE):
+        raise
+    except BaseException as exc:  # see MUST_PROPAGATE
+        raise PreprocessError(f"display attributes cannot be applied: {type(exc).__name__}"
+                              ) from exc
+
+
+def _display(pixels: NDArray[Any], ds: Dataset,
+             stretch: tuple[float, float] | None) -> NDArray[np.uint8]:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     values = apply_modality_lut(pixels, ds)
     if _has_voi(ds):

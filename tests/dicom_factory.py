@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom import config as pydicom_config
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -191,6 +192,17 @@ def nested_sequences(depth: int) -> bytes:
     closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     at = raw.index(struct.pack("<HH", 0x0008, 0x0016) + b"UI")
     return raw[:at] + (open_sq + item) * depth + closing * depth + raw[at:]
+
+
+def window_not_a_number(**kw: object) -> Dataset:
+    """A chest image whose Window Center reads ``2O48`` (a letter O): as a file with that
+    byte slip arrives, and as pydicom reads it (a string, validation off). Found by the
+    fuzzer."""
+    raw = bytearray(part10_bytes(chest_image(**kw)))
+    at = raw.index(struct.pack("<HH", 0x0028, 0x1050) + b"DS")
+    length = struct.unpack("<H", raw[at + 6:at + 8])[0]
+    raw[at + 8:at + 8 + length] = b"2O48".ljust(length)
+    return dcmread(BytesIO(bytes(raw)))
 
 
 def save(ds: Dataset, path: Path) -> Path:

@@ -26,6 +26,7 @@ from dicom_factory import (
     jpeg_ls,
     rle,
     save,
+    window_not_a_number,
 )
 
 #: cv2.resize's INTER_LINEAR computes uint8 images in fixed point (weights quantised to
@@ -294,3 +295,10 @@ def test_not_an_image_is_reported(tmp_path: Path) -> None:
     bogus.write_text("hello")
     with pytest.raises(preprocess.PreprocessError):
         preprocess.load(bogus, 96)
+
+
+def test_display_attributes_that_cannot_be_applied_are_a_preprocess_error() -> None:
+    """Found by the fuzzer: a Window Center that is not a number raised TypeError from
+    pydicom's windowing; the worker must get PreprocessError with the reason."""
+    with pytest.raises(preprocess.PreprocessError, match="display attributes"):
+        preprocess.dicom_tensor(window_not_a_number(), 32)

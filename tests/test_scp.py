@@ -39,6 +39,7 @@ from dicom_factory import (
     jpeg_ls,
     part10_bytes,
     rle,
+    window_not_a_number,
 )
 from helpers.dimse import associate, scu, store
 from helpers.environment import CALLING_AE, NODE_AE, wait_until
@@ -105,6 +106,27 @@ def test_corrupt_jpeg2000_is_cannot_understand(make_node: NodeFactory) -> None:
     data[-40:-2] = b"\x00" * 38
     ds.PixelData = bytes(data)
     assert store(node, [ds]) == [Status.CANNOT_DECODE]
+    assert jobs(node) == [] and list(node.spool.files()) == []
+
+
+def test_rle_that_panics_the_rust_decoder_is_cannot_understand(make_node: NodeFactory
+                                                                ) -> None:
+    """Found by the fuzzer (tests/fuzz/crashes/): pylibjpeg-rle panics on this RLE data,
+    and pyo3's PanicException derives from BaseException, which escaped the handler:
+    the sender got no answer and its association was aborted. Now 0xC210."""
+    ds = dcmread(Path(__file__).parent / "fuzz" / "crashes" / "rle-decoder-panic.dcm")
+    node = make_node()
+    assert store(node, [ds]) == [Status.CANNOT_DECODE]
+    assert jobs(node) == [] and list(node.spool.files()) == []
+    assert store(node, [chest_image()]) == [Status.SUCCESS]  # the node goes on
+
+
+def test_a_window_that_is_not_a_number_is_refused_before_acknowledging(
+        make_node: NodeFactory) -> None:
+    """Found by the fuzzer: the image was acknowledged, and the worker then failed it
+    (preprocessing could not apply the window). Now the sender hears it: 0xA900."""
+    node = make_node()
+    assert store(node, [window_not_a_number()]) == [Status.DATASET_MISMATCH]
     assert jobs(node) == [] and list(node.spool.files()) == []
 
 
