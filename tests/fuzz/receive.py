@@ -1,0 +1,128 @@
+"""Fuzzing the receive path with atheris: bytes -> pydicom -> intake (every element, the
+rules, the pixel budget and decode) -> preprocessing -> SR, as the node runs them.
+
+Each stage must refuse bad input the way the node expects, never otherwise:
+
+* parsing: anything (the SCP answers a data set pynetdicom cannot decode with 0xC210);
+* ``intake.decode_elements``: only ``UndecodableDataset``;
+* ``intake.decide``: only ``PolicyRefused``;
+* ``intake.decode_pixels``: only ``UndecodableDataset``, ``DatasetMismatch`` or
+  ``PixelBudgetExceeded``;
+* ``preprocess.dicom_tensor``: only ``PreprocessError``; otherwise a finite tensor in
+  [0, 1] of the requested shape;
+* the SR: any exception (the worker fails that job with the reason) -- but no hang,
+  no crash of the interpreter, no memory blow-up: libFuzzer's -timeout and
+  -rss_limit_mb catch those.
+
+Anything else is a crash: libFuzzer writes the input as ``crash-<sha1>``; keep it in
+``tests/fuzz/crashes/`` (``tests/test_fuzz.py`` replays every file there through
+:func:`check`). Run for an hour, from a seed corpus of valid files::
+
+    .venv/bin/python tests/fuzz/receive.py --make-corpus /tmp/corpus
+    .venv/bin/python tests/fuzz/receive.py -rss_limit_mb=2048 -timeout=20 \\
+        -max_total_time=3600 -artifact_prefix=tests/fuzz/crashes/ /tmp/corpus
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from io import BytesIO
+from pathlib import Path
+
+import atheris
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+with atheris.instrument_imports(include=["dicom_node", "model", "pydicom", "highdicom"]):
+    import numpy as np
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from dicom_node import intake, libraries
+    from dicom_node.config import IntakeRules
+    from dicom_node.errors import (
+        DatasetMismatch,
+        PixelBudgetExceeded,
+        PolicyRefused,
+        UndecodableDataset,
+    )
+    from dicom_node.report import Classification, ReportBuilder
+    from dicom_node.scp import TRANSFER_SYNTAXES
+    from model import preprocess
+    from model.card import ModelCard
+
+#: Small enough that a fuzzed size cannot take the harness's memory; the rules are
+#: the node's defaults.
+MAX_PIXELS = 2**22
+INPUT_SIZE = 32
+RULES = IntakeRules()
+REPORTS = ReportBuilder(ModelCard(version="fuzz", architecture="concatenated",
+                                  input_size=INPUT_SIZE, sha256="0" * 64, trained=False))
+RESULT = Classification("normal", {"covid": 0.1, "normal": 0.8, "pneumonia": 0.1})
+libraries.configure()
+
+
+def check(data: bytes) -> None:
+    """Run ``data`` through the receive path; raise (a crash) only on what the node does
+    not expect."""
+    try:
+        ds = dcmread(BytesIO(data), force=True)
+    except Exception:
+        return  # refused as undecodable
+    try:
+        intake.decode_elements(ds)
+    except UndecodableDataset:
+        return
+    try:
+        decision = intake.decide(ds, RULES)
+    except PolicyRefused:
+        return
+    if decision.disposition is not intake.Disposition.QUEUE:
+        return
+    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds.__dict__ else None
+    if syntax not in TRANSFER_SYNTAXES:
+        return  # the SCP's data set carries a transfer syntax it negotiated, one of these
+    try:
+        intake.decode_pixels(ds, MAX_PIXELS)
+    except (UndecodableDataset, DatasetMismatch, PixelBudgetExceeded):
+        return
+    try:
+        tensor = preprocess.dicom_tensor(ds, INPUT_SIZE)
+    except preprocess.PreprocessError:
+        return
+    if tensor.shape != (INPUT_SIZE, INPUT_SIZE, 3) or not np.all(np.isfinite(tensor)) \
+            or tensor.min() < 0 or tensor.max() > 1:
+        raise AssertionError(f"preprocessing returned {tensor.shape}, "
+                             f"range {tensor.min()}..{tensor.max()}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            REPORTS.build(ds, RESULT, generate_uid(), generate_uid())
+        except Exception:
+            return  # the worker fails the job with the reason
+
+
+def make_corpus(folder: Path) -> None:
+    """Valid seed files: the tests' chest images in each transfer syntax the node takes."""
+    from dicom_factory import chest_image, cr_monochrome1, dx_16bit, jpeg2000, jpeg_ls, rle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, make in enumerate([chest_image, dx_16bit, cr_monochrome1, jpeg2000, jpeg_ls, rle]):
+        ds = make()
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        (folder / f"seed-{k}.dcm").write_bytes(buffer.getvalue())
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--make-corpus":
+        make_corpus(Path(sys.argv[2]))
+        return
+    atheris.Setup(sys.argv, check)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
