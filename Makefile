@@ -114,12 +114,14 @@ install-bench: install-test
 
 bench: install-bench debian-test-packages
 	$(BIN)/python bench/receive.py
+	$(BIN)/python bench/load.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/train_input.py
 
 bench-quick: install-bench debian-test-packages
 	$(BIN)/python bench/receive.py --quick
+	$(BIN)/python bench/load.py --quick
 	$(BIN)/python bench/inference.py --quick
 	$(BIN)/python bench/e2e.py --quick
 	$(BIN)/python bench/train_input.py --quick
