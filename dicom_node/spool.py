@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,35 @@ _FILE_MODE = 0o640
 _SHARD = re.compile(r"^[0-9a-f]{2}$")
 
 
+class _LowSpace:
+    """Refusals for lack of disk space, logged once an episode: when the first instance
+    is refused, and when one is stored again (with how many were refused meanwhile),
+    not once per instance of a PACS retrying a whole study."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = False
+        self._refused = 0
+
+    def refused(self, message: str, *args: object) -> None:
+        with self._lock:
+            self._refused += 1
+            first, self._active = not self._active, True
+        if first:
+            LOGGER.error(message + "; refusing instances with 0xA700 until space is freed",
+                         *args)
+
+    def stored(self) -> None:
+        if not self._active:  # the common case, without the lock
+            return
+        with self._lock:
+            if not self._active:
+                return
+            refused, self._active, self._refused = self._refused, False, 0
+        LOGGER.warning("disk space available again: receiving (%d instance(s) refused "
+                       "meanwhile)", refused)
+
+
 @dataclass(frozen=True)
 class SpooledFile:
     """A file now durable in the spool; ``name`` is relative to the spool root."""
@@ -51,6 +81,7 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
+        self._low_space = _LowSpace()
         self._tmp = root / _TMP
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o750)
         _fsync_dir(root)
@@ -76,9 +107,12 @@ class Spool:
         try:
             self._durable_write(name, chunks, received=True)
         except OSError as exc:
-            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._low_space.refused("disk full: %s", os.strerror(exc.errno))
+                raise OutOfResources("cannot store instance: disk full") from exc
             LOGGER.error("spool write failed: %s", os.strerror(exc.errno or 0))
-            raise OutOfResources(f"cannot store instance: {reason}") from exc
+            raise OutOfResources("cannot store instance: write failed") from exc
+        self._low_space.stored()
         return SpooledFile(name=name, size=size)
 
     def write_report(self, job_id: int, data: bytes) -> str:
@@ -140,8 +174,8 @@ class Spool:
     def _check_free_space(self, size: int) -> None:
         free = shutil.disk_usage(self.root).free
         if free - size < self.min_free_bytes:
-            LOGGER.warning("refusing instance: %d MB free, minimum %d MB",
-                           free // 2**20, self.min_free_bytes // 2**20)
+            self._low_space.refused("disk space low: %d MB free, minimum %d MB",
+                                    free // 2**20, self.min_free_bytes // 2**20)
             raise OutOfResources("not enough free disk space")
 
     def files(self) -> Iterator[str]:

@@ -152,6 +152,24 @@ def test_disk_space_below_minimum_is_out_of_resources(make_node: NodeFactory) ->
     assert jobs(node) == [] and list(node.spool.files()) == []
 
 
+def test_low_disk_space_is_logged_once_an_episode(make_node: NodeFactory,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A PACS retrying a whole study against a full disk: one line when refusals start,
+    one when an instance is stored again, not one per instance."""
+    node = make_node(min_free_disk_mb=2**40)
+    with caplog.at_level(logging.INFO):
+        assert store(node, [chest_image(seed=i) for i in range(5)]) == [
+            Status.OUT_OF_RESOURCES] * 5
+        node.spool.min_free_bytes = 0  # space freed
+        assert store(node, [chest_image(seed=i) for i in range(5, 7)]) == [Status.SUCCESS] * 2
+        node.spool.min_free_bytes = 2**60  # and full again: a new episode
+        assert store(node, [chest_image(seed=7)]) == [Status.OUT_OF_RESOURCES]
+    text = caplog.text
+    assert text.count("disk space low") == 2 and text.count("refusing instances") == 2
+    assert text.count("disk space available again") == 1
+    assert "(5 instance(s) refused meanwhile)" in text
+
+
 def test_database_failure_is_out_of_resources_and_leaves_no_file(
         make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     node = make_node()
