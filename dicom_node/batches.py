@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -57,6 +58,28 @@ class Batch:
     preprocess: float
 
 
+class HeldJobs:
+    """The ids of the jobs a worker is working on: claimed, and not yet stored, given
+    back, or dropped after an error. Only these leases are renewed; a job dropped
+    here keeps its lease until it expires, and is then retried."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+
+    def add(self, jobs: Iterable[Job]) -> None:
+        with self._lock:
+            self._ids.update(job.id for job in jobs)
+
+    def drop(self, jobs: Iterable[Job]) -> None:
+        with self._lock:
+            self._ids.difference_update(job.id for job in jobs)
+
+    def ids(self) -> list[int]:
+        with self._lock:
+            return sorted(self._ids)
+
+
 class BatchLoader:
     """Claims batches for ``owner`` and decodes them."""
 
@@ -66,6 +89,8 @@ class BatchLoader:
         self.store = store
         self.spool = spool
         self.owner = owner
+        #: What this loader claimed and its worker has not finished with.
+        self.held = HeldJobs()
         self._stopping = stopping
         self._pool = ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 2),
                                         thread_name_prefix="preprocess")
@@ -92,13 +117,16 @@ class BatchLoader:
         is claimed."""
         lease = self.settings.lease_seconds
         jobs = self.store.claim(self.owner, size, lease)
+        self.held.add(jobs)
         if not jobs:
             return []
         deadline = time.monotonic() + self.settings.max_batch_delay_ms / 1000
         while len(jobs) < size and time.monotonic() < deadline:
             if self._stopping.wait(_FILL_POLL_SECONDS):
                 break
-            jobs += self.store.claim(self.owner, size - len(jobs), lease)
+            more = self.store.claim(self.owner, size - len(jobs), lease)
+            self.held.add(more)
+            jobs += more
         return jobs
 
     def prepare(self, jobs: list[Job], engine: Engine) -> list[Prepared]:
@@ -120,6 +148,7 @@ class BatchLoader:
             except preprocess.MUST_PROPAGATE:
                 raise
             except BaseException as exc:  # a native extension's panic too
+                self.held.drop([job])
                 state = self.store.fail(job.id, self.owner, f"preprocessing failed: {exc}")
                 LOGGER.warning("job %d: preprocessing failed (%s); now %s", job.id,
                                type(exc).__name__, state.value if state else "not ours")

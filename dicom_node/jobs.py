@@ -290,19 +290,22 @@ class JobStore:
             jobs = list(session.scalars(statement.execution_options(synchronize_session=False)))
         return sorted(jobs, key=lambda j: j.id)
 
-    def extend_leases(self, owner: str, lease_seconds: float) -> int:
-        """Renew every lease ``owner`` holds to ``lease_seconds`` from now; how many.
+    def extend_leases(self, owner: str, lease_seconds: float, job_ids: Sequence[int]) -> int:
+        """Renew ``owner``'s leases on ``job_ids`` to ``lease_seconds`` from now; how many.
 
-        A worker calls this while it works, so that a batch slower than one lease
-        (a slow GPU, a large batch) is not reclaimed by another worker and
-        classified twice. A lease that already expired and was reaped is not
-        ours any more and stays with whoever holds it now.
+        A worker calls this for the jobs it is working on, so that a batch slower
+        than one lease (a slow GPU, a large batch) is not reclaimed by another
+        worker and classified twice. A lease that already expired and was reaped
+        is not ours any more and stays with whoever holds it now.
         """
+        if not job_ids:
+            return 0
         now = utcnow()
         with self._sessions.begin() as session:
             renewed = session.execute(
                 update(Job)
-                .where(Job.lease_owner == owner, Job.state == JobState.RUNNING)
+                .where(Job.id.in_(list(job_ids)), Job.lease_owner == owner,
+                       Job.state == JobState.RUNNING)
                 .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
                 .execution_options(synchronize_session=False))
         return int(getattr(renewed, "rowcount", 0))

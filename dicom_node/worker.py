@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -26,10 +27,13 @@ from numpy.typing import NDArray
 from dicom_node.batches import Batch, BatchLoader
 from dicom_node.config import Settings
 from dicom_node.jobs import JobStore, new_worker_id
-from dicom_node.model_holder import ModelHolder
+from dicom_node.model_holder import LoadedModel, ModelHolder
 from dicom_node.report import ReportBuilder
 from dicom_node.results import ResultWriter
 from dicom_node.spool import Spool
+
+if TYPE_CHECKING:
+    from model.engine import Engine
 
 LOGGER = logging.getLogger(__name__)
 
@@ -97,14 +101,19 @@ class Worker(threading.Thread):
             renewer.join()
 
     def _renew_leases(self, finished: threading.Event) -> None:
-        """Renew this worker's leases every third of a lease until ``finished``: a batch
-        (claimed ahead, in the network, or being written) may take longer than one
-        lease, and must not be reclaimed and classified twice meanwhile. If the
-        process dies or is paused, the renewals stop and the leases expire."""
+        """Renew the leases of the jobs this worker is working on (claimed ahead, in the
+        network, or being written: ``batches.held``) every third of a lease until
+        ``finished``: a batch may take longer than one lease, and must not be
+        reclaimed and classified twice meanwhile. A batch that failed is dropped
+        from ``held``, so its leases expire and it is retried; if the process dies or
+        is paused, the renewals stop and every lease expires. (A forward pass that
+        hangs keeps its batch: a liveness matter for the node's health, not for
+        the leases.)"""
         interval = self._lease_seconds / 3
         while not finished.wait(interval):
             try:
-                self._store.extend_leases(self.owner, self._lease_seconds)
+                self._store.extend_leases(self.owner, self._lease_seconds,
+                                          self.batches.held.ids())
             except Exception:
                 LOGGER.exception("renewing the worker's leases failed; trying again in %.0f s",
                                  interval)
@@ -140,14 +149,26 @@ class Worker(threading.Thread):
         to do). Its results are written in the background."""
         loaded = self.models.current()
         if loaded is None:
+            if self._next is not None and self._next.done() and self._next.exception() is None:
+                # No model to finish it with: its leases may expire for another worker.
+                self.batches.held.drop(self._next.result().jobs)
             return 0
         engine = loaded.engine
         if self._next is not None:
             batch, self._next = self._next.result(), None
+            self.batches.held.add(batch.jobs)  # dropped above if the model went away
         else:
             batch = self.batches.load(engine)
         if not batch.jobs:
             return 0
+        try:
+            return self._run(batch, loaded, engine)
+        except BaseException:
+            # Given up here: the leases expire and the jobs are retried.
+            self.batches.held.drop(batch.jobs)
+            raise
+
+    def _run(self, batch: Batch, loaded: LoadedModel, engine: Engine) -> int:
         if batch.engine is not engine:  # a new model: decode again for its input size
             batch = self.batches.redo(batch, engine)
         if not self._stop_event.is_set():
@@ -171,7 +192,10 @@ class Worker(threading.Thread):
                 maps: NDArray[np.float32] | None, reports: ReportBuilder,
                 inference: float) -> None:
         started = time.perf_counter()
-        self.results.write_batch(batch.prepared, probabilities, reports, maps)
+        try:
+            self.results.write_batch(batch.prepared, probabilities, reports, maps)
+        finally:  # stored, failed, lost, or given up: no longer this worker's to renew
+            self.batches.held.drop(batch.jobs)
         timings = BatchTimings(len(batch.jobs), batch.queue_wait, batch.preprocess, inference,
                                time.perf_counter() - started)
         self.last_timings = timings

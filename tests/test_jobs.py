@@ -187,16 +187,18 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(store: JobStore) -
     assert "lease expired" in (job.last_error or "")
 
 
-def test_renewing_extends_only_the_owners_running_leases(store: JobStore) -> None:
-    fill(store, 3)
-    store.claim("w1", limit=2, lease_seconds=1)
-    store.claim("w2", limit=1, lease_seconds=1)
-    assert store.extend_leases("w1", lease_seconds=600) == 2
-    later = utcnow() + timedelta(seconds=5)  # w1's first lease would have expired
-    assert store.reap_expired_leases(later) == (1, 0)  # only w2's job
+def test_renewing_extends_only_the_owners_running_leases_it_names(store: JobStore) -> None:
+    fill(store, 4)
+    store.claim("w1", limit=3, lease_seconds=1)  # jobs 1-3
+    store.claim("w2", limit=1, lease_seconds=1)  # job 4
+    assert store.extend_leases("w1", 600, [1, 2, 4]) == 2  # job 4 is w2's; 3 not named
+    assert store.extend_leases("w1", 600, []) == 0
+    later = utcnow() + timedelta(seconds=5)  # the first leases would have expired
+    assert store.reap_expired_leases(later) == (2, 0)  # w1's job 3 and w2's job 4
     assert [(j.state, j.lease_owner) for j in sorted(store.list(), key=lambda j: j.id)] == [
-        (JobState.RUNNING, "w1"), (JobState.RUNNING, "w1"), (JobState.QUEUED, None)]
-    assert store.extend_leases("w2", lease_seconds=600) == 0  # reaped: not w2's any more
+        (JobState.RUNNING, "w1"), (JobState.RUNNING, "w1"), (JobState.QUEUED, None),
+        (JobState.QUEUED, None)]
+    assert store.extend_leases("w2", 600, [4]) == 0  # reaped: not w2's any more
 
 
 def test_jobs_of_a_dead_local_process_are_recovered(store: JobStore, url: str) -> None:

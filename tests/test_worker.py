@@ -249,13 +249,58 @@ def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
         running.stop()
 
 
+def _run_queue(settings: Settings, artifact: Path, count: int, workers: int
+               ) -> tuple[list[Any], list[Worker], list[int]]:
+    """Queue ``count`` chest images (a node with no model receives them), then run
+    ``workers`` workers on them with expired leases reaped every 0.1 s, until every job
+    is done; the jobs, the workers, and how many leases were reaped."""
+    import threading
+
+    receiving = Node(settings)
+    receiving.start()
+    try:
+        assert store(receiving, [chest_image(seed=i) for i in range(count)]) == [0] * count
+    finally:
+        receiving.stop()
+    card.install(artifact, settings.model_dir, allow_unvalidated=True)
+    reaped: list[int] = []
+    stop = threading.Event()
+    with JobStore(settings.database_url) as jobs:
+
+        def reap() -> None:
+            while not stop.wait(0.1):
+                reaped.append(sum(jobs.reap_expired_leases()))
+
+        spool = Spool(settings.storage_dir)
+        running = [Worker(settings, jobs, spool) for _ in range(workers)]
+        reaper = threading.Thread(target=reap, daemon=True)
+        reaper.start()
+        for worker in running:
+            worker.start()
+        try:
+            wait_until(lambda: jobs.counts() == {"done": count}, timeout=120)
+        finally:
+            for worker in running:
+                worker.stop()
+            for worker in running:
+                worker.join(timeout=60)
+            stop.set()
+            reaper.join()
+        return sorted(jobs.list(), key=lambda j: j.id), running, reaped
+
+
+def _lease_settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True,
+                    port=free_port(), allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
+                    lease_seconds=1.0, batch_size=2, max_batch_delay_ms=0)
+
+
 def test_a_batch_slower_than_its_lease_is_classified_once(
         tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers on one job store, a lease of 1 s, and a network that takes 2.5 s a
     batch (a slow GPU, a paused VM) while expired leases are reaped every 0.1 s: each
     worker renews the leases of the batches it holds (in the network, claimed ahead,
     being written), so no job is reclaimed by the other and classified twice."""
-    import threading
     import time
 
     from model import engine
@@ -276,43 +321,32 @@ def test_a_batch_slower_than_its_lease_is_classified_once(
         return write_report(self, job_id, data)
 
     monkeypatch.setattr(Spool, "write_report", counted)
-    settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True,
-                        port=free_port(), allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
-                        lease_seconds=1.0, batch_size=2, max_batch_delay_ms=0)
-    receiving = Node(settings)  # no model yet: the images wait in the queue
-    receiving.start()
-    try:
-        assert store(receiving, [chest_image(seed=i) for i in range(6)]) == [0] * 6
-    finally:
-        receiving.stop()
-    card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
-    reaped: list[int] = []
-    stop = threading.Event()
-    with JobStore(settings.database_url) as jobs:
-
-        def reap() -> None:
-            while not stop.wait(0.1):
-                reaped.append(sum(jobs.reap_expired_leases()))
-
-        spool = Spool(settings.storage_dir)
-        workers = [Worker(settings, jobs, spool) for _ in range(2)]
-        reaper = threading.Thread(target=reap, daemon=True)
-        reaper.start()
-        for worker in workers:
-            worker.start()
-        try:
-            wait_until(lambda: jobs.counts() == {"done": 6}, timeout=120)
-        finally:
-            for worker in workers:
-                worker.stop()
-            for worker in workers:
-                worker.join(timeout=60)
-            stop.set()
-            reaper.join()
-        done = jobs.list()
-    assert sorted(reports) == sorted(j.id for j in done)  # one SR each, none built twice
+    settings = _lease_settings(tmp_path)
+    done, workers, reaped = _run_queue(settings, small_artifact, 6, 2)
+    assert sorted(reports) == [j.id for j in done]  # one SR each, none built twice
     assert [j.attempts for j in done] == [1] * 6
     assert sum(reaped) == 0
     # The batches were slower than their lease.
     assert any(w.last_timings is not None and w.last_timings.inference > settings.lease_seconds
                for w in workers)
+
+
+def test_a_batch_that_fails_is_not_renewed_but_retried(
+        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first forward pass fails (a GPU error): that batch's leases are no longer
+    renewed, so they expire, the jobs are reaped and classified again; the others once."""
+    from model import engine
+
+    failures = [RuntimeError("CUDA error: an illegal memory access was encountered")]
+    for name in ("predict", "predict_with_maps"):
+        working = getattr(engine.Engine, name)
+
+        def failing_once(self: engine.Engine, images: Any, _working: Any = working) -> Any:
+            if failures:
+                raise failures.pop()
+            return _working(self, images)
+
+        monkeypatch.setattr(engine.Engine, name, failing_once)
+    done, _, reaped = _run_queue(_lease_settings(tmp_path), small_artifact, 4, 1)
+    assert sum(reaped) == 2  # the failed batch's two jobs, once their leases ran out
+    assert sorted(j.attempts for j in done) == [1, 1, 2, 2]
