@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import socketserver
 import ssl
 import threading
@@ -314,6 +315,29 @@ class _NodeServer(ThreadedAssociationServer):
             return True
         LOGGER.warning("connection from a host not in allowed_peer_hosts refused")
         return False
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection, nothing more. pynetdicom's own ``get_request`` runs the
+        TLS handshake here, on the one thread that accepts every connection, with no
+        timeout: a peer that connects and says nothing stopped the node accepting
+        anyone. The handshake runs in the connection's own thread instead
+        (:meth:`process_request_thread`), bounded by ``acse_timeout``."""
+        self.socket = cast(socket.socket, self.socket)
+        return self.socket.accept()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.ae.acse_timeout)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(previous)
+            except OSError as exc:  # ssl.SSLError and TimeoutError are OSErrors
+                LOGGER.warning("TLS handshake failed (%s): connection closed",
+                               type(exc).__name__)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
     def shutdown(self) -> None:
         """Stop serving and close the socket. (pynetdicom's own shutdown also takes the

@@ -385,6 +385,23 @@ def test_tls_with_client_certificate(make_node: NodeFactory, tmp_path: Path) -> 
     assert not plain.associate("127.0.0.1", node.settings.port, ae_title=NODE_AE).is_established
 
 
+def test_a_silent_tls_peer_blocks_nobody(make_node: NodeFactory, tmp_path: Path) -> None:
+    """Found in review: pynetdicom runs the TLS handshake on the thread that accepts every
+    connection, without a timeout, so one peer that connected and said nothing stopped
+    the node accepting anyone. Now each handshake runs in its connection's thread,
+    bounded by acse_timeout."""
+    server_cert, server_key = _self_signed(tmp_path, "node")
+    client_cert, client_key = _self_signed(tmp_path, "pacs")
+    node = make_node(tls_certificate=server_cert, tls_private_key=server_key,
+                     tls_ca_certificates=client_cert, acse_timeout=2.0)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+    client.load_cert_chain(client_cert, client_key)
+    with socket.create_connection(("127.0.0.1", node.settings.port), timeout=10) as silent:
+        assert store(node, [chest_image()], tls=client) == [Status.SUCCESS]
+        silent.settimeout(10)
+        assert silent.recv(1) == b""  # closed by the node after its handshake timeout
+
+
 def test_both_ends_of_an_association_send_without_delay(make_node: NodeFactory) -> None:
     # Nagle's algorithm plus the peer's delayed ACK cost ~40 ms per DIMSE exchange.
     node = make_node()
