@@ -5,8 +5,10 @@ quarantines spool files without a job row, which are, for a node that is
 running, files it has just renamed and not yet committed. A second node on the
 same data directory (systemd plus a start by hand) would quarantine the first
 one's instances in flight. So a receiving node holds an exclusive lock on
-``<data_dir>/node.lock`` (``flock``) from before its recovery until it stops;
-another node on that directory refuses to start and names the one running. The
+``<data_dir>/node.lock`` and on ``<storage_dir>/node.lock`` (``flock``; the spool
+may be configured elsewhere) from before it touches either (the database schema,
+the spool, a model installed by ``serve --model``) until it stops; another node
+on either refuses to start and names the one running. The
 kernel releases the lock when the process ends, however it ends: a node killed
 with SIGKILL leaves no stale lock. ``dicom-node worker`` processes (classify and
 deliver only) do not recover the spool and take no lock; neither do the
@@ -33,8 +35,9 @@ class DataDirInUse(ConfigError):
 class DataDirLock:
     """The exclusive lock of one data directory, held by the node that receives."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, what: str = "data directory") -> None:
         self.data_dir = data_dir
+        self.what = what
         self.path = data_dir / LOCK_NAME
         self._fd: int | None = None
 
@@ -54,7 +57,7 @@ class DataDirLock:
             holder = os.pread(fd, 256, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise DataDirInUse(
-                f"the data directory {self.data_dir} is in use by another node ({holder}); "
+                f"the {self.what} {self.data_dir} is in use by another node ({holder}); "
                 f"stop that one first, or give this one its own data directory") from None
         except BaseException:
             os.close(fd)

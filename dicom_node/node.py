@@ -48,17 +48,26 @@ class Node:
             check_calling_ae_policy(settings)
         configure()
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        # One receiving node per data directory (taken in start, released in stop).
-        self.lock = DataDirLock(settings.data_dir) if receive else None
-        self.store = JobStore(settings.database_url, max_attempts=settings.max_attempts,
-                              study_quiet_seconds=settings.study_quiet_seconds)
-        self.spool = Spool(settings.storage_dir, settings.min_free_disk_mb * 2**20)
-        self.scheduler = Scheduler(settings, self.store, self.spool)
-        self.worker = Worker(settings, self.store, self.spool,
-                             on_results=self.scheduler.dispatch_now)
-        self.scp = (StorageSCP(settings, self.store, self.spool, on_queued=self.worker.wake)
-                    if receive else None)
+        # One receiving node per data directory and per spool, locked before anything in
+        # them is touched (the schema, the spool, a model installed by `serve --model`)
+        # and until stop: DataDirInUse, a ConfigError, names the node running.
+        self.locks = [DataDirLock(settings.data_dir, "data directory"),
+                      DataDirLock(settings.storage_dir, "spool directory")] if receive else []
+        try:
+            for lock in self.locks:
+                lock.acquire()
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            self.store = JobStore(settings.database_url, max_attempts=settings.max_attempts,
+                                  study_quiet_seconds=settings.study_quiet_seconds)
+            self.spool = Spool(settings.storage_dir, settings.min_free_disk_mb * 2**20)
+            self.scheduler = Scheduler(settings, self.store, self.spool)
+            self.worker = Worker(settings, self.store, self.spool,
+                                 on_results=self.scheduler.dispatch_now)
+            self.scp = (StorageSCP(settings, self.store, self.spool,
+                                   on_queued=self.worker.wake) if receive else None)
+        except BaseException:
+            self._release()
+            raise
         self._stop = threading.Event()
 
     def recover(self) -> RecoveryReport:
@@ -84,14 +93,11 @@ class Node:
         """Judge the active model, recover, then start the SCP, the scheduler and the
         worker.
 
-        ConfigError, before anything is touched, when another node receives on the
-        same data directory (:mod:`dicom_node.datadir`) or when the active model may
-        not serve (:meth:`check_model`). A node that does not receive recovers only the jobs of
+        ConfigError, before anything is touched, when the active model may not serve
+        (:meth:`check_model`). A node that does not receive recovers only the jobs of
         dead local workers: the spool is the receiving node's, and a file it has just
         renamed may not have its job row yet.
         """
-        if self.lock is not None:
-            self.lock.acquire()  # DataDirInUse (a ConfigError) names the node running
         try:
             active = self.check_model()
             if self.scp is not None:
@@ -104,8 +110,7 @@ class Node:
             self.scheduler.start()
             self.worker.start()
         except BaseException:
-            if self.lock is not None:
-                self.lock.release()
+            self._release()
             raise
 
     def check_model(self) -> card.ModelCard | None:
@@ -147,9 +152,12 @@ class Node:
             self.worker.join(timeout=120)
         self.scheduler.stop()
         self.store.close()
-        if self.lock is not None:
-            self.lock.release()
+        self._release()
         LOGGER.info("stopped")
+
+    def _release(self) -> None:
+        for lock in getattr(self, "locks", []):
+            lock.release()
 
     def run(self) -> None:
         """Start and block until SIGTERM or SIGINT."""

@@ -93,20 +93,32 @@ def test_serve_without_an_allowed_calling_ae_refuses_to_start(tmp_path: Path) ->
     assert not (tmp_path / "var").exists()  # no recovery, no database: nothing touched
 
 
-def test_a_second_node_on_the_same_data_dir_refuses_to_start(node: NodeProcess) -> None:
-    """A double start (systemd plus a start by hand): the second node must not run its
-    start-up recovery, which would quarantine the first one's instances in flight."""
+def test_a_second_node_on_the_same_data_dir_refuses_to_start(node: NodeProcess,
+                                                             small_artifact: Path) -> None:
+    """A double start (systemd plus a start by hand): the second node must touch nothing
+    -- no start-up recovery, which would quarantine the first one's instances in flight,
+    and no model installed by its --model -- whether it shares the data directory or
+    only the spool."""
+    from model import card
+
     assert node.proc is not None
     in_flight = node.spool / "ab" / "renamed-not-yet-committed.dcm"  # no job row yet
     in_flight.parent.mkdir(parents=True, exist_ok=True)
     in_flight.write_bytes(b"DICM")
     second = cli("serve", "--host", "127.0.0.1", "--port", str(free_port()),
                  "--data-dir", str(node.data_dir), "--allow-calling-ae", CALLING_AE,
-                 timeout=120)
+                 "--model", str(small_artifact), timeout=120)
     assert second.returncode == 2, second.stdout + second.stderr
-    assert "in use by another node" in second.stderr
+    assert "data directory" in second.stderr and "in use by another node" in second.stderr
     assert f"pid {node.proc.pid} " in second.stderr and "Traceback" not in second.stderr
     assert in_flight.exists()  # not quarantined
+    assert card.active(node.data_dir / "models") is None  # the running node's model kept
+    elsewhere = node.data_dir.parent / "elsewhere"
+    third = cli("serve", "--host", "127.0.0.1", "--port", str(free_port()),
+                "--data-dir", str(elsewhere), "--allow-calling-ae", CALLING_AE,
+                env={"DICOM_NODE_STORAGE_DIR": str(node.spool)}, timeout=120)
+    assert third.returncode == 2 and "spool directory" in third.stderr, third.stderr
+    assert in_flight.exists()
     assert cli("echo", "127.0.0.1", str(node.port), "--calling-ae", CALLING_AE).returncode == 0
     # Once the first has stopped, a node starts there (a killed node leaves no lock either:
     # the kernel drops it with the process).

@@ -39,7 +39,7 @@ HOSTILE = {
 }
 #: Every name the node gives a file in its data directory.
 OWN_NAMES = re.compile(
-    r"(dicom-node\.db(-wal|-shm|-journal)?|node\.lock|study-key\.secret|"
+    r"(dicom-node\.db(-wal|-shm|-journal)?|node\.lock|spool/node\.lock|study-key\.secret|"
     r"spool/[0-9a-f]{2}/[0-9a-f]{32}\.dcm|spool/sr/(job|evidence)-\d+\.dcm|"
     r"spool/messages/delivery-\d+\.(hl7|json)|models/.+)")
 
