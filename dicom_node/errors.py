@@ -42,11 +42,16 @@ class IntakeError(NodeError):
     """
 
     status: int = Status.INTERNAL_ERROR
+    #: True when whoever raised it has logged it already (lack of disk space is logged
+    #: once an episode, not once an instance): the handler then does not log it again.
+    logged: bool = False
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, logged: bool = False
+                 ) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
+        self.logged = logged
 
     @property
     def comment(self) -> str:

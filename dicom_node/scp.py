@@ -110,7 +110,8 @@ class StorageService:
             outcome = self._store(event)
             return _status(outcome.status)
         except IntakeError as exc:
-            LOGGER.warning("C-STORE refused (0x%04X): %s", exc.status, exc.comment)
+            if not exc.logged:
+                LOGGER.warning("C-STORE refused (0x%04X): %s", exc.status, exc.comment)
             return _status(exc.status, exc.comment)
         except MUST_PROPAGATE:
             raise

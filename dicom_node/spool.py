@@ -109,7 +109,7 @@ class Spool:
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._low_space.refused("disk full: %s", os.strerror(exc.errno))
-                raise OutOfResources("cannot store instance: disk full") from exc
+                raise OutOfResources("cannot store instance: disk full", logged=True) from exc
             LOGGER.error("spool write failed: %s", os.strerror(exc.errno or 0))
             raise OutOfResources("cannot store instance: write failed") from exc
         self._low_space.stored()
@@ -176,7 +176,7 @@ class Spool:
         if free - size < self.min_free_bytes:
             self._low_space.refused("disk space low: %d MB free, minimum %d MB",
                                     free // 2**20, self.min_free_bytes // 2**20)
-            raise OutOfResources("not enough free disk space")
+            raise OutOfResources("not enough free disk space", logged=True)
 
     def files(self) -> Iterator[str]:
         """Every received file in the spool, relative to the root.
