@@ -12,6 +12,8 @@ Two kinds of thing live here and nowhere else:
 
 from __future__ import annotations
 
+import logging
+import socket
 import struct
 import time
 from typing import Any
@@ -20,6 +22,8 @@ import pynetdicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pynetdicom import _config as pynetdicom_config
+
+LOGGER = logging.getLogger(__name__)
 
 _PYNETDICOM_SETTINGS = {
     "LOG_REQUEST_IDENTIFIERS": False,
@@ -89,23 +93,25 @@ def only_item(template: Any) -> Dataset:
     return item
 
 
-class PduRefused(OSError):
-    """A peer's PDU is longer than the node takes, or arrives too slowly: the
-    connection is closed (an OSError, so that pynetdicom closes the transport)."""
-
-
 #: PDU types of PS3.8 9.3 (A-ASSOCIATE-RQ .. A-ABORT).
 PDU_TYPES = frozenset(range(0x01, 0x08))
 #: A-ABORT PDU from the service provider (source 2), reason 0 (not specified) or 1
 #: (unrecognised PDU): PS3.8 9.3.8.
 _ABORT = {False: b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00",
           True: b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x01"}
+#: The least a peer must send, on average over each ``seconds`` it keeps the node
+#: waiting inside a read, in bytes a second: a byte every second is a stall.
+MIN_BYTES_PER_SECOND = 1024
+#: Larger PDUs are read in pieces of this size, as their bytes arrive, instead of into
+#: one buffer of the declared size allocated up front.
+_PIECE = 2**20
 
 
 def bound_pdu_reads(transport: Any, limit: int, seconds: float) -> None:
     """Make ``transport`` (an accepted association's ``AssociationSocket``) drop a peer
-    that sends what is not a DICOM PDU, or declares a PDU of more than ``limit``
-    bytes, or takes longer than ``seconds`` to send one, without reading it.
+    that sends what is not a DICOM PDU, declares a PDU of more than ``limit`` bytes,
+    takes longer than ``seconds`` to send one, or keeps the node waiting while
+    sending less than :data:`MIN_BYTES_PER_SECOND`, without reading any more of it.
 
     pynetdicom 3.0's ``DULServiceProvider._read_pdu_data`` reads each PDU as
     ``socket.recv(6)`` (type and length) and then ``socket.recv(length)``, and
@@ -114,63 +120,103 @@ def bound_pdu_reads(transport: Any, limit: int, seconds: float) -> None:
     timeouts are per read and between PDUs, so a peer trickling a byte a second
     holds the association and its thread for ever; and bytes that are not a PDU
     (an HTTP request, a TLS handshake) are answered with an A-ABORT per six bytes
-    and the connection is then left open. Both reads come here instead: a header
-    whose type is not a PDU's, or whose length is over ``limit``, is answered
-    with an A-ABORT and raises :class:`PduRefused` (pynetdicom then closes the
-    transport, Evt17) before anything more is read; so does a PDU not complete
-    within ``seconds`` of its first read. A PDU within bounds is read into one
-    buffer of its size. ``tests/test_libraries.py`` guards the read pattern.
+    and the connection is then left open. Both reads come here instead. A refused
+    peer gets one A-ABORT, the connection is shut down, one warning is logged (not
+    pynetdicom's error and traceback per refusal), and the read returns short, so
+    pynetdicom closes the transport (Evt17). ``tests/test_libraries.py`` guards the
+    read pattern.
     """
     sock = transport.socket
     header = True  # the reads alternate: a header, then the PDU it declared
+    deadline = 0.0  # of the PDU being read: header and body together
+    waited, received = 0.0, 0  # time inside reads and bytes, since the last rate check
 
-    def refuse(reason: str, unrecognised: bool) -> PduRefused:
+    def refuse(reason: str, unrecognised: bool, partial: bytearray) -> bytearray:
+        LOGGER.warning("connection from %s closed: %s", _peer(sock), reason)
         try:
             sock.sendall(_ABORT[unrecognised])
         except OSError:
             pass
-        return PduRefused(reason)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return partial
 
     def read(nr_bytes: int) -> bytearray:
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        nonlocal waited, received
+        pieces: list[bytearray] = []
         got = 0
-        deadline = time.monotonic() + seconds
         previous = sock.gettimeout()
         try:
             while got < nr_bytes:
-                remaining = deadline - time.monotonic()
-                try:
-                    if remaining <= 0:
-                        raise TimeoutError
-                    sock.settimeout(remaining if previous is None else min(remaining, previous))
-                    count = sock.recv_into(view[got:], min(nr_bytes - got, 2**20))
-                except TimeoutError:
-                    raise refuse(f"the peer sent {got} of {nr_bytes} bytes in {seconds:.0f} s",
-                                 False) from None
-                if not count:  # connection closed: what was read, as pynetdicom returns it
-                    return buffer[:got]
-                got += count
+                want = min(nr_bytes - got, _PIECE)
+                piece = bytearray(want)
+                view = memoryview(piece)
+                filled = 0
+                while filled < want:
+                    started = time.monotonic()
+                    remaining = deadline - started
+                    try:
+                        if remaining <= 0:
+                            raise TimeoutError
+                        sock.settimeout(remaining if previous is None
+                                        else min(remaining, previous))
+                        count = sock.recv_into(view[filled:], want - filled)
+                    except TimeoutError:
+                        view.release()
+                        return refuse(f"a PDU took longer than {seconds:.0f} s",
+                                      False, _joined(pieces, piece, filled))
+                    finally:
+                        waited += time.monotonic() - started
+                    if not count:  # closed: what was read, as pynetdicom returns it
+                        view.release()
+                        return _joined(pieces, piece, filled)
+                    filled += count
+                    received += count
+                    if waited >= seconds:
+                        rate = received / waited
+                        waited, received = 0.0, 0
+                        if rate < MIN_BYTES_PER_SECOND:
+                            view.release()
+                            return refuse(f"sending {rate:.0f} bytes a second", False,
+                                          _joined(pieces, piece, filled))
+                view.release()
+                pieces.append(piece)
+                got += want
         finally:
-            view.release()
             sock.settimeout(previous)
-        return buffer
+        return pieces[0] if len(pieces) == 1 else bytearray(b"".join(pieces))
 
     def recv(nr_bytes: int) -> bytearray:
-        nonlocal header
+        nonlocal header, deadline
         if not header:
             header = True
             return read(nr_bytes)
+        deadline = time.monotonic() + seconds
         data = read(nr_bytes)
         if len(data) == 6:
             pdu_type, _, length = struct.unpack(">BBL", data)
             if pdu_type not in PDU_TYPES:
-                raise refuse(f"the peer sent bytes that are not a DICOM PDU (type "
-                             f"0x{pdu_type:02X})", True)
+                return refuse(f"bytes that are not a DICOM PDU (type 0x{pdu_type:02X})",
+                              True, bytearray())
             if length > limit:
-                raise refuse(f"the peer declared a PDU of {length} bytes, over the node's "
-                             f"limit of {limit}", False)
+                return refuse(f"a PDU of {length} bytes declared, over the limit of {limit}",
+                              False, bytearray())
             header = False
         return data
 
     transport.recv = recv
+
+
+def _joined(pieces: list[bytearray], last: bytearray, filled: int) -> bytearray:
+    return bytearray(b"".join([*pieces, last[:filled]]))
+
+
+def _peer(sock: Any) -> str:
+    """The peer's address (an IP address: never patient data), for the log."""
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "a peer"
+    return str(name[0]) if isinstance(name, tuple) and name else "a peer"

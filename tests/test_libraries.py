@@ -141,29 +141,77 @@ class _Transport:
         self.socket = sock
 
 
-def test_bounded_reads_pass_pdus_within_bounds_and_refuse_the_rest() -> None:
+def test_bounded_reads_pass_pdus_within_bounds_and_refuse_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
     import socket
     import struct
 
+    abort = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"
+    with caplog.at_level(logging.WARNING, logger="dicom_node.libraries"):
+        ours, peer = socket.socketpair()
+        with ours, peer:
+            transport = _Transport(ours)
+            libraries.bound_pdu_reads(transport, limit=1000, seconds=2)
+            body = bytes(range(256)) * 3
+            peer.sendall(struct.pack(">BBL", 4, 0, len(body)) + body
+                         + struct.pack(">BBL", 5, 0, 0))  # a P-DATA-TF, an A-RELEASE-RQ
+            assert bytes(transport.recv(6)) == struct.pack(">BBL", 4, 0, len(body))
+            assert bytes(transport.recv(len(body))) == body
+            assert bytes(transport.recv(6)) == struct.pack(">BBL", 5, 0, 0)
+            assert bytes(transport.recv(0)) == b""
+            peer.sendall(struct.pack(">BBL", 4, 0, 1001))
+            assert bytes(transport.recv(6)) == b""  # short: pynetdicom closes (Evt17)
+            assert peer.recv(10) == abort and peer.recv(1) == b""  # an A-ABORT, then shut
+        ours, peer = socket.socketpair()
+        with ours, peer:
+            transport = _Transport(ours)
+            libraries.bound_pdu_reads(transport, limit=1000, seconds=0.5)
+            peer.sendall(struct.pack(">BBL", 4, 0, 10) + b"abc")  # then nothing more
+            transport.recv(6)
+            assert bytes(transport.recv(10)) == b"abc"  # short, after 0.5 s
+            assert peer.recv(10) == abort
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "a PDU of 1001 bytes declared, over the limit of 1000",
+        "a PDU took longer than 0 s"]
+
+
+def test_bounded_reads_drop_a_peer_trickling_small_pdus() -> None:
+    """Each PDU arrives within the deadline, but a few bytes a second: after ``seconds``
+    spent waiting in reads at under MIN_BYTES_PER_SECOND, the peer is dropped."""
+    import socket
+    import struct
+    import threading
+    import time
+
     ours, peer = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        pdu = struct.pack(">BBL", 4, 0, 2) + b"xy"  # 8 bytes, 0.4 s each
+        try:
+            while not stop.is_set():
+                for byte in pdu:
+                    peer.sendall(bytes([byte]))
+                    time.sleep(0.05)
+        except OSError:
+            pass
+
     with ours, peer:
         transport = _Transport(ours)
-        libraries.bound_pdu_reads(transport, limit=1000, seconds=2)
-        body = bytes(range(256)) * 3
-        peer.sendall(struct.pack(">BBL", 4, 0, len(body)) + body
-                     + struct.pack(">BBL", 5, 0, 0))  # a P-DATA-TF, an A-RELEASE-RQ
-        assert bytes(transport.recv(6)) == struct.pack(">BBL", 4, 0, len(body))
-        assert bytes(transport.recv(len(body))) == body
-        assert bytes(transport.recv(6)) == struct.pack(">BBL", 5, 0, 0)
-        assert bytes(transport.recv(0)) == b""
-        peer.sendall(struct.pack(">BBL", 4, 0, 1001))
-        with pytest.raises(libraries.PduRefused, match="1001 bytes"):
-            transport.recv(6)
-        assert peer.recv(10)[:1] == b"\x07"  # an A-ABORT before the close
-        peer.sendall(struct.pack(">BBL", 4, 0, 10) + b"abc")  # then nothing more
-        transport.recv(6)
-        with pytest.raises(libraries.PduRefused, match="3 of 10 bytes"):
-            transport.recv(10)
-        assert peer.recv(10)[:1] == b"\x07"
-        peer.close()
-        assert bytes(transport.recv(6)) == b""  # closed
+        libraries.bound_pdu_reads(transport, limit=1000, seconds=0.6)
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        reads = []
+        try:
+            for _ in range(20):
+                data = bytes(transport.recv(6))
+                reads.append(data)
+                if len(data) != 6:
+                    break
+                reads.append(bytes(transport.recv(2)))
+        finally:
+            stop.set()
+        assert reads[0] == struct.pack(">BBL", 4, 0, 2) and reads[1] == b"xy"  # served...
+        assert len(reads[-1]) < 6 or len(reads[-1]) < 2  # ...then cut short
+        assert len(reads) < 10  # within about two PDUs, not twenty
