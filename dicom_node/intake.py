@@ -163,6 +163,11 @@ def _check_display_numbers(ds: Dataset) -> None:
             numbers = []
         if not numbers or not all(np.isfinite(numbers)):
             raise DatasetMismatch(f"{keyword} is not a number")
+        if keyword == "WindowWidth":
+            # PS3.3 C.11.2.1.2: at least 1; above 0 for LINEAR_EXACT.
+            exact = str(ds.get("VOILUTFunction", "") or "").strip().upper() == "LINEAR_EXACT"
+            if any(w <= 0 if exact else w < 1 for w in numbers):
+                raise DatasetMismatch("Window Width is below its minimum")
 
 
 def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:

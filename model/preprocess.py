@@ -140,10 +140,14 @@ def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | Non
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     colour = int(ds.get("SamplesPerPixel", 1)) != 1
     bits_stored = int(ds.get("BitsStored", 0) or 0)
+    # A single frame is decoded as the whole pixel data, as the node's intake decoded it
+    # before acknowledging: pydicom's per-frame path parses encapsulated fragments more
+    # strictly (the fuzzer found a JPEG-LS file that one accepts and the other refuses).
+    frame = 0 if _frames(ds) > 1 else None
     if colour:
-        pixels = _pixels(ds, index=0)
+        pixels = _pixels(ds, index=frame)
     else:
-        pixels = _pixels(ds, index=0, view_only=True, correct_unused_bits=False)
+        pixels = _pixels(ds, index=frame, view_only=True, correct_unused_bits=False)
     if colour or pixels.ndim == 3:
         rgb = np.asarray(pixels, dtype=np.float64)
         gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
@@ -170,6 +174,13 @@ def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | Non
         modality = np.asarray(apply_modality_lut(values[present], ds), dtype=np.float64)
         stretch = float(np.min(modality)), float(np.max(modality))
     return stored, _display_gray8(values, ds, stretch)
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 def _has_voi(ds: Dataset) -> bool:

@@ -372,3 +372,20 @@ def test_malformed_element_found_before_acknowledging() -> None:
 def test_invalid_uids_refused(value: str | None) -> None:
     with pytest.raises(DatasetMismatch):
         intake.check_uid(value, "SOPInstanceUID")
+
+
+@pytest.mark.parametrize(("width", "function", "refused"), [
+    (0.5, None, True), (0, "LINEAR_EXACT", True), (0.5, "LINEAR_EXACT", False), (1, None, False)])
+def test_a_window_width_below_its_minimum_is_refused(width: float, function: str | None,
+                                                     refused: bool) -> None:
+    """Found in review: pydicom's windowing refuses it, so the worker would have failed an
+    acknowledged image (PS3.3 C.11.2.1.2: at least 1; above 0 for LINEAR_EXACT)."""
+    ds = chest_image(rows=16, columns=16)
+    ds.WindowWidth = width
+    if function:
+        ds.VOILUTFunction = function
+    if refused:
+        with pytest.raises(DatasetMismatch, match="Window Width"):
+            intake.decode_pixels(ds, 10**6)
+    else:
+        intake.decode_pixels(ds, 10**6)

@@ -302,3 +302,14 @@ def test_display_attributes_that_cannot_be_applied_are_a_preprocess_error() -> N
     pydicom's windowing; the worker must get PreprocessError with the reason."""
     with pytest.raises(preprocess.PreprocessError, match="display attributes"):
         preprocess.dicom_tensor(window_not_a_number(), 32)
+
+
+def test_a_single_frame_is_decoded_as_intake_decoded_it() -> None:
+    """Found by the fuzzer (tests/fuzz/crashes/): JPEG-LS fragments that pydicom's
+    whole-data path decodes (intake, before acknowledging) and its per-frame path
+    refuses; the worker now decodes a single frame the same way."""
+    from pydicom import dcmread
+
+    ds = dcmread(Path(__file__).parent / "fuzz" / "crashes" / "jpeg-ls-fragments-frame-path.dcm")
+    tensor = preprocess.dicom_tensor(ds, 32)
+    assert tensor.shape == (32, 32, 3) and 0 <= tensor.min() <= tensor.max() <= 1

@@ -8,8 +8,9 @@ Each stage must refuse bad input the way the node expects, never otherwise:
 * ``intake.decide``: only ``PolicyRefused``;
 * ``intake.decode_pixels``: only ``UndecodableDataset``, ``DatasetMismatch`` or
   ``PixelBudgetExceeded``;
-* ``preprocess.dicom_tensor``: only ``PreprocessError``; otherwise a finite tensor in
-  [0, 1] of the requested shape;
+* ``preprocess.dicom_tensor``, for what intake acknowledged for classification:
+  nothing (the sender was told the image was accepted, so preprocessing must not
+  fail it later), and a finite tensor in [0, 1] of the requested shape;
 * the SR: any exception (the worker fails that job with the reason) -- but no hang,
   no crash of the interpreter, no memory blow-up: libFuzzer's -timeout and
   -rss_limit_mb catch those.
@@ -88,10 +89,9 @@ def check(data: bytes) -> None:
         intake.decode_pixels(ds, MAX_PIXELS)
     except (UndecodableDataset, DatasetMismatch, PixelBudgetExceeded):
         return
-    try:
-        tensor = preprocess.dicom_tensor(ds, INPUT_SIZE)
-    except preprocess.PreprocessError:
-        return
+    # Acknowledged for classification: preprocessing must now succeed. (A refusal here
+    # would be an image the sender was told was accepted, and that the worker fails.)
+    tensor = preprocess.dicom_tensor(ds, INPUT_SIZE)
     if tensor.shape != (INPUT_SIZE, INPUT_SIZE, 3) or not np.all(np.isfinite(tensor)) \
             or tensor.min() < 0 or tensor.max() > 1:
         raise AssertionError(f"preprocessing returned {tensor.shape}, "
