@@ -15,7 +15,7 @@ The steps, in order, for one received instance:
 * ``temp_written``, ``temp_fsynced``, ``renamed``: the spool's temporary file is
   written, fsynced, renamed to its final name;
 * ``committed``: its job row is committed;
-* ``responded``: the C-STORE response is handed to the association.
+* ``responded``: the C-STORE response is written to the socket.
 """
 
 from __future__ import annotations

@@ -203,8 +203,10 @@ class StorageService:
 
 
 def _store_responded(event: Event) -> None:
-    """``EVT_DIMSE_SENT`` handler, bound only with fault injection armed."""
-    if type(event.message).__name__ == "C_STORE_RSP":
+    """``EVT_PDU_SENT`` handler, bound only with fault injection armed: a P-DATA-TF PDU
+    written to the socket by an acceptor that only answers is a response (pynetdicom
+    triggers the event after the write; ``EVT_DIMSE_SENT`` comes before encoding)."""
+    if type(event.pdu).__name__ == "P_DATA_TF":
         faults.reached("responded")
 
 
@@ -369,7 +371,7 @@ class StorageSCP:
         if faults.ARMED:
             LOGGER.warning("TEST FAULT INJECTION ARMED (%s=%s:%d): this node kills itself; "
                            "never in production", faults.ENV, *faults.ARMED)
-            handlers.append((evt.EVT_DIMSE_SENT, _store_responded))
+            handlers.append((evt.EVT_PDU_SENT, _store_responded))
         server = cast(_NodeServer, self._ae.make_server(
             (self.settings.host, self.settings.port),
             evt_handlers=handlers,
