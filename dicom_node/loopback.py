@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotation only: the node starts no process
+    import subprocess
 
 
 def free_port() -> int:

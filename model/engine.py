@@ -461,8 +461,10 @@ class Engine:
         try:
             cache.mkdir(parents=True, exist_ok=True)
         except OSError:
-            cache = Path(tempfile.gettempdir()) / "dicom-node-openvino"
-            cache.mkdir(parents=True, exist_ok=True)
+            # Not a shared folder under /tmp, whose cached IR anyone could have put there
+            # and this engine would serve as the card's model: a private one (0700) of
+            # this process's own, converted again at each start.
+            cache = Path(tempfile.mkdtemp(prefix="dicom-node-openvino-"))
         # The evidence variant (two outputs) is another model: another file.
         suffix = "-evidence" if self.evidence else ""
         xml = cache / f"{self.card.sha256[:16]}{suffix}.xml"
