@@ -243,7 +243,7 @@ def _flat_after_cycles(make_node: NodeFactory, count: int) -> None:
 
 def test_associate_release_cycles_leave_memory_descriptors_and_threads_flat(
         make_node: NodeFactory) -> None:
-    _flat_after_cycles(make_node, 300)
+    _flat_after_cycles(make_node, 200)
 
 
 @pytest.mark.long
