@@ -205,6 +205,63 @@ def window_not_a_number(**kw: object) -> Dataset:
     return dcmread(BytesIO(bytes(raw)))
 
 
+def rle_segment_overrun(**kw: object) -> Dataset:
+    """A 16-bit RLE chest image whose first segment decodes to 128 bytes more than the
+    image holds: at 16 x 16, pylibjpeg-rle panics (pyo3's PanicException, a
+    BaseException); larger, it refuses it with a RuntimeError. Found by the fuzzer."""
+    ds = rle(**kw)
+    pixels = int(ds.Rows) * int(ds.Columns)
+    runs, left = b"", pixels + 128
+    while left > 0:  # replicate runs of at most 128 bytes (PS3.5 G.3.1)
+        count = min(128, left)
+        runs += bytes([257 - count]) + b"\x01"
+        left -= count
+    second = bytes([257 - 128, 0]) * 2
+    header = struct.pack("<16I", 2, 64, 64 + len(runs), *([0] * 13))
+    ds.PixelData = encapsulate([header + runs + second])
+    return ds
+
+
+def jpeg_ls_offset_off_by_one(**kw: object) -> Dataset:
+    """A JPEG-LS chest image whose Basic Offset Table puts its frame one byte into the
+    first fragment: pydicom decodes it as the whole pixel data and refuses it frame by
+    frame. Found by the fuzzer."""
+    ds = jpeg_ls(**kw)
+    data = ds.PixelData  # item tag and length (8 bytes), then the table's one offset
+    ds.PixelData = data[:8] + struct.pack("<I", 1) + data[12:]
+    return ds
+
+
+def transfer_syntax_not_a_syntax(**kw: object) -> bytes:
+    """A chest image file whose File Meta names a UID that is no transfer syntax, as
+    bytes (pydicom refuses to write one). The SCP never sees such a data set: its data
+    sets carry the syntax it negotiated. Found by the fuzzer."""
+    raw = bytearray(part10_bytes(chest_image(**kw)))
+    at = raw.index(struct.pack("<HH", 0x0002, 0x0010) + b"UI")
+    length = struct.unpack("<H", raw[at + 6:at + 8])[0]
+    raw[at + 8:at + 8 + length] = b"1.2.3.4".ljust(length, b"\0")
+    return bytes(raw)
+
+
+def fuzz_seeds() -> dict[str, bytes]:
+    """Valid files for the receive-path fuzzer to start from (tests/fuzz/receive.py):
+    a chest image in each transfer syntax the node takes."""
+    return {f"seed-{make.__name__}.dcm": part10_bytes(make())
+            for make in (chest_image, dx_16bit, cr_monochrome1, jpeg2000, jpeg_ls, rle)}
+
+
+def fuzz_regressions() -> dict[str, bytes]:
+    """Every input the fuzzer found that crashed the receive path, made again here
+    (small, from synthetic images) rather than kept as files; the fuzzer replays them
+    before it mutates anything."""
+    makers = (rle_segment_overrun, jpeg_ls_offset_off_by_one, window_not_a_number)
+    found = {f"{make.__name__}.dcm": part10_bytes(make(rows=16, columns=16))
+             for make in makers}
+    found["transfer_syntax_not_a_syntax.dcm"] = transfer_syntax_not_a_syntax(rows=16,
+                                                                             columns=16)
+    return found
+
+
 def save(ds: Dataset, path: Path) -> Path:
     """Write ``ds`` as a Part 10 file."""
     ds.save_as(path, enforce_file_format=True)

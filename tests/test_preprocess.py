@@ -24,6 +24,7 @@ from dicom_factory import (
     dx_16bit,
     jpeg2000,
     jpeg_ls,
+    jpeg_ls_offset_off_by_one,
     rle,
     save,
     window_not_a_number,
@@ -305,11 +306,8 @@ def test_display_attributes_that_cannot_be_applied_are_a_preprocess_error() -> N
 
 
 def test_a_single_frame_is_decoded_as_intake_decoded_it() -> None:
-    """Found by the fuzzer (tests/fuzz/crashes/): JPEG-LS fragments that pydicom's
-    whole-data path decodes (intake, before acknowledging) and its per-frame path
-    refuses; the worker now decodes a single frame the same way."""
-    from pydicom import dcmread
-
-    ds = dcmread(Path(__file__).parent / "fuzz" / "crashes" / "jpeg-ls-fragments-frame-path.dcm")
-    tensor = preprocess.dicom_tensor(ds, 32)
+    """Found by the fuzzer: a JPEG-LS offset table that pydicom's whole-data path ignores
+    (intake, before acknowledging) and its per-frame path follows and refuses; the
+    worker now decodes a single frame the same way."""
+    tensor = preprocess.dicom_tensor(jpeg_ls_offset_off_by_one(), 32)
     assert tensor.shape == (32, 32, 3) and 0 <= tensor.min() <= tensor.max() <= 1

@@ -15,13 +15,15 @@ Each stage must refuse bad input the way the node expects, never otherwise:
   no crash of the interpreter, no memory blow-up: libFuzzer's -timeout and
   -rss_limit_mb catch those.
 
-Anything else is a crash: libFuzzer writes the input as ``crash-<sha1>``; keep it in
-``tests/fuzz/crashes/`` (``tests/test_fuzz.py`` replays every file there through
-:func:`check`). Run for an hour, from a seed corpus of valid files::
+Anything else is a crash: libFuzzer writes the input as ``crash-<sha1>``. Find what
+it does, fix the node, and add a function to ``tests/dicom_factory.py`` that makes
+such an input from a synthetic image, listed in ``fuzz_regressions`` (the inputs are
+made again by the tests, not kept as files); ``tests/test_fuzz.py`` replays them all
+before it fuzzes. Run for an hour, from the seeds::
 
     .venv/bin/python tests/fuzz/receive.py --make-corpus /tmp/corpus
-    .venv/bin/python tests/fuzz/receive.py -rss_limit_mb=2048 -timeout=20 \\
-        -max_total_time=3600 -artifact_prefix=tests/fuzz/crashes/ /tmp/corpus
+    .venv/bin/python tests/fuzz/receive.py -rss_limit_mb=2048 -timeout=20 \
+        -max_total_time=3600 -artifact_prefix=/tmp/ /tmp/corpus
 """
 
 from __future__ import annotations
@@ -105,15 +107,12 @@ def check(data: bytes) -> None:
 
 
 def make_corpus(folder: Path) -> None:
-    """Valid seed files: the tests' chest images in each transfer syntax the node takes."""
-    from dicom_factory import chest_image, cr_monochrome1, dx_16bit, jpeg2000, jpeg_ls, rle
+    """The seeds and every regression input, as files in ``folder``."""
+    from dicom_factory import fuzz_regressions, fuzz_seeds
 
     folder.mkdir(parents=True, exist_ok=True)
-    for k, make in enumerate([chest_image, dx_16bit, cr_monochrome1, jpeg2000, jpeg_ls, rle]):
-        ds = make()
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        (folder / f"seed-{k}.dcm").write_bytes(buffer.getvalue())
+    for name, data in {**fuzz_seeds(), **fuzz_regressions()}.items():
+        (folder / name).write_bytes(data)
 
 
 def main() -> None:
