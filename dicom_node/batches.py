@@ -145,9 +145,7 @@ class BatchLoader:
         for job, future in futures:
             try:
                 prepared.append(future.result())
-            except preprocess.MUST_PROPAGATE:
-                raise
-            except BaseException as exc:  # a native extension's panic too
+            except Exception as exc:  # a decoder's panic is already a PreprocessError
                 self.held.drop([job])
                 state = self.store.fail(job.id, self.owner, f"preprocessing failed: {exc}")
                 LOGGER.warning("job %d: preprocessing failed (%s); now %s", job.id,

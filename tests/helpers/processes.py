@@ -92,3 +92,15 @@ class NodeProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def all_delivered(node: NodeProcess, count: int) -> bool:
+    """``count`` jobs done, each with its SR and its evidence image delivered."""
+    from dicom_node.db import DeliveryState, JobState
+
+    with node.job_store() as store:
+        jobs = store.list()
+        deliveries = store.deliveries([j.id for j in jobs])
+    return (len(jobs) == count and all(j.state is JobState.DONE for j in jobs)
+            and all(len(deliveries[j.id]) == 2 and all(
+                d.state is DeliveryState.DONE for d in deliveries[j.id]) for j in jobs))

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 
 from dicom_node import faults
 
 from dicom_factory import chest_image, save
-from helpers.environment import CALLING_AE, NODE_AE
+from helpers.dimse import associate
 from helpers.files import dataset_sha256, sop_instance_uid
 from helpers.processes import NodeProcess
 from peers import storescu
@@ -70,10 +69,7 @@ class StreamingSender:
 
     def _run(self) -> None:
         try:
-            ae = AE(ae_title=CALLING_AE)
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-            ae.add_requested_context(chest_image().SOPClassUID)
-            assoc = ae.associate("127.0.0.1", self.node.port, ae_title=NODE_AE)
+            assoc = associate(self.node.port, [chest_image()])
             if not assoc.is_established:
                 return
             for i in range(self.total):
@@ -157,10 +153,7 @@ def test_killed_at_each_receive_step_loses_nothing_and_queues_nothing_half_recei
     datasets = [chest_image(rows=256, columns=256, seed=i) for i in range(10)]
     acknowledged: set[str] = set()
     try:
-        ae = AE(ae_title=CALLING_AE)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-        ae.add_requested_context(datasets[0].SOPClassUID)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assoc = associate(node.port, datasets[:1])
         assert assoc.is_established
         for ds in datasets:
             try:
@@ -198,10 +191,7 @@ def test_killed_at_each_receive_step_loses_nothing_and_queues_nothing_half_recei
 
 def storescu_statuses(node: NodeProcess, ds: Dataset) -> list[int]:
     """Send ``ds`` once more, as a sender retrying after a failure."""
-    ae = AE(ae_title=CALLING_AE)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(ds.SOPClassUID)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assoc = associate(node.port, [ds])
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(ds).Status)]

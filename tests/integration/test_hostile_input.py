@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.db import DeliveryState, JobState
 from dicom_node.loopback import free_port
 
 from dicom_factory import chest_image, save
 from helpers.environment import CALLING_AE, wait_until
-from helpers.processes import FAST_DELIVERY, NodeProcess
+from helpers.processes import FAST_DELIVERY, NodeProcess, all_delivered
 from peers import Storescp, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,16 +55,8 @@ def test_identifiers_reach_the_results_not_the_log_and_hostile_strings_reach_not
         env={**FAST_DELIVERY, "DICOM_NODE_LOG_LEVEL": "DEBUG"}).start()
     try:
         assert storescu(node.port, files).all_success
-
-        def delivered() -> bool:
-            with node.job_store() as store:
-                jobs = store.list()
-                deliveries = store.deliveries([j.id for j in jobs])
-            return len(jobs) == 2 and all(j.state is JobState.DONE for j in jobs) and all(
-                len(deliveries[j.id]) == 2
-                and all(d.state is DeliveryState.DONE for d in deliveries[j.id]) for j in jobs)
-
-        wait_until(delivered, timeout=240, what="2 SRs and 2 evidence images delivered")
+        wait_until(lambda: all_delivered(node, 2), timeout=240,
+                   what="2 SRs and 2 evidence images delivered")
     finally:
         node.stop()
         pacs.stop()

@@ -14,7 +14,7 @@ from dicom_node.loopback import free_port
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit, save
 from helpers.environment import CALLING_AE, wait_until
 from helpers.files import sop_instance_uid
-from helpers.processes import FAST_DELIVERY, NodeProcess
+from helpers.processes import FAST_DELIVERY, NodeProcess, all_delivered
 from helpers.sr import read_result
 from peers import Orthanc, Storescp, send_each, storescu
 
@@ -38,16 +38,6 @@ def result_uids(node: NodeProcess) -> set[str]:
     with node.job_store() as store:
         return {uid for j in store.list()
                 for uid in (j.sr_sop_instance_uid, j.evidence_sop_instance_uid)}
-
-
-def all_delivered(node: NodeProcess, count: int) -> bool:
-    """``count`` jobs done, each with its SR and its evidence image delivered."""
-    with node.job_store() as store:
-        jobs = store.list()
-        deliveries = store.deliveries([j.id for j in jobs])
-    return (len(jobs) == count and all(j.state is JobState.DONE for j in jobs)
-            and all(len(deliveries[j.id]) == 2 and all(
-                d.state is DeliveryState.DONE for d in deliveries[j.id]) for j in jobs))
 
 
 def test_orthanc_receives_one_sr_per_image_in_the_right_study(
