@@ -15,7 +15,9 @@ from dicom_factory import fuzz_regressions, fuzz_seeds
 
 HARNESS = Path(__file__).parent / "fuzz" / "receive.py"
 
-pytestmark = pytest.mark.slow
+# Behind `long` until the out-of-memory report it gives inside the full suite (and never
+# alone) is explained: see the closing note of the stop that added it.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def test_the_crashes_found_so_far_then_a_short_fuzzing_run_find_nothing(tmp_path: Path
