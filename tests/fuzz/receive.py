@@ -28,6 +28,8 @@ before it fuzzes. Run for an hour, from the seeds::
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import warnings
 from io import BytesIO
@@ -37,6 +39,33 @@ import atheris
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+#: Set in the process that fuzzes (see ``_own_peak_rss``).
+CHILD = "DICOM_NODE_FUZZ_CHILD"
+
+
+def _own_peak_rss() -> None:
+    """Fuzz in a child of this small process, so that -rss_limit_mb measures the fuzzer.
+
+    libFuzzer's RSS limit reads the peak that ``getrusage`` reports, and Linux carries
+    into it, across ``exec``, the peak of the process that started this one (CPython
+    starts children with ``vfork``, which shares its parent's memory until ``exec``).
+    Started by a pytest that had loaded TensorFlow models, the harness read 2,211 MB
+    before its first input and blamed whichever input ran next for an out-of-memory.
+    A child started from here inherits this interpreter's own few megabytes instead.
+    """
+    if os.environ.get(CHILD):
+        return
+    try:
+        run = subprocess.run([sys.executable, *sys.argv], env={**os.environ, CHILD: "1"},
+                             check=False)
+    except KeyboardInterrupt:  # the child had the same Ctrl-C and has stopped
+        sys.exit(130)
+    sys.exit(run.returncode if run.returncode >= 0 else 128 - run.returncode)
+
+
+if __name__ == "__main__":
+    _own_peak_rss()
 
 with atheris.instrument_imports(include=["dicom_node", "model", "pydicom", "highdicom"]):
     import numpy as np
