@@ -75,6 +75,11 @@ AllowUnvalidatedOption = Annotated[bool | None, typer.Option(
     "says UNVALIDATED MODEL - NOT FOR CLINICAL USE.")]
 
 
+MetricsPortOption = Annotated[int | None, typer.Option(
+    "--metrics-port", help="Port of /metrics, /healthz and /readyz (default 9112; 0: off; "
+    "a worker beside a node on one machine needs another).")]
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     try:
         return load_settings(config, **overrides)
@@ -105,6 +110,7 @@ def serve(
     destination: Annotated[list[str] | None, typer.Option(
         "--destination", help="Send every SR to AET@HOST:PORT (repeatable).")] = None,
     allow_unvalidated_models: AllowUnvalidatedOption = None,
+    metrics_port: MetricsPortOption = None,
 ) -> None:
     """Run the node: receive chest radiographs, classify them, send the SRs back."""
     from dicom_node.node import Node
@@ -119,6 +125,7 @@ def serve(
         accept_any_calling_ae=accept_any_calling_ae,
         destinations=destination or None,
         allow_unvalidated_models=allow_unvalidated_models,
+        metrics_port=metrics_port,
     )
     setup_logging(settings.log_level)
     try:
@@ -157,12 +164,14 @@ def worker(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
     allow_unvalidated_models: AllowUnvalidatedOption = None,
+    metrics_port: MetricsPortOption = None,
 ) -> None:
     """Classify and deliver only: one more worker on the node's job store and spool."""
     from dicom_node.node import Node
 
     settings = _settings(config, data_dir=data_dir,
-                         allow_unvalidated_models=allow_unvalidated_models)
+                         allow_unvalidated_models=allow_unvalidated_models,
+                         metrics_port=metrics_port)
     setup_logging(settings.log_level)
     LOGGER.info("dicom-node %s worker starting; data in %s", __version__, settings.data_dir)
     _run(Node(settings, receive=False))

@@ -317,6 +317,17 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=300.0, gt=0, description=(
         "Worker lease on a job; the worker renews it every third of this while it runs."))
 
+    # --- operations ---
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address of /metrics, /healthz and /readyz (keep "
+        "it on loopback or a management network: it answers anyone who reaches it).")
+    metrics_port: int = Field(
+        default=9112, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz "
+        "(0: no status endpoint).")
+    ready_destination_failing_seconds: float = Field(
+        default=900.0, gt=0, description="/readyz fails while a destination has had a "
+        "delivery failing (still pending, not yet delivered) for longer than this.")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("ae_title")

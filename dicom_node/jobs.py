@@ -480,6 +480,26 @@ class JobStore:
                         found[job_id].extend(messages)
         return found
 
+    def ping(self) -> None:
+        """One round trip to the database (raises when it cannot be reached)."""
+        with self._sessions() as session:
+            session.execute(select(1)).scalar_one()
+
+    def failing_destinations(self, for_seconds: float, now: datetime | None = None
+                             ) -> list[tuple[str, str, datetime]]:
+        """``(kind, destination, since)`` of every destination with a delivery that has
+        failed at least once, is still pending, and was queued more than
+        ``for_seconds`` ago (``since``: the oldest such delivery's queueing time)."""
+        cutoff = (now or utcnow()) - timedelta(seconds=for_seconds)
+        query = (select(Delivery.kind, Delivery.destination, func.min(Delivery.created_at))
+                 .where(Delivery.state == DeliveryState.PENDING, Delivery.attempts > 0,
+                        Delivery.created_at < cutoff)
+                 .group_by(Delivery.kind, Delivery.destination)
+                 .order_by(Delivery.kind, Delivery.destination))
+        with self._sessions() as session:
+            return [(kind, destination, since)
+                    for kind, destination, since in session.execute(query).all()]
+
     def delivery_counts(self) -> dict[str, int]:
         """Number of deliveries per state."""
         with self._sessions() as session:

@@ -61,6 +61,12 @@ class ModelHolder:
         #: Set once a model is loaded and warm.
         self.ready = threading.Event()
 
+    def holds_active(self) -> bool:
+        """Whether the model loaded is the active one (nothing is loaded here: the worker
+        loads it; a model installed since is picked up at its next batch or idle poll)."""
+        return self._loaded is not None and self._path == model_card.active(
+            self.settings.model_dir)
+
     def current(self) -> LoadedModel | None:
         """The active model, loaded; None while no model is installed, or while the
         active one is not validated and ``allow_unvalidated_models`` is off (jobs wait)."""

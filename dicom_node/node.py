@@ -11,6 +11,7 @@ from types import FrameType
 from dicom_node.config import Settings
 from dicom_node.datadir import DataDirLock
 from dicom_node.errors import ConfigError
+from dicom_node.health import Probes, StatusServer
 from dicom_node.jobs import JobStore
 from dicom_node.libraries import configure
 from dicom_node.model_holder import unservable_reason
@@ -65,6 +66,7 @@ class Node:
                                  on_results=self.scheduler.dispatch_now)
             self.scp = (StorageSCP(settings, self.store, self.spool,
                                    on_queued=self.worker.wake) if receive else None)
+            self.status = StatusServer(self._probes()) if settings.metrics_port else None
         except BaseException:
             self._release()
             raise
@@ -105,6 +107,8 @@ class Node:
             else:
                 self.store.recover_dead_local_workers()
             self._report_model(active)
+            if self.status is not None:  # first: a port in use stops the start here
+                self.status.start()
             if self.scp is not None:
                 self.scp.start()
             self.scheduler.start()
@@ -112,6 +116,13 @@ class Node:
         except BaseException:
             self._release()
             raise
+
+    def _probes(self) -> Probes:
+        threads = {"worker": self.worker.is_alive, "scheduler": self.scheduler.running}
+        if self.scp is not None:
+            threads["receiver"] = self.scp.serving
+        return Probes(self.settings, self.store, self.spool, self.worker.models.holds_active,
+                      threads)
 
     def check_model(self) -> card.ModelCard | None:
         """The active model's card (None: no model yet; instances are received and wait
@@ -145,6 +156,8 @@ class Node:
 
     def stop(self) -> None:
         """Stop receiving, let the current batch finish, stop the scheduler, close the DB."""
+        if self.status is not None:
+            self.status.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.worker.is_alive():

@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.uid import generate_uid
 
-from dicom_node import evidence
+from dicom_node import evidence, metrics
 from dicom_node.batches import Prepared
 from dicom_node.config import Settings
 from dicom_node.db import DeliveryItem, Job
@@ -70,8 +70,10 @@ class ResultWriter:
                                                      strict=True)
                    if (result := self.write_one(item, row, reports, cam)) is not None]
         stored = self.store.complete_batch(self.owner, results)
+        received = {item.job.id: item.job.created_at for item in prepared}
         for result, ours in zip(results, stored, strict=True):
             if ours:
+                metrics.RECEIVE_TO_RESULT.observe(metrics.since(received[result.job_id]))
                 LOGGER.info("job %d: %s (%s)%s%s", result.job_id, result.label,
                             ", ".join(f"{k} {v:.3f}" for k, v in result.probabilities.items()),
                             f", flagged {'+'.join(result.flags)}" if result.flags else "",

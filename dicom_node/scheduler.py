@@ -18,6 +18,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_node import metrics
 from dicom_node.config import Settings
 from dicom_node.db import Delivery, DeliveryItem, DeliveryState, Job, utcnow
 from dicom_node.deliver import Attempt, send_many
@@ -140,6 +141,8 @@ class Dispatcher:
                    for d, _, path in files if path is None]
         if missing:
             self.store.record_outcomes(missing)
+            for _ in missing:
+                metrics.DELIVERIES.labels(kind, "dead").inc()
         if not ready:
             return
         target = self._target(kind, destination)
@@ -180,8 +183,11 @@ class Dispatcher:
         return send_fhir(target.url, payload, target.bearer_token(), timeout)
 
     def _record(self, destination: str, attempts: list[tuple[Delivery, Attempt]]) -> None:
-        self.store.record_outcomes([self._outcome(delivery, destination, attempt)
-                                    for delivery, attempt in attempts])
+        outcomes = [self._outcome(delivery, destination, attempt)
+                    for delivery, attempt in attempts]
+        self.store.record_outcomes(outcomes)
+        for (delivery, _), outcome in zip(attempts, outcomes, strict=True):
+            metrics.delivery_outcome(delivery.kind, outcome.state, delivery.created_at)
 
     def _outcome(self, delivery: Delivery, destination: str, result: Attempt
                  ) -> DeliveryOutcome:
@@ -236,6 +242,10 @@ class Scheduler:
             self._scheduler.modify_job(DISPATCH_JOB, next_run_time=datetime.now(tz=utcnow().tzinfo))
         except Exception:  # the scheduler is shutting down
             LOGGER.debug("dispatch_now ignored", exc_info=True)
+
+    def running(self) -> bool:
+        """Whether the scheduler's thread is running its jobs."""
+        return bool(self._scheduler.running)
 
     def stop(self) -> None:
         self._scheduler.shutdown(wait=True)

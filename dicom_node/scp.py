@@ -42,7 +42,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import faults, intake
+from dicom_node import faults, intake, metrics
 from dicom_node.config import Settings
 from dicom_node.db import JobState
 from dicom_node.errors import (
@@ -89,6 +89,9 @@ class StoreOutcome:
     status: int
     job_id: int | None = None
     duplicate: bool = False
+    #: The ``outcome`` and ``reason`` it is counted under (see dicom_node.metrics).
+    outcome: str = "queued"
+    reason: str = "view_frontal"
 
 
 class StorageService:
@@ -108,15 +111,18 @@ class StorageService:
         """``evt.EVT_C_STORE`` handler: never raises, always returns a status data set."""
         try:
             outcome = self._store(event)
+            metrics.INSTANCES.labels(outcome.outcome, outcome.reason).inc()
             return _status(outcome.status)
         except IntakeError as exc:
             if not exc.logged:
                 LOGGER.warning("C-STORE refused (0x%04X): %s", exc.status, exc.comment)
+            metrics.INSTANCES.labels("refused", metrics.refusal_reason(exc)).inc()
             return _status(exc.status, exc.comment)
         except MUST_PROPAGATE:
             raise
         except BaseException:  # a native extension's panic too
             LOGGER.exception("C-STORE failed unexpectedly")
+            metrics.INSTANCES.labels("refused", metrics.refusal_reason(None)).inc()
             return _status(Status.INTERNAL_ERROR, "internal error")
 
     def _store(self, event: Event) -> StoreOutcome:
@@ -161,17 +167,20 @@ class StorageService:
         if duplicate is not None:
             self._discard(pending)
             LOGGER.info("duplicate of job %d acknowledged, not queued again", duplicate.id)
-            return StoreOutcome(Status.SUCCESS, duplicate.id, duplicate=True)
+            return StoreOutcome(Status.SUCCESS, duplicate.id, duplicate=True,
+                                outcome="duplicate", reason="duplicate")
         if pending is None:
             job = self.store.record(instance, None, JobState.IGNORED, decision.reason)
             LOGGER.info("instance ignored (%s)", decision.reason)
-            return StoreOutcome(Status.SUCCESS, job.id if job else None, duplicate=job is None)
-        return self._enqueue(instance, pending.result(), decision.reason)
+            return StoreOutcome(Status.SUCCESS, job.id if job else None, duplicate=job is None,
+                                outcome="ignored" if job else "duplicate",
+                                reason=metrics.ignored_reason(decision) if job else "duplicate")
+        return self._enqueue(instance, pending.result(), decision)
 
-    def _enqueue(self, instance: ReceivedInstance, spooled: SpooledFile, reason: str
-                 ) -> StoreOutcome:
+    def _enqueue(self, instance: ReceivedInstance, spooled: SpooledFile,
+                 decision: intake.IntakeDecision) -> StoreOutcome:
         try:
-            job = self.store.record(instance, spooled.name, JobState.QUEUED, reason)
+            job = self.store.record(instance, spooled.name, JobState.QUEUED, decision.reason)
         except Exception:
             self.spool.remove(spooled.name)
             LOGGER.exception("job row could not be committed; instance refused")
@@ -180,12 +189,14 @@ class StorageService:
             faults.reached("committed")
         if job is None:  # the same instance arrived concurrently on another association
             self.spool.remove(spooled.name)
-            return StoreOutcome(Status.SUCCESS, None, duplicate=True)
+            return StoreOutcome(Status.SUCCESS, None, duplicate=True, outcome="duplicate",
+                                reason="duplicate")
         LOGGER.info("job %d queued from %s (%d bytes)", job.id, instance.calling_ae,
                     spooled.size)
         if self._on_queued is not None:
             self._on_queued()
-        return StoreOutcome(Status.SUCCESS, job.id)
+        view = decision.view.value if decision.view is not None else "undetermined"
+        return StoreOutcome(Status.SUCCESS, job.id, reason=f"view_{view}")
 
     def _discard(self, pending: Future[SpooledFile] | None) -> None:
         """Wait for a spool write that is no longer wanted and delete what it wrote."""
@@ -238,6 +249,10 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     if comment and code != Status.SUCCESS:
         status.ErrorComment = comment[:64]
     return status
+
+
+def _count_association(event: Event, outcome: str) -> None:
+    metrics.ASSOCIATIONS.labels(outcome).inc()
 
 
 def _handle_echo(event: Event) -> int:
@@ -358,6 +373,7 @@ class StorageSCP:
         self._ae = build_ae(settings)
         self.service = StorageService(settings, store, spool, on_queued)
         self._server: _NodeServer | None = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def start(self) -> ThreadedAssociationServer:
@@ -367,6 +383,9 @@ class StorageSCP:
             (evt.EVT_C_ECHO, _handle_echo),
             NO_DELAY,
             (evt.EVT_CONN_OPEN, self._bound_reads),
+            (evt.EVT_ACCEPTED, _count_association, ["accepted"]),
+            (evt.EVT_REJECTED, _count_association, ["rejected"]),
+            (evt.EVT_ABORTED, _count_association, ["aborted"]),
         ]
         if faults.ARMED:
             LOGGER.warning("TEST FAULT INJECTION ARMED (%s=%s:%d): this node kills itself; "
@@ -379,8 +398,9 @@ class StorageSCP:
             server_class=_NodeServer,
             allowed_hosts=frozenset(self.settings.allowed_peer_hosts),
         ))
-        threading.Thread(target=server.serve_forever, name="association-server",
-                         daemon=True).start()
+        self._thread = threading.Thread(target=server.serve_forever, name="association-server",
+                                        daemon=True)
+        self._thread.start()
         self._server = server
         LOGGER.info("listening on %s:%d as %s", self.settings.host, server.server_address[1],
                     self.settings.ae_title)
@@ -393,6 +413,10 @@ class StorageSCP:
         if transport is None or transport.socket is None:
             return
         bound_pdu_reads(transport, pdu_limit(self.settings), self.settings.network_timeout)
+
+    def serving(self) -> bool:
+        """Whether the thread that accepts associations is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def port(self) -> int:

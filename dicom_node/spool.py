@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -166,6 +167,17 @@ class Spool:
         except OSError:
             _unlink_quietly(tmp)
             raise
+
+    def check_writable(self) -> None:
+        """Write, sync and delete a small file where received files are first written
+        (its temporary directory): OSError when the spool cannot take a file."""
+        fd, name = tempfile.mkstemp(prefix="writable-", dir=self._tmp)
+        try:
+            _write_all(fd, [b"ok"])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            _unlink_quietly(Path(name))
 
     def remove(self, name: str) -> None:
         """Delete a spooled file (used when its job row could not be committed)."""

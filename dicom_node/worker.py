@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from dicom_node import metrics
 from dicom_node.batches import Batch, BatchLoader
 from dicom_node.config import Settings
 from dicom_node.jobs import JobStore, new_worker_id
@@ -183,6 +184,8 @@ class Worker(threading.Thread):
         else:
             probabilities = engine.predict(images)
         inference = time.perf_counter() - started
+        metrics.BATCH_SIZE.observe(len(batch.prepared))
+        metrics.BATCH_SECONDS.observe(inference)
         self._drain()
         self._finishing = self._finisher.submit(
             self._finish, batch, probabilities, maps, loaded.reports, inference)

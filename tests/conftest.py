@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Nodes started by the tests (in this process and as children) serve no status endpoint
+# unless a test asks for one on a free port: two at once would want the default 9112.
+os.environ["DICOM_NODE_METRICS_PORT"] = "0"
 
 from dicom_node import libraries
 from dicom_node.config import Settings
