@@ -8,11 +8,16 @@ failure (0xA9xx, 0xCxxx, a refused SOP Class) is permanent and the delivery is
 dead with the reason. When to try again is the dispatcher's business
 (:mod:`dicom_node.scheduler`); a retry re-sends the same SR file, so the PACS
 sees one object.
+
+A destination with :class:`~dicom_node.destination.ClientTls` is reached over TLS
+only: a context that cannot be built, a certificate that does not verify or a
+peer that does not speak TLS all mean try again later, never a send in clear text.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ from pynetdicom import AE
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.db import DeliveryState
-from dicom_node.destination import Destination
+from dicom_node.destination import ClientTls, Destination
 from dicom_node.tcp import NO_DELAY, send_c_store
 
 LOGGER = logging.getLogger(__name__)
@@ -53,7 +58,7 @@ def classify(status: int, retry_on_warning: bool = False) -> DeliveryState:
 
 
 def send_many(destination: Destination, sr_paths: list[Path], calling_ae: str, timeout: float,
-              retry_on_warning: bool = False) -> list[Attempt]:
+              retry_on_warning: bool = False, tls: ClientTls | None = None) -> list[Attempt]:
     """C-STORE each SR file over one association; one :class:`Attempt` per file, in order.
 
     Never raises: a file that cannot be read is dead, a connection problem makes
@@ -71,6 +76,8 @@ def send_many(destination: Destination, sr_paths: list[Path], calling_ae: str, t
         Connection, ACSE, DIMSE and network timeout, seconds.
     retry_on_warning
         Treat a warning status as "try again" instead of stored.
+    tls
+        Reach the destination over TLS (None: plain TCP).
     """
     unreadable: dict[int, Attempt] = {}
     contexts = set()
@@ -89,26 +96,36 @@ def send_many(destination: Destination, sr_paths: list[Path], calling_ae: str, t
     for context in contexts:
         ae.add_requested_context(*context)
     try:
-        return _send_over(ae, destination, sr_paths, unreadable, retry_on_warning)
+        return _send_over(ae, destination, sr_paths, unreadable, retry_on_warning, tls)
     finally:
         ae.shutdown()
 
 
 def _send_over(ae: AE, destination: Destination, sr_paths: list[Path],
-               unreadable: dict[int, Attempt], retry_on_warning: bool) -> list[Attempt]:
+               unreadable: dict[int, Attempt], retry_on_warning: bool,
+               tls: ClientTls | None) -> list[Attempt]:
     def everyone(detail: str) -> list[Attempt]:
         retry = Attempt(DeliveryState.PENDING, None, detail)
         return [unreadable.get(index, retry) for index in range(len(sr_paths))]
 
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if tls is not None:
+        try:
+            tls_args = (tls.context(), tls.server_name or destination.host)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            return everyone(f"TLS not set up: {type(exc).__name__}: {exc}"[:200])
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             evt_handlers=[NO_DELAY])
+                             evt_handlers=[NO_DELAY], tls_args=tls_args)
     except Exception as exc:
         return everyone(f"cannot connect: {type(exc).__name__}")
     if assoc.is_rejected:
         return everyone("association rejected")
     if not assoc.is_established:
-        return everyone("association not established (down or aborted)")
+        # pynetdicom logs why a handshake failed (an untrusted certificate, a peer
+        # without TLS) and reports it as it reports a peer that is down.
+        return everyone("association not established (down or aborted"
+                        + (", or the TLS handshake failed)" if tls_args else ")"))
     results: list[Attempt] = []
     try:
         for index, path in enumerate(sr_paths):

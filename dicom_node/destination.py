@@ -11,8 +11,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -60,6 +62,39 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS to a Storage SCP (PS3.15 B.1, the Basic TLS Secure Transport Connection
+    Profile): the CA bundle its certificate must chain to, our client certificate and
+    key when it asks for one, and the name its certificate must carry (None: the
+    destination's host; an IP address is matched against the certificate's IP
+    address entries)."""
+
+    ca_certificates: Path
+    certificate: Path | None = None
+    private_key: Path | None = None
+    server_name: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client context, TLS 1.2+, trusting ``ca_certificates`` only (not the
+        system's CAs), with hostname checking. OSError (ssl.SSLError among them) if a
+        file is missing or unusable, ValueError if the key is encrypted; the files are
+        read at every call, so a renewed one is used."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=str(self.ca_certificates))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.certificate is not None:
+            # Without a password callback OpenSSL would prompt on the terminal.
+            context.load_cert_chain(self.certificate, self.private_key,
+                                    password=_no_password)
+        return context
+
+
+def _no_password() -> str:
+    raise ValueError("tls_private_key is encrypted: the node reads an unencrypted key "
+                     "(readable by its user only)")
 
 
 #: What a destination kind carries: DICOM objects per image (the SR, the evidence
@@ -112,7 +147,9 @@ class Target(BaseModel):
     ORU^R01 over MLLP to ``address = "HOST:PORT"``) and ``fhir`` (a
     DiagnosticReport Bundle POSTed to ``url``, the FHIR base) take one message
     per study result. ``token`` or the environment variable named by
-    ``token_env`` gives a bearer token to dicomweb and fhir.
+    ``token_env`` gives a bearer token to dicomweb and fhir. A dicom destination
+    uses TLS when ``tls_ca_certificates`` is set (:class:`ClientTls`), and then
+    never falls back to clear text.
     """
 
     # hide_input_in_errors: a refused entry is not echoed in the error (its token).
@@ -136,6 +173,14 @@ class Target(BaseModel):
     #: fhir: the identifier systems of the patient ID and the accession number.
     patient_system: str | None = None
     accession_system: str | None = None
+    #: dicom: the PEM CA bundle the SCP's certificate must chain to; setting it turns
+    #: TLS on. A client certificate and its (unencrypted) key, together, if the SCP
+    #: asks for one. The name the SCP's certificate must carry (default: the host of
+    #: ``address``).
+    tls_ca_certificates: Path | None = None
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_server_name: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -144,6 +189,7 @@ class Target(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Target:
+        self._check_tls()
         if self.kind == "dicom":
             object.__setattr__(self, "address", str(Destination.parse(self.address)))
         elif self.kind == "hl7":
@@ -160,6 +206,29 @@ class Target(BaseModel):
         if not self.name:
             object.__setattr__(self, "name", self.key)
         return self
+
+    def _check_tls(self) -> None:
+        given = [name for name in ("tls_ca_certificates", "tls_certificate",
+                                   "tls_private_key", "tls_server_name")
+                 if getattr(self, name) is not None]
+        if given and self.kind != "dicom":
+            raise ValueError(f"{self.kind} destination: {', '.join(given)} apply to dicom "
+                             "destinations only (dicomweb and fhir use https)")
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("dicom destination: tls_certificate and tls_private_key must "
+                             "be given together")
+        if given and self.tls_ca_certificates is None:
+            raise ValueError(f"dicom destination: {', '.join(given)} need "
+                             "tls_ca_certificates (TLS is on only with the CA that verifies "
+                             "the destination's certificate)")
+
+    @property
+    def client_tls(self) -> ClientTls | None:
+        """How to reach a dicom destination over TLS; None: plain TCP."""
+        if self.tls_ca_certificates is None:
+            return None
+        return ClientTls(self.tls_ca_certificates, self.tls_certificate,
+                         self.tls_private_key, self.tls_server_name)
 
     @property
     def key(self) -> str:

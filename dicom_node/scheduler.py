@@ -152,7 +152,8 @@ class Dispatcher:
             self._record(destination, [(d, absent) for d, _, _ in ready])
         elif kind == "dicom":
             attempts = send_many(Destination.parse(destination), [p for _, _, p in ready],
-                                 s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning)
+                                 s.delivery_calling_ae, s.delivery_timeout, s.retry_on_warning,
+                                 target.client_tls if target is not None else None)
             self._record(destination, [(d, a) for (d, _, _), a in
                                        zip(ready, attempts, strict=True)])
         elif kind == "dicomweb" and target is not None:
