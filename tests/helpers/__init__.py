@@ -6,5 +6,6 @@ other test modules or ``conftest``).
 * :mod:`helpers.processes` -- ``dicom-node serve`` as a child process;
 * :mod:`helpers.dimse` -- a pynetdicom SCU that stores to an in-process node;
 * :mod:`helpers.sr` -- what an SR says: the Finding and the probabilities by concept;
-* :mod:`helpers.files` -- facts about DICOM files on disk.
+* :mod:`helpers.files` -- facts about DICOM files on disk;
+* :mod:`helpers.pki` -- throwaway CAs, keys and certificates for TLS tests.
 """
