@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dicom_node import __version__
+from dicom_node import __version__, audit
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import Delivery, Job, JobState
 from dicom_node.errors import ConfigError, NodeError
@@ -143,8 +143,12 @@ def serve(
                          parity=parity_bounds(settings))
         except (card.ModelIntegrityError, card.UnvalidatedModelError, card.ParityError,
                 FileNotFoundError, ValueError) as exc:
+            _audit_model(settings, (model.name, "", ""), None, str(exc))
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
+        installed = card.read_card(card.active(settings.model_dir) or model)
+        _audit_model(settings, (installed.name, installed.display_version, installed.sha256),
+                     card.validation_status(installed).validated, None)
     LOGGER.info("dicom-node %s starting; data in %s", __version__, settings.data_dir)
     _run(node)
 
@@ -374,6 +378,52 @@ def studies_list(
     Console().print(table)
 
 
+def _audit_model(settings: Settings, model: tuple[str, str, str], validated: bool | None,
+                 refusal: str | None) -> None:
+    """Write one model-install event to the trail of administrative commands."""
+    trail = audit.open_trail(settings.audit_dir, "admin", settings.ae_title,
+                             settings.audit_max_mb * 2**20, settings.audit_backups,
+                             settings.audit_syslog, settings.audit_syslog_ca)
+    try:
+        audit.model("installed", *model, validated, refusal)
+    finally:
+        trail.close()
+
+
+audit_app = typer.Typer(help="Read the audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("tail")
+def audit_tail(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many messages.")] = 20,
+    event: Annotated[str | None, typer.Option(
+        "--event", help="Only this EventID (code or name, e.g. 110113 or 'Security "
+        "Alert').")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The messages as JSON lines.")
+                       ] = False,
+) -> None:
+    """The last messages of the audit trail (every process's file, oldest first)."""
+    settings = _settings(config, data_dir=data_dir)
+    found = list(audit.read(settings.audit_dir))
+    if event:
+        found = [m for m in found if event in (
+            m["EventIdentification"]["EventID"]["csd-code"],
+            m["EventIdentification"]["EventID"]["originalText"])]
+    found = found[-lines:] if lines > 0 else found
+    if as_json:
+        for message in found:
+            typer.echo(json.dumps(message))
+        return
+    table = Table("time", "event", "outcome", "who", "what", "detail")
+    for message in found:
+        table.add_row(*audit.summary(message))
+    # Piped or redirected (rich would assume 80 columns): wide enough for UIDs.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
+
+
 class Host:
     """What the node lends the commands of other packages: its settings (from
     ``--config``/``--data-dir``, the environment and the defaults; a bad value exits
@@ -409,6 +459,24 @@ _register_packages()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+    def audit_model_install(self, settings: Settings, model: tuple[str, str, str],
+                            validated: bool | None, refusal: str | None) -> None:
+        """A model installed (or refused, with the reason) in the audit trail.
+
+        Parameters
+        ----------
+        settings
+            The node's settings (where the trail is).
+        model
+            Its name, version and sha256 (version and hash empty when its card was
+            not read).
+        validated
+            Whether its card earns 'validated' (None: not known).
+        refusal
+            Why it was refused, or None.
+        """
+        _audit_model(settings, model, validated, refusal)
 
 
 def main() -> None:

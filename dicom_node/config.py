@@ -12,6 +12,7 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -328,6 +329,20 @@ class Settings(BaseSettings):
         default=900.0, gt=0, description="/readyz fails while a destination has had a "
         "delivery failing (still pending, not yet delivered) for longer than this.")
 
+    # --- audit trail ---
+    audit_dir: Path = Field(
+        default=None,  # type: ignore[assignment]
+        description="The audit trail (DICOM PS3.15 A.5 events as JSON lines, no patient "
+        "names or IDs); default data_dir/audit.")
+    audit_max_mb: int = Field(default=50, ge=1, description="Rotate an audit file at this "
+                              "size, MB.")
+    audit_backups: int = Field(default=20, ge=1, description="Rotated audit files kept.")
+    audit_syslog: str | None = Field(
+        default=None, description="Also send every audit message to this syslog collector "
+        "(RFC 5424): udp://HOST:PORT, tcp://HOST:PORT or tls://HOST:PORT.")
+    audit_syslog_ca: Path | None = Field(
+        default=None, description="PEM CA bundle of a tls:// collector's certificate.")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("ae_title")
@@ -370,11 +385,30 @@ class Settings(BaseSettings):
             return values  # the field's own validation reports it
         data_dir = Path(data_dir)
         defaults = {"storage_dir": data_dir / "spool", "model_dir": data_dir / "models",
+                    "audit_dir": data_dir / "audit",
                     "database_url": f"sqlite:///{data_dir / 'dicom-node.db'}"}
         return {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
 
+    @field_validator("audit_syslog")
+    @classmethod
+    def _audit_syslog(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("udp", "tcp", "tls") or not parts.hostname or not port:
+            raise ValueError(f"audit_syslog {value!r} is not udp://, tcp:// or "
+                             "tls://HOST:PORT")
+        return value
+
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
+        if self.audit_syslog and self.audit_syslog.startswith("tls:") \
+                and self.audit_syslog_ca is None:
+            raise ValueError("audit_syslog over tls needs audit_syslog_ca")
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError("tls_certificate and tls_private_key must be given together")
         return self

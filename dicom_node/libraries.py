@@ -16,6 +16,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
@@ -107,7 +108,8 @@ MIN_BYTES_PER_SECOND = 1024
 _PIECE = 2**20
 
 
-def bound_pdu_reads(transport: Any, limit: int, seconds: float) -> None:
+def bound_pdu_reads(transport: Any, limit: int, seconds: float,
+                    on_refused: Callable[[str, str], None] | None = None) -> None:
     """Make ``transport`` (an accepted association's ``AssociationSocket``) drop a peer
     that sends what is not a DICOM PDU, declares a PDU of more than ``limit`` bytes,
     takes longer than ``seconds`` to send one, or keeps the node waiting while
@@ -125,6 +127,18 @@ def bound_pdu_reads(transport: Any, limit: int, seconds: float) -> None:
     pynetdicom's error and traceback per refusal), and the read returns short, so
     pynetdicom closes the transport (Evt17). ``tests/test_libraries.py`` guards the
     read pattern.
+
+    Parameters
+    ----------
+    transport
+        The accepted association's ``AssociationSocket``.
+    limit
+        The largest PDU, in bytes, a peer may declare.
+    seconds
+        How long one PDU may take to arrive (and the window of the rate check).
+    on_refused
+        Told ``(peer address, reason)`` of each refusal (the audit trail's Security
+        Alert).
     """
     sock = transport.socket
     header = True  # the reads alternate: a header, then the PDU it declared
@@ -133,6 +147,8 @@ def bound_pdu_reads(transport: Any, limit: int, seconds: float) -> None:
 
     def refuse(reason: str, unrecognised: bool, partial: bytearray) -> bytearray:
         LOGGER.warning("connection from %s closed: %s", _peer(sock), reason)
+        if on_refused is not None:
+            on_refused(_peer(sock), reason)
         try:
             sock.sendall(_ABORT[unrecognised])
         except OSError:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node import evidence
+from dicom_node import audit, evidence
 from dicom_node.config import Settings
 from dicom_node.report import ReportBuilder
 from model import card as model_card
@@ -118,6 +118,9 @@ class ModelHolder:
         self._loaded, self._path = LoadedModel(engine, reports), active
         _freeze_long_lived()
         LOGGER.info("model %s ready (batches of up to %d)", active.name, engine.batch_size)
+        card = engine.card
+        audit.model("loaded", card.name, card.display_version, card.sha256,
+                    reports.validation.validated)
         self.ready.set()
 
 

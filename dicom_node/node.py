@@ -6,8 +6,10 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
+from socket import gethostname
 from types import FrameType
 
+from dicom_node import audit
 from dicom_node.config import Settings
 from dicom_node.datadir import DataDirLock
 from dicom_node.errors import ConfigError
@@ -71,6 +73,7 @@ class Node:
             self._release()
             raise
         self._stop = threading.Event()
+        self._stopped = False
 
     def recover(self) -> RecoveryReport:
         """Bring disk and database back in line after a crash (before serving).
@@ -102,6 +105,11 @@ class Node:
         """
         try:
             active = self.check_model()
+            s = self.settings
+            self.trail = audit.open_trail(
+                s.audit_dir, "node" if self.scp is not None else f"worker-{gethostname()}",
+                s.ae_title, s.audit_max_mb * 2**20, s.audit_backups, s.audit_syslog,
+                s.audit_syslog_ca)
             if self.scp is not None:
                 self.recover()
             else:
@@ -113,6 +121,7 @@ class Node:
                 self.scp.start()
             self.scheduler.start()
             self.worker.start()
+            audit.application(started=True)
         except BaseException:
             self._release()
             raise
@@ -155,7 +164,11 @@ class Node:
                     "" if active.trained else " -- UNTRAINED, for demos only")
 
     def stop(self) -> None:
-        """Stop receiving, let the current batch finish, stop the scheduler, close the DB."""
+        """Stop receiving, let the current batch finish, stop the scheduler, close the DB
+        (once: a second call does nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self.status is not None:
             self.status.stop()
         if self.scp is not None:
@@ -165,10 +178,14 @@ class Node:
             self.worker.join(timeout=120)
         self.scheduler.stop()
         self.store.close()
+        audit.application(started=False)
         self._release()
         LOGGER.info("stopped")
 
     def _release(self) -> None:
+        trail = getattr(self, "trail", None)
+        if trail is not None:
+            trail.close()
         for lock in getattr(self, "locks", []):
             lock.release()
 

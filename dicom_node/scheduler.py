@@ -17,8 +17,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
-from dicom_node import metrics
+from dicom_node import audit, metrics
 from dicom_node.config import Settings
 from dicom_node.db import Delivery, DeliveryItem, DeliveryState, Job, utcnow
 from dicom_node.deliver import Attempt, send_many
@@ -62,6 +63,20 @@ def _by_size(items: list[tuple[Delivery, Job | None, Path]], budget: int
         chunks[-1].append(item)
         size += length
     return chunks
+
+
+def _audit_sent(kind: str, destination: str, items: list[tuple[Delivery, Job | None, Path]],
+                attempts: list[Attempt]) -> None:
+    """Each object a DICOM destination acknowledged, in the audit trail."""
+    for (delivery, job, _), attempt in zip(items, attempts, strict=True):
+        if attempt.state is not DeliveryState.DONE or job is None:
+            continue
+        if delivery.item is DeliveryItem.SR:
+            audit.sent(kind, destination, job.study_instance_uid, Comprehensive3DSRStorage,
+                       job.sr_sop_instance_uid)
+        elif delivery.item is DeliveryItem.EVIDENCE and job.evidence_sop_instance_uid:
+            audit.sent(kind, destination, job.study_instance_uid,
+                       SecondaryCaptureImageStorage, job.evidence_sop_instance_uid)
 
 
 def backoff(attempts: int, base: float, multiplier: float, cap: float) -> float:
@@ -156,12 +171,14 @@ class Dispatcher:
                                  target.client_tls if target is not None else None)
             self._record(destination, [(d, a) for (d, _, _), a in
                                        zip(ready, attempts, strict=True)])
+            _audit_sent(kind, destination, ready, attempts)
         elif kind == "dicomweb" and target is not None:
             for chunk in _by_size(ready, STOW_REQUEST_BYTES):
                 attempts = send_stow(target.url, [p for _, _, p in chunk], s.delivery_timeout,
                                      target.bearer_token())
                 self._record(destination, [(d, a) for (d, _, _), a in
                                            zip(chunk, attempts, strict=True)])
+                _audit_sent(kind, destination, chunk, attempts)
         elif target is not None:
             for index, (delivery, _, path) in enumerate(ready):
                 if time.monotonic() > deadline:

@@ -42,7 +42,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import faults, intake, metrics
+from dicom_node import audit, faults, intake, metrics
 from dicom_node.config import Settings
 from dicom_node.db import JobState
 from dicom_node.errors import (
@@ -92,6 +92,8 @@ class StoreOutcome:
     #: The ``outcome`` and ``reason`` it is counted under (see dicom_node.metrics).
     outcome: str = "queued"
     reason: str = "view_frontal"
+    #: For the audit trail.
+    study_instance_uid: str | None = None
 
 
 class StorageService:
@@ -112,17 +114,21 @@ class StorageService:
         try:
             outcome = self._store(event)
             metrics.INSTANCES.labels(outcome.outcome, outcome.reason).inc()
+            _audit_store(event, outcome.study_instance_uid)
             return _status(outcome.status)
         except IntakeError as exc:
             if not exc.logged:
                 LOGGER.warning("C-STORE refused (0x%04X): %s", exc.status, exc.comment)
             metrics.INSTANCES.labels("refused", metrics.refusal_reason(exc)).inc()
+            _audit_store(event, None, f"0x{exc.status:04X} {exc.comment}",
+                         malformed=isinstance(exc, UndecodableDataset | DatasetMismatch))
             return _status(exc.status, exc.comment)
         except MUST_PROPAGATE:
             raise
         except BaseException:  # a native extension's panic too
             LOGGER.exception("C-STORE failed unexpectedly")
             metrics.INSTANCES.labels("refused", metrics.refusal_reason(None)).inc()
+            _audit_store(event, None, "0xC211 internal error")
             return _status(Status.INTERNAL_ERROR, "internal error")
 
     def _store(self, event: Event) -> StoreOutcome:
@@ -168,13 +174,15 @@ class StorageService:
             self._discard(pending)
             LOGGER.info("duplicate of job %d acknowledged, not queued again", duplicate.id)
             return StoreOutcome(Status.SUCCESS, duplicate.id, duplicate=True,
-                                outcome="duplicate", reason="duplicate")
+                                outcome="duplicate", reason="duplicate",
+                                study_instance_uid=instance.study_instance_uid)
         if pending is None:
             job = self.store.record(instance, None, JobState.IGNORED, decision.reason)
             LOGGER.info("instance ignored (%s)", decision.reason)
             return StoreOutcome(Status.SUCCESS, job.id if job else None, duplicate=job is None,
                                 outcome="ignored" if job else "duplicate",
-                                reason=metrics.ignored_reason(decision) if job else "duplicate")
+                                reason=metrics.ignored_reason(decision) if job else "duplicate",
+                                study_instance_uid=instance.study_instance_uid)
         return self._enqueue(instance, pending.result(), decision)
 
     def _enqueue(self, instance: ReceivedInstance, spooled: SpooledFile,
@@ -190,13 +198,15 @@ class StorageService:
         if job is None:  # the same instance arrived concurrently on another association
             self.spool.remove(spooled.name)
             return StoreOutcome(Status.SUCCESS, None, duplicate=True, outcome="duplicate",
-                                reason="duplicate")
+                                reason="duplicate",
+                                study_instance_uid=instance.study_instance_uid)
         LOGGER.info("job %d queued from %s (%d bytes)", job.id, instance.calling_ae,
                     spooled.size)
         if self._on_queued is not None:
             self._on_queued()
         view = decision.view.value if decision.view is not None else "undetermined"
-        return StoreOutcome(Status.SUCCESS, job.id, reason=f"view_{view}")
+        return StoreOutcome(Status.SUCCESS, job.id, reason=f"view_{view}",
+                            study_instance_uid=instance.study_instance_uid)
 
     def _discard(self, pending: Future[SpooledFile] | None) -> None:
         """Wait for a spool write that is no longer wanted and delete what it wrote."""
@@ -252,7 +262,54 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 
 
 def _count_association(event: Event, outcome: str) -> None:
+    """``EVT_ACCEPTED``/``EVT_REJECTED``/``EVT_ABORTED``: counted, and audited with the
+    reason of a refusal (pynetdicom's own checks, in its order: a refused AE title is
+    a Security Alert too)."""
     metrics.ASSOCIATIONS.labels(outcome).inc()
+    if outcome == "aborted":
+        return
+    requestor = event.assoc.requestor
+    calling = str(requestor.ae_title).strip()
+    if outcome == "accepted":
+        audit.association(calling, str(requestor.address))
+        return
+    ae = event.assoc.ae
+    primitive = requestor.primitive
+    allowed = [t.strip() for t in ae.require_calling_aet]
+    if allowed and calling not in allowed:
+        refusal, security = "calling AE title not recognised", True
+    elif ae.require_called_aet and primitive is not None and \
+            str(primitive.called_ae_title).strip() != str(event.assoc.acceptor.ae_title).strip():
+        refusal, security = "called AE title not recognised", True
+    else:
+        refusal, security = "too many associations (max_associations)", False
+    audit.association(calling, str(requestor.address), refusal, security)
+
+
+def _audit_store(event: Event, study_uid: str | None, refusal: str | None = None,
+                 malformed: bool = False) -> None:
+    """One C-STORE in the audit trail (the UIDs of the request: the data set may be
+    unreadable); malformed input is a Security Alert too."""
+    requestor = event.assoc.requestor
+    calling, address = str(requestor.ae_title).strip(), str(requestor.address)
+    request = cast(C_STORE, event.request)
+    audit.received(calling, address, study_uid,
+                   _uid_or_none(request.AffectedSOPClassUID),
+                   _uid_or_none(request.AffectedSOPInstanceUID), refusal)
+    if malformed:
+        audit.alert(audit.MALFORMED_INPUT, refusal or "malformed", calling, address)
+
+
+def _uid_or_none(value: object) -> str | None:
+    """A request's UID for the audit, if it is one (never arbitrary bytes)."""
+    try:
+        return intake.check_uid(value, "UID")
+    except DatasetMismatch:
+        return None
+
+
+def _audit_abuse(address: str, reason: str) -> None:
+    audit.alert(audit.MALFORMED_INPUT, f"connection closed: {reason}", None, address)
 
 
 def _handle_echo(event: Event) -> int:
@@ -332,6 +389,8 @@ class _NodeServer(ThreadedAssociationServer):
         if not self.allowed_hosts or client_address[0] in self.allowed_hosts:
             return True
         LOGGER.warning("connection from a host not in allowed_peer_hosts refused")
+        audit.association("", str(client_address[0]), "host not in allowed_peer_hosts",
+                          security=True)
         return False
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -353,6 +412,9 @@ class _NodeServer(ThreadedAssociationServer):
             except OSError as exc:  # ssl.SSLError and TimeoutError are OSErrors
                 LOGGER.warning("TLS handshake failed (%s): connection closed",
                                type(exc).__name__)
+                audit.alert(audit.NODE_AUTHENTICATION,
+                            f"TLS handshake failed ({type(exc).__name__})", None,
+                            str(client_address[0]))
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
@@ -412,7 +474,8 @@ class StorageSCP:
         transport = event.assoc.dul.socket
         if transport is None or transport.socket is None:
             return
-        bound_pdu_reads(transport, pdu_limit(self.settings), self.settings.network_timeout)
+        bound_pdu_reads(transport, pdu_limit(self.settings), self.settings.network_timeout,
+                        on_refused=_audit_abuse)
 
     def serving(self) -> bool:
         """Whether the thread that accepts associations is running."""

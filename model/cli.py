@@ -54,6 +54,8 @@ class Host(Protocol):
 
     def settings(self, config: Path | None, data_dir: Path | None) -> NodeSettings: ...
     def setup_logging(self, level: str) -> None: ...
+    def audit_model_install(self, settings: NodeSettings, model: tuple[str, str, str],
+                            validated: bool | None, refusal: str | None) -> None: ...
 
 
 def _host(ctx: typer.Context) -> Host:
@@ -250,16 +252,22 @@ def model_install(
     """
     from model import card
 
-    settings = _host(ctx).settings(config, data_dir)
+    host = _host(ctx)
+    settings = host.settings(config, data_dir)
     try:
         target = card.install(artifact, settings.model_dir, allow_unvalidated=(
             allow_unvalidated or settings.allow_unvalidated_models),
             parity=parity_bounds(settings), force_parity=force)
     except (card.ModelIntegrityError, card.UnvalidatedModelError, card.ParityError,
             FileNotFoundError, ValueError) as exc:
+        # In the audit trail as a refused Software Configuration, named by its folder.
+        host.audit_model_install(settings, (artifact.name, "", ""), None, str(exc))
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     installed = card.read_card(target)
+    host.audit_model_install(
+        settings, (installed.name, installed.display_version, installed.sha256),
+        card.validation_status(installed).validated, None)
     typer.echo(f"installed and active: {installed.name} {installed.display_version} "
                f"({target})")
     _echo_validation(installed)

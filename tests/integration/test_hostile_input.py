@@ -40,7 +40,7 @@ HOSTILE = {
 OWN_NAMES = re.compile(
     r"(dicom-node\.db(-wal|-shm|-journal)?|node\.lock|spool/node\.lock|study-key\.secret|"
     r"spool/[0-9a-f]{2}/[0-9a-f]{32}\.dcm|spool/sr/(job|evidence)-\d+\.dcm|"
-    r"spool/messages/delivery-\d+\.(hl7|json)|models/.+)")
+    r"spool/messages/delivery-\d+\.(hl7|json)|models/.+|audit/(node|admin)\.jsonl)")
 
 
 def test_identifiers_reach_the_results_not_the_log_and_hostile_strings_reach_nothing(
@@ -70,6 +70,10 @@ def test_identifiers_reach_the_results_not_the_log_and_hostile_strings_reach_not
     assert "DEBUG" in log and "job 1" in log  # the log was written, at DEBUG
     leaked = [value for value in SECRETS if value in log]
     assert leaked == []
+    # Nor does the audit trail, which holds the UIDs and AE titles of the same run.
+    trail = (tmp_path / "var" / "audit" / "node.jsonl").read_text()
+    assert "Application Start" in trail and "DICOM Instances Transferred" in trail
+    assert [value for value in SECRETS if value in trail] == []
     # No hostile string became a file or ran as a command.
     assert not list(Path("/tmp").glob("pwned*")) and not list(tmp_path.rglob("*pwned*"))
     for path in (tmp_path / "var").rglob("*"):
