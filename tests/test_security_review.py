@@ -49,6 +49,8 @@ FS_ALLOWED = {
     ("dicom_node/datadir.py", "DataDirLock.acquire"),
     ("dicom_node/node.py", "Node.__init__"),
     ("dicom_node/db.py", "make_engine"),  # the configured database's directory
+    # the audit directory; files named node, worker-<this host's name> or admin
+    ("dicom_node/audit.py", "open_trail"),
     # model artifacts: names from the model card and the command line (IT staff installing
     # or quantizing a model), never from received data
     ("model/card.py", "save_artifact"),
