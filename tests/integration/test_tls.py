@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from dicom_node import audit
 from dicom_node.db import Delivery, DeliveryItem, DeliveryState, JobState
 from dicom_node.deliver import send_many
 from dicom_node.destination import ClientTls, Destination, Target
@@ -74,6 +75,14 @@ def test_storescu_with_a_client_certificate_is_stored_and_without_one_refused(
                if r.name == "dicom_node.scp") == len(refused)
     assert [j.id for j in node.store.list(limit=10)] == [job.id]
     assert len(list(node.spool.files())) == 1
+    # Each a Security Alert (Node Authentication) in the audit trail, with the address.
+    alerts = [m for m in audit.read(node.settings.audit_dir)
+              if m["EventIdentification"].get("EventOutcomeDescription", "").startswith(
+                  "TLS handshake failed")]
+    assert len(alerts) == len(refused)
+    assert {m["EventIdentification"]["EventTypeCode"][0]["originalText"] for m in alerts} \
+        == {"Node Authentication"}
+    assert {m["ActiveParticipant"][1]["NetworkAccessPointID"] for m in alerts} == {"127.0.0.1"}
 
 
 def _start_node(tmp_path: Path, artifact: Path, destinations: list[dict[str, Any]]
