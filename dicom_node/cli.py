@@ -1,7 +1,7 @@
 """``dicom-node``: one program composed of the commands each package owns.
 
 This module holds the node's commands (``serve``, ``echo``, ``send``, ``jobs``,
-``version``). The model's and training's commands are registered through the
+``db``, ``version``). The model's and training's commands are registered through the
 entry point group ``dicom_node.commands`` (see ``pyproject.toml``): each names a
 ``register(app)`` function, and their commands find the node's settings and
 logging as the :class:`Host` on the command context, so ``dicom_node`` never
@@ -42,6 +42,8 @@ jobs_app = typer.Typer(help="Inspect the job store.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 studies_app = typer.Typer(help="Study results: one answer per study.", no_args_is_help=True)
 app.add_typer(studies_app, name="studies")
+db_app = typer.Typer(help="The job store's schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 #: Entry point group of the packages' ``register(app)`` functions.
 COMMANDS_GROUP = "dicom_node.commands"
@@ -62,10 +64,11 @@ def setup_logging(level: str) -> None:
     # identifiers); highdicom logs each module it copies into an SR, naming the source's
     # SOP Instance UID, at INFO (nine lines per SR); APScheduler warns when a dispatch
     # run is skipped because one is already running, which is expected; dicomweb-client
-    # logs each request's URL (study UIDs) at INFO; urllib3 each connection.
+    # logs each request's URL (study UIDs) at INFO; urllib3 each connection; alembic
+    # its plugins and context (dicom_node.db logs the upgrade itself).
     for name, quiet in (("pynetdicom", logging.WARNING), ("highdicom", logging.WARNING),
                         ("apscheduler", logging.ERROR), ("dicomweb_client", logging.WARNING),
-                        ("urllib3", logging.WARNING)):
+                        ("urllib3", logging.WARNING), ("alembic", logging.WARNING)):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else quiet)
 
 
@@ -346,6 +349,51 @@ def jobs_retry(
         raise typer.Exit(1)
     typer.echo(f"job {job_id}: {deliveries} delivery(ies) requeued"
                + ("; job requeued" if job else ""))
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Bring the database's schema to this release's revision (the node also does it
+    at every start)."""
+    from dicom_node import db
+
+    settings = _settings(config, data_dir=data_dir)
+    setup_logging("WARNING")
+    engine = db.make_engine(settings.database_url)
+    try:
+        before, after = db.upgrade_schema(engine)
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        engine.dispose()
+    typer.echo(f"at revision {after} (already)" if before == after
+               else f"upgraded from {before or 'no revision'} to revision {after}")
+
+
+@db_app.command("current")
+def db_current(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show the database's schema revision and this release's; exit 1 when they differ."""
+    from dicom_node import db
+
+    settings = _settings(config, data_dir=data_dir)
+    engine = db.make_engine(settings.database_url)
+    try:
+        current = db.current_revision(engine)
+    finally:
+        engine.dispose()
+    head = db.head_revision()
+    typer.echo(f"database: {current or 'no revision (empty, or made by release 0.1)'}")
+    typer.echo(f"this release: {head}")
+    if current != head:
+        typer.echo("run `dicom-node db upgrade` (or start the node) to upgrade", err=True)
+        raise typer.Exit(1)
 
 
 @studies_app.command("list")

@@ -5,18 +5,29 @@ job survives power loss, not only a process crash), a busy timeout, and every
 transaction opened with ``BEGIN IMMEDIATE`` so that writers queue on the lock
 instead of failing half-way through an upgrade from a read lock. The same
 schema runs on PostgreSQL (``database_url = "postgresql+psycopg://..."``).
+
+The schema is Alembic's (:mod:`dicom_node.migrations`): :func:`upgrade_schema` brings a
+database to this release's revision at every start-up, and ``dicom-node db upgrade``
+on demand.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     JSON,
     Boolean,
+    Connection,
     DateTime,
     Engine,
     Enum,
@@ -35,7 +46,15 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from dicom_node.migrations import baseline
+
+LOGGER = logging.getLogger(__name__)
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Alembic's scripts: env.py and versions/, shipped in the package.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+#: PostgreSQL advisory lock held while one process migrates (SQLite: BEGIN IMMEDIATE).
+_MIGRATION_LOCK_KEY = 0x64636D6E  # "dcmn"
 
 
 def utcnow() -> datetime:
@@ -114,6 +133,7 @@ class Job(Base):
         UniqueConstraint("sop_instance_uid", "sha256", name="uq_jobs_instance_bytes"),
         Index("ix_jobs_state_id", "state", "id"),
         Index("ix_jobs_study", "study_instance_uid"),
+        Index("ix_jobs_purge", "files_purged_at", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -171,6 +191,10 @@ class Job(Base):
     evidence_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
     evidence_series_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
     evidence_file: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: When retention deleted its files (received, SR, evidence image; see
+    #: :mod:`dicom_node.retention`); None while they are kept. The names stay until
+    #: the files are gone, then are cleared.
+    files_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
 class StudyResult(Base):
@@ -180,6 +204,7 @@ class StudyResult(Base):
     __table_args__ = (
         UniqueConstraint("study_instance_uid", "version", name="uq_study_version"),
         Index("ix_study_results_state_closes", "state", "closes_at"),
+        Index("ix_study_results_purge", "files_purged_at", "closed_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -207,6 +232,8 @@ class StudyResult(Base):
     model_version: Mapped[str | None] = mapped_column(String(128), default=None)
     model_validated: Mapped[bool | None] = mapped_column(Boolean, default=None)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    #: When retention deleted its message files (the deliveries' payload files).
+    files_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
 
 class DeliveryItem(enum.StrEnum):
@@ -293,28 +320,94 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def create_schema(engine: Engine) -> None:
-    """Create missing tables, and add missing nullable columns to existing ones
-    (idempotent).
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration, in code (no ``alembic.ini``): the package's scripts, and
+    the connection to migrate on (None for what only reads the scripts)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
 
-    A database made by the previous release lacks the view, flag and study columns
-    of ``jobs``; each is nullable, so adding it keeps every row as it was. Any other
-    difference is refused with the names: it needs a real migration.
+
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """This release's schema revision: the newest in ``migrations/versions``."""
+    head = _scripts().get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migration in {MIGRATIONS_DIR}")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's schema revision; None when it has none (empty, or made by release
+    0.1, which had no migrations: :func:`upgrade_schema` adopts it)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade_schema(engine: Engine) -> tuple[str | None, str]:
+    """Bring the database to this release's revision; return the revisions before and
+    after (equal when there was nothing to do).
+
+    Safe when several processes start at once (a node and its workers): the whole
+    upgrade is one transaction that holds the database's write lock on SQLite
+    (``BEGIN IMMEDIATE``: the others wait, then find nothing to do) and an advisory
+    lock on PostgreSQL; both have transactional DDL, so a failed upgrade leaves the
+    database as it was. An empty database gets every revision from ``0001``. One made
+    by release 0.1 (its tables, no revision) is first given that release's shape where
+    it is older still (:func:`_adopt`), then stamped ``0001`` and upgraded. A revision
+    this release does not know (a newer release's database) is refused with
+    RuntimeError, before anything changes.
     """
-    _rebuild_deliveries(engine)
-    Base.metadata.create_all(engine)
-    existing = inspect(engine)
-    for table in Base.metadata.sorted_tables:
+    head = head_revision()
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                         {"key": _MIGRATION_LOCK_KEY})
+        before = MigrationContext.configure(conn).get_current_revision()
+        if before == head:
+            return before, head
+        if before is not None and before not in {s.revision for s in
+                                                 _scripts().walk_revisions()}:
+            raise RuntimeError(f"the database's schema is at revision {before}, which this "
+                               f"release (at {head}) does not know: run the release that "
+                               "made it")
+        config = alembic_config(conn)
+        was = f"revision {before}"
+        if before is None:
+            was = "an empty database"
+            if inspect(conn).has_table("jobs"):
+                was = "release 0.1 (no revision)"
+                _adopt(conn)
+                command.stamp(config, baseline.REVISION)
+        command.upgrade(config, "head")
+    LOGGER.info("database schema upgraded from %s to revision %s", was, head)
+    return before, head
+
+
+def _adopt(conn: Connection) -> None:
+    """Give a database made before migrations the schema of release 0.1 (revision
+    ``0001``), every row kept: a previous release's ``deliveries`` is rebuilt, missing
+    tables are created and missing nullable columns added. Any other difference is
+    refused with the names: it would need a migration of its own.
+    """
+    _rebuild_deliveries(conn)
+    baseline.metadata.create_all(conn)
+    existing = inspect(conn)
+    for table in baseline.metadata.sorted_tables:
         present = {c["name"] for c in existing.get_columns(table.name)}
         missing = [c for c in table.columns if c.name not in present]
         if any(not c.nullable for c in missing):
             raise RuntimeError(f"database table {table.name} lacks the columns "
                                f"{', '.join(c.name for c in missing)} and they cannot be "
                                "added in place; move the database aside to start afresh")
-        with engine.begin() as conn:
-            for column in missing:
-                kind = column.type.compile(dialect=engine.dialect)
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+        for column in missing:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 #: Columns of the previous release's ``deliveries`` table, copied by the rebuild.
@@ -322,39 +415,38 @@ _OLD_DELIVERY_COLUMNS = ("id", "job_id", "destination", "state", "attempts", "ne
                          "last_status", "last_error", "created_at", "updated_at", "delivered_at")
 
 
-def _rebuild_deliveries(engine: Engine) -> None:
-    """Give a previous release's ``deliveries`` table this release's shape, rows kept.
+def _rebuild_deliveries(conn: Connection) -> None:
+    """Give a previous release's ``deliveries`` table release 0.1's shape, rows kept.
 
     That table was one SR per (job, destination): ``job_id`` NOT NULL and unique with
     the destination. Result objects of several kinds (an evidence image beside the
     SR, a study's messages without a job) need a nullable ``job_id`` and other
     unique keys, which SQLite cannot alter in place; so the table is renamed, the
     new one created and every row copied (as the SR it was, to a ``dicom``
-    destination), in one transaction. The tests run it on SQLite; the PostgreSQL
-    path (constraint indexes kept, the id sequence moved past the copied rows) has
-    not met a server yet.
+    destination), in the upgrade's transaction. The tests run it on SQLite; the
+    PostgreSQL path (constraint indexes kept, the id sequence moved past the copied
+    rows) has not met a server yet.
     """
     columns = ", ".join(_OLD_DELIVERY_COLUMNS)
-    with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE, so a second starter waits
-        existing = inspect(conn)
-        if "deliveries" not in existing.get_table_names():
-            return
-        if "item" in {c["name"] for c in existing.get_columns("deliveries")}:
-            return  # new already (another process may just have rebuilt it)
-        # Plain indexes only: PostgreSQL lists a unique constraint's index too, and it
-        # goes with the renamed table's constraint.
-        for index in existing.get_indexes("deliveries"):
-            if index["name"] and not index.get("duplicates_constraint"):
-                conn.execute(text(f'DROP INDEX "{index["name"]}"'))
-        conn.execute(text("ALTER TABLE deliveries RENAME TO deliveries_previous"))
-        Base.metadata.tables["deliveries"].create(conn)  # with its indexes
-        # The column names are the constant above, never data.
-        conn.execute(text(f"INSERT INTO deliveries ({columns}, kind, item) "  # noqa: S608
-                          f"SELECT {columns}, 'dicom', 'sr' FROM deliveries_previous"))
-        if engine.dialect.name == "postgresql":  # the new id sequence starts after the rows
-            conn.execute(text("SELECT setval(pg_get_serial_sequence('deliveries', 'id'), "
-                              "COALESCE(MAX(id), 1)) FROM deliveries"))
-        conn.execute(text("DROP TABLE deliveries_previous"))
+    existing = inspect(conn)
+    if "deliveries" not in existing.get_table_names():
+        return
+    if "item" in {c["name"] for c in existing.get_columns("deliveries")}:
+        return  # release 0.1's already
+    # Plain indexes only: PostgreSQL lists a unique constraint's index too, and it
+    # goes with the renamed table's constraint.
+    for index in existing.get_indexes("deliveries"):
+        if index["name"] and not index.get("duplicates_constraint"):
+            conn.execute(text(f'DROP INDEX "{index["name"]}"'))
+    conn.execute(text("ALTER TABLE deliveries RENAME TO deliveries_previous"))
+    baseline.deliveries.create(conn)  # with its indexes
+    # The column names are the constant above, never data.
+    conn.execute(text(f"INSERT INTO deliveries ({columns}, kind, item) "  # noqa: S608
+                      f"SELECT {columns}, 'dicom', 'sr' FROM deliveries_previous"))
+    if conn.dialect.name == "postgresql":  # the new id sequence starts after the rows
+        conn.execute(text("SELECT setval(pg_get_serial_sequence('deliveries', 'id'), "
+                          "COALESCE(MAX(id), 1)) FROM deliveries"))
+    conn.execute(text("DROP TABLE deliveries_previous"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -36,9 +36,9 @@ from dicom_node.db import (
     JobState,
     StudyResult,
     StudyState,
-    create_schema,
     make_engine,
     make_sessionmaker,
+    upgrade_schema,
     utcnow,
 )
 
@@ -168,7 +168,7 @@ class JobStore:
         self.engine = make_engine(url)
         self.max_attempts = max_attempts
         self.study_quiet_seconds = study_quiet_seconds
-        create_schema(self.engine)
+        upgrade_schema(self.engine)
         self._sessions = make_sessionmaker(self.engine)
         self._dialect = self.engine.dialect.name
 
@@ -426,20 +426,28 @@ class JobStore:
 
     def retry_dead_deliveries(self, job_id: int) -> int:
         """Requeue the dead deliveries of a job and of its study's results
-        (``dicom-node jobs retry``); return how many."""
+        (``dicom-node jobs retry``); return how many. Those whose files retention
+        deleted stay dead."""
         now = utcnow()
         with self._sessions.begin() as session:
+            # The job's row first, locked on PostgreSQL (SQLite's BEGIN IMMEDIATE locks
+            # all): a purge deciding at the same moment either has marked it, or waits.
+            files_kept = session.execute(
+                select(Job.id).where(Job.id == job_id, Job.files_purged_at.is_(None))
+                .with_for_update()).first() is not None
             study = select(Job.study_instance_uid).where(Job.id == job_id).scalar_subquery()
             # The study's current result only (a superseded one's messages stay dead),
             # and only messages that were written (one refused for want of a Patient
-            # ID keeps its reason).
+            # ID keeps its reason) and not purged.
             results = select(StudyResult.id).where(StudyResult.study_instance_uid == study,
-                                                   StudyResult.state == StudyState.CLOSED)
+                                                   StudyResult.state == StudyState.CLOSED,
+                                                   StudyResult.files_purged_at.is_(None))
             messages = and_(Delivery.study_result_id.in_(results),
                             Delivery.payload_file.is_not(None))
+            which = or_(Delivery.job_id == job_id, messages) if files_kept else messages
             result = session.execute(
                 update(Delivery)
-                .where(or_(Delivery.job_id == job_id, messages),
+                .where(which,
                        Delivery.state == DeliveryState.DEAD)
                 .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
                         updated_at=now)
@@ -448,11 +456,12 @@ class JobStore:
 
     def requeue_failed_job(self, job_id: int) -> bool:
         """Give a failed job a fresh set of attempts (its study's result reopens, so that
-        it counts there once classified)."""
+        it counts there once classified); not once retention deleted its image."""
         now = utcnow()
         with self._sessions.begin() as session:
             result = session.execute(
-                update(Job).where(Job.id == job_id, Job.state == JobState.FAILED)
+                update(Job).where(Job.id == job_id, Job.state == JobState.FAILED,
+                                  Job.files_purged_at.is_(None))
                 .values(state=JobState.QUEUED, attempts=0, finished_at=None, updated_at=now)
             )
             requeued = int(getattr(result, "rowcount", 0)) == 1

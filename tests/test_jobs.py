@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import text
 
-from dicom_node.db import DeliveryItem, DeliveryState, JobState, utcnow
+from dicom_node.db import DeliveryState, JobState, utcnow
 from dicom_node.jobs import (
     DeliveryOutcome,
     JobResult,
@@ -237,80 +237,6 @@ def test_concurrent_writers_do_not_fail(url: str) -> None:
     assert store.counts() == {"queued": 200}
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA integrity_check")).scalar() == "ok"
-
-
-def test_a_database_of_the_previous_release_gains_the_new_columns(url: str,
-                                                                   tmp_path: Path) -> None:
-    import sqlite3
-
-    with JobStore(url) as old:
-        job = old.record(instance(1), "ab/1.dcm", JobState.QUEUED, "chest")
-    assert job is not None
-    added = ["view", "patient_key", "accession_key", "flags", "model_validated", "study_note"]
-    with sqlite3.connect(tmp_path / "jobs.db") as db:  # the previous release's jobs table
-        for column in added:
-            db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
-        db.execute("DROP TABLE study_results")
-    with JobStore(url) as upgraded:
-        kept = upgraded.get(job.id)
-        assert kept is not None and kept.sop_instance_uid == "1.2.3.1" and kept.view is None
-        assert upgraded.record(instance(2), "ab/2.dcm", JobState.QUEUED, "chest") is not None
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-    assert set(added) <= columns
-
-
-#: The previous release's deliveries table, as SQLite holds it: one SR per (job,
-#: destination), job_id NOT NULL.
-_PREVIOUS_DELIVERIES = """CREATE TABLE deliveries (
-	id INTEGER NOT NULL, job_id INTEGER NOT NULL, destination VARCHAR(128) NOT NULL,
-	state VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL, next_attempt_at DATETIME NOT NULL,
-	last_status INTEGER, last_error TEXT, created_at DATETIME NOT NULL,
-	updated_at DATETIME NOT NULL, delivered_at DATETIME, PRIMARY KEY (id),
-	CONSTRAINT uq_delivery_job_destination UNIQUE (job_id, destination),
-	FOREIGN KEY(job_id) REFERENCES jobs (id) ON DELETE CASCADE)"""
-
-
-def test_previous_deliveries_are_rebuilt_for_result_objects_and_none_is_lost(
-        url: str, tmp_path: Path) -> None:
-    import sqlite3
-
-    with JobStore(url) as old:
-        fill(old, 2)
-        a, b = old.claim("w1", limit=2, lease_seconds=60)
-    now = "2026-11-30 10:00:00.000000"
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        db.execute("DROP TABLE deliveries")
-        db.execute(_PREVIOUS_DELIVERIES)
-        db.execute("CREATE INDEX ix_deliveries_due ON deliveries (state, next_attempt_at)")
-        rows = [(1, a.id, "PACS@127.0.0.1:104", "done", 1), (2, a.id, "ARCH@127.0.0.1:105",
-                                                                "dead", 10),
-                (3, b.id, "PACS@127.0.0.1:104", "pending", 2)]
-        db.executemany("INSERT INTO deliveries (id, job_id, destination, state, attempts, "
-                       "next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(*row, now, now, now) for row in rows])
-    with JobStore(url) as upgraded:
-        kept = upgraded.deliveries([a.id, b.id])
-        assert [(d.id, d.destination, d.state.value, d.attempts, d.kind, d.item)
-                for d in kept[a.id] + kept[b.id]] == [
-            (1, "PACS@127.0.0.1:104", "done", 1, "dicom", DeliveryItem.SR),
-            (2, "ARCH@127.0.0.1:105", "dead", 10, "dicom", DeliveryItem.SR),
-            (3, "PACS@127.0.0.1:104", "pending", 2, "dicom", DeliveryItem.SR)]
-        # The evidence image now goes beside the SR to the same destination...
-        assert upgraded.complete_batch("w1", [JobResult(
-            b.id, "normal", {"normal": 1.0}, "v1", "sr/x.dcm",
-            [Route("dicom", "PACS@127.0.0.1:104", DeliveryItem.EVIDENCE)])]) == [True]
-        assert [d.item for d in upgraded.deliveries([b.id])[b.id]] == [
-            DeliveryItem.SR, DeliveryItem.EVIDENCE]
-    with sqlite3.connect(tmp_path / "jobs.db") as db:
-        # ...and each object still goes once per destination.
-        with pytest.raises(sqlite3.IntegrityError):
-            db.execute("INSERT INTO deliveries (job_id, destination, kind, item, state, "
-                       "attempts, next_attempt_at, created_at, updated_at) VALUES "
-                       "(?, 'PACS@127.0.0.1:104', 'dicom', 'sr', 'pending', 0, ?, ?, ?)",
-                       (b.id, now, now, now))
-        assert not db.execute("SELECT name FROM sqlite_master WHERE name = "
-                              "'deliveries_previous'").fetchall()
 
 
 @pytest.mark.slow
