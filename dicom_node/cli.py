@@ -351,6 +351,39 @@ def jobs_retry(
                + ("; job requeued" if job else ""))
 
 
+@jobs_app.command("purge")
+def jobs_purge(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only show what would be deleted, and why.")] = False,
+) -> None:
+    """Delete the files, then the rows, that retention_files_days and retention_rows_days
+    let go (as the node does every hour); --dry-run shows them (ids, states, ages)."""
+    from dicom_node.retention import Retention
+    from dicom_node.spool import Spool
+
+    settings = _settings(config, data_dir=data_dir)
+    setup_logging("WARNING")
+    if not settings.retention_files_days:
+        typer.echo("retention_files_days is 0: files and rows are kept for ever")
+        return
+    with JobStore(settings.database_url, max_attempts=settings.max_attempts,
+                  study_quiet_seconds=settings.study_quiet_seconds) as store:
+        spool = Spool(settings.storage_dir, settings.min_free_disk_mb * 2**20)
+        report = Retention(store, spool, settings.retention_files_days,
+                           settings.retention_rows_days).run(dry_run=dry_run)
+    verb = "would go" if dry_run else "deleted"
+    assert report.files_cutoff is not None
+    typer.echo(f"files finished before {report.files_cutoff:%Y-%m-%d %H:%M} UTC "
+               f"({settings.retention_files_days} days), {verb}:")
+    for item in report.purged:
+        typer.echo(f"  {item.kind} {item.id}: {item.files} file(s); {item.reason}")
+    typer.echo(report.summary())
+    if report.failed_files:
+        raise typer.Exit(1)
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     config: ConfigOption = None,

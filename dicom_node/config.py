@@ -227,6 +227,15 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(
         default=512, ge=0, description="Refuse with 0xA700 when less is free after the write."
     )
+    retention_files_days: int = Field(
+        default=0, ge=0, description="Delete a job's files (the received image, its SR and "
+        "evidence image) and a study result's message files this many days after it "
+        "finished, once each of its deliveries is final: done, or dead and left so (no "
+        "`dicom-node jobs retry`) for as many days. 0: keep them for ever.")
+    retention_rows_days: int = Field(
+        default=0, ge=0, description="Delete the rows of jobs and study results (with their "
+        "deliveries), whose files are gone, this many days after they finished: the audit "
+        "of what was sent where. At least retention_files_days; 0: keep them for ever.")
 
     # --- intake ---
     max_pixels: int = Field(
@@ -371,6 +380,14 @@ class Settings(BaseSettings):
     @classmethod
     def _calling(cls, values: list[str]) -> list[str]:
         return [check_ae_title(v, "allowed_calling_ae") for v in values]
+
+    @model_validator(mode="after")
+    def _retention_ages(self) -> Settings:
+        rows, files = self.retention_rows_days, self.retention_files_days
+        if rows and (not files or rows < files):
+            raise ValueError(f"retention_rows_days ({rows}) must be 0 (keep) or at least "
+                             f"retention_files_days ({files}, not 0): rows outlive files")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -28,6 +28,7 @@ from dicom_node.fhir import send_fhir
 from dicom_node.hl7 import send_mllp
 from dicom_node.jobs import DeliveryOutcome, JobStore
 from dicom_node.messages import Messenger
+from dicom_node.retention import Retention
 from dicom_node.spool import Spool
 from dicom_node.stow import send_stow
 from dicom_node.studies import StudyBook
@@ -37,6 +38,9 @@ LOGGER = logging.getLogger(__name__)
 DISPATCH_JOB = "dispatch-deliveries"
 REAP_JOB = "reap-leases"
 STUDIES_JOB = "close-studies"
+RETENTION_JOB = "retention-purge"
+#: How often retention purges (its ages are days: an hour late is nothing).
+RETENTION_INTERVAL_SECONDS = 3600.0
 #: How often open study results are looked at (a result closes at most this late).
 STUDIES_INTERVAL_SECONDS = 1.0
 _BATCH = 32
@@ -234,7 +238,8 @@ class Dispatcher:
 
 
 class Scheduler:
-    """The node's APScheduler: dispatch deliveries, reap expired leases, close studies."""
+    """The node's APScheduler: dispatch deliveries, reap expired leases, close studies,
+    and purge by retention (hourly, when ``retention_files_days`` is set)."""
 
     def __init__(self, settings: Settings, store: JobStore, spool: Spool) -> None:
         self.dispatcher = Dispatcher(settings, store, spool)
@@ -250,6 +255,12 @@ class Scheduler:
         self._scheduler.add_job(self.studies.close_due, "interval",
                                 seconds=STUDIES_INTERVAL_SECONDS, id=STUDIES_JOB,
                                 max_instances=1, coalesce=True, misfire_grace_time=None)
+        if settings.retention_files_days:
+            retention = Retention(store, spool, settings.retention_files_days,
+                                  settings.retention_rows_days)
+            self._scheduler.add_job(retention.scheduled, "interval",
+                                    seconds=RETENTION_INTERVAL_SECONDS, id=RETENTION_JOB,
+                                    max_instances=1, coalesce=True, misfire_grace_time=None)
 
     def start(self) -> None:
         self._scheduler.start()
