@@ -516,6 +516,24 @@ class Host:
     def setup_logging(self, level: str) -> None:
         setup_logging(level)
 
+    def audit_model_install(self, settings: Settings, model: tuple[str, str, str],
+                            validated: bool | None, refusal: str | None) -> None:
+        """A model installed (or refused, with the reason) in the audit trail.
+
+        Parameters
+        ----------
+        settings
+            The node's settings (where the trail is).
+        model
+            Its name, version and sha256 (version and hash empty when its card was
+            not read).
+        validated
+            Whether its card earns 'validated' (None: not known).
+        refusal
+            Why it was refused, or None.
+        """
+        _audit_model(settings, model, validated, refusal)
+
 
 @app.callback()
 def _program(ctx: typer.Context) -> None:
@@ -540,24 +558,6 @@ _register_packages()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
-
-    def audit_model_install(self, settings: Settings, model: tuple[str, str, str],
-                            validated: bool | None, refusal: str | None) -> None:
-        """A model installed (or refused, with the reason) in the audit trail.
-
-        Parameters
-        ----------
-        settings
-            The node's settings (where the trail is).
-        model
-            Its name, version and sha256 (version and hash empty when its card was
-            not read).
-        validated
-            Whether its card earns 'validated' (None: not known).
-        refusal
-            Why it was refused, or None.
-        """
-        _audit_model(settings, model, validated, refusal)
 
 
 def main() -> None:
