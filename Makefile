@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Peers and validators the tests run for real.
-DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc orthanc-dicomweb openssl
+# yq reads deploy/compose.yaml for tests/test_deploy.py (YAML to JSON; no Python YAML
+# library in the locks).
+DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc orthanc-dicomweb openssl yq
 # `make run` allows DCMTK's default calling AE title so `storescu` works out of
 # the box on loopback; the node's own default (no flag) denies every AE title.
 RUN_ARGS ?= --allow-calling-ae STORESCU
@@ -20,12 +22,19 @@ PYTEST_ARGS ?=
 # After editing pyproject.toml without upgrading the rest: `make lock LOCK_ARGS=`; one
 # package: `make lock LOCK_ARGS='--upgrade-package numpy'`. The locks are for CPython 3.11
 # on Linux (the machines and deploy/Dockerfile); run `make lock` with that Python.
+# GPU_LOCK is the node's lock for deploy/Dockerfile.gpu: the same pins, with TensorFlow's
+# CUDA build and its NVIDIA wheels (extra gpu) in place of tensorflow-cpu. Both builds
+# install the module `tensorflow`, so one environment must never hold both: tensorflow-cpu
+# is declared "unsafe" there, which pip-compile leaves out (it lists it in a closing
+# comment); only dicom-node itself asks for it, and the image installs that --no-deps.
 LOCK := deploy/requirements.lock
 TEST_LOCK := deploy/requirements-test.lock
+GPU_LOCK := deploy/requirements-gpu.lock
 LOCK_ARGS ?= --upgrade
 LOCK_TOOLS := pip==26.3 pip-tools==7.6.2
-PIP_COMPILE := pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+PIP_COMPILE_HASHED := pip-compile --quiet --generate-hashes --strip-extras \
   --no-emit-index-url --no-emit-find-links --no-emit-trusted-host
+PIP_COMPILE := $(PIP_COMPILE_HASHED) --allow-unsafe
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); apt-get update && \
@@ -56,8 +65,9 @@ install-test: $(BIN)/python
 	$(BIN)/pip install --quiet --require-hashes -r $(TEST_LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
 
-# Regenerates both locks in a throwaway virtualenv (pip-tools never enters .venv). The
-# node's lock is resolved within the test lock, so both pin the same versions.
+# Regenerates the three locks in a throwaway virtualenv (pip-tools never enters .venv).
+# The node's lock is resolved within the test lock and the GPU lock within the node's, so
+# all pin the same versions (tests/test_deploy.py checks the GPU lock against the node's).
 lock:
 	tools=$$(mktemp -d) && trap 'rm -rf "$$tools"' EXIT && \
 	$(PYTHON) -m venv "$$tools" && \
@@ -66,7 +76,9 @@ lock:
 	"$$tools/bin/"$(PIP_COMPILE) $(LOCK_ARGS) --extra test --extra training \
 	  --output-file $(TEST_LOCK) pyproject.toml && \
 	"$$tools/bin/"$(PIP_COMPILE) $(LOCK_ARGS) --constraint $(TEST_LOCK) \
-	  --output-file $(LOCK) pyproject.toml
+	  --output-file $(LOCK) pyproject.toml && \
+	"$$tools/bin/"$(PIP_COMPILE_HASHED) $(LOCK_ARGS) --unsafe-package tensorflow-cpu \
+	  --extra gpu --constraint $(LOCK) --output-file $(GPU_LOCK) pyproject.toml
 
 debian-test-packages:
 	@missing=""; for p in $(DEBIAN_TEST_PACKAGES); do \
@@ -99,6 +111,7 @@ lint: install-test
 	$(BIN)/ruff check dicom_node model training tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/hadolint --no-color deploy/Dockerfile deploy/Dockerfile.gpu
 
 test: debian-test-packages lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -139,31 +139,43 @@ class Orthanc:
     ``dicomweb`` loads Debian's DICOMweb plugin (package orthanc-dicomweb) at
     :attr:`stow_url`; ``lua`` is the text of a Lua script Orthanc runs (its
     ``ReceivedInstanceFilter`` decides what is stored).
+
+    ``settings`` is a configuration to run as shipped (deploy/orthanc/orthanc.json): its
+    policies are kept, while what ties it to a machine -- folders, ports, plugins, HTTP
+    access, the AE title (``ae_title``), the modalities and the Lua scripts -- is the
+    test's. ``modalities`` is the DicomModalities table; ``lua_files`` are Lua scripts
+    Orthanc runs from where they are (a shipped file, not a copy), before ``lua``.
     """
 
     def __init__(self, folder: Path, ae_title: str = "ORTHANC", dicomweb: bool = False,
-                 lua: str | None = None) -> None:
+                 lua: str | None = None, settings: dict[str, Any] | None = None,
+                 modalities: dict[str, Any] | None = None,
+                 lua_files: list[Path] | None = None) -> None:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.ae_title = ae_title
         folder.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
-            "Name": "dicom-node-tests", "StorageDirectory": str(folder / "db"),
-            "IndexDirectory": str(folder / "db"), "Plugins": [],
-            "HttpServerEnabled": True, "HttpPort": self.http_port,
+            "Name": "dicom-node-tests", "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
+            "OverwriteInstances": False, **(settings or {}),
+            # Never from ``settings``: loopback only, remote access off, free ports.
+            "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+            "Plugins": [], "HttpServerEnabled": True, "HttpPort": self.http_port,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomServerEnabled": True, "DicomAet": ae_title, "DicomPort": self.dicom_port,
-            "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True, "DicomModalities": {}, "OverwriteInstances": False,
+            "DicomModalities": modalities or {}, "LuaScripts": [],
         }
         if dicomweb:
             config["Plugins"] = [require_file(DICOMWEB_PLUGIN, "orthanc-dicomweb")]
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        config["LuaScripts"] = [str(path) for path in lua_files or []]
         if lua is not None:
             (folder / "scripts.lua").write_text(lua)
-            config["LuaScripts"] = [str(folder / "scripts.lua")]
+            config["LuaScripts"].append(str(folder / "scripts.lua"))
         (folder / "orthanc.json").write_text(json.dumps(config))
-        self.log = (folder / "orthanc.log").open("wb")
+        self.log_path = folder / "orthanc.log"
+        self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen([require_tool("Orthanc"), str(folder / "orthanc.json")],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         try:
@@ -183,6 +195,11 @@ class Orthanc:
                                     timeout=30) as response:
             body = response.read()
         return json.loads(body) if body[:1] in (b"[", b"{") else body
+
+    @property
+    def log_text(self) -> str:
+        """What Orthanc has written to its log so far (its Lua scripts' print among it)."""
+        return self.log_path.read_text(errors="replace")
 
     def instances(self) -> list[Dataset]:
         """Every stored instance, parsed (header and content)."""
