@@ -8,7 +8,9 @@ BIN := $(VENV)/bin
 # Peers and validators the tests run for real.
 # yq reads deploy/compose.yaml for tests/test_deploy.py (YAML to JSON; no Python YAML
 # library in the locks).
-DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc orthanc-dicomweb openssl yq
+# postgresql: a real server for the scale-out tests (tests/helpers/postgres.py starts a
+# throwaway cluster of its own from the binaries; Debian's default cluster is not used).
+DEBIAN_TEST_PACKAGES ?= dcmtk dicom3tools orthanc orthanc-dicomweb openssl yq postgresql
 # `make run` allows DCMTK's default calling AE title so `storescu` works out of
 # the box on loopback; the node's own default (no flag) denies every AE title.
 RUN_ARGS ?= --allow-calling-ae STORESCU
