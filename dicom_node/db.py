@@ -63,9 +63,11 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """A DateTime stored as UTC and always returned timezone-aware.
+    """A DateTime stored as UTC and always returned timezone-aware, in UTC.
 
-    SQLite has no time zone type; without this, values come back naive.
+    SQLite has no time zone type; without this, values come back naive. PostgreSQL's
+    ``timestamptz`` comes back in the session's ``TimeZone`` (the server's default
+    zone): the same instant, but ``jobs list`` would print local wall-clock times.
     """
 
     impl = DateTime(timezone=True)
@@ -81,7 +83,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
             return None
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class JobState(enum.StrEnum):

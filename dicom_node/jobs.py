@@ -3,7 +3,8 @@
 A worker claims up to *n* queued jobs in one statement: on SQLite a conditional
 ``UPDATE … WHERE id IN (SELECT … WHERE state = 'queued') RETURNING`` inside a
 ``BEGIN IMMEDIATE`` transaction, on PostgreSQL the sub-select takes
-``FOR UPDATE SKIP LOCKED``. A claim sets a lease; a job whose lease expired
+``FOR UPDATE SKIP LOCKED`` in a ``MATERIALIZED`` CTE (:meth:`JobStore._locked`).
+A claim sets a lease; a job whose lease expired
 (its worker died) goes back to the queue with its attempt count, or fails once
 it has used ``max_attempts``.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -272,11 +273,9 @@ class JobStore:
         candidates = (
             select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(limit)
         )
-        if self._dialect == "postgresql":
-            candidates = candidates.with_for_update(skip_locked=True)
         statement = (
             update(Job)
-            .where(Job.id.in_(candidates.scalar_subquery()), Job.state == JobState.QUEUED)
+            .where(Job.id.in_(self._locked(candidates)), Job.state == JobState.QUEUED)
             .values(
                 state=JobState.RUNNING,
                 lease_owner=owner,
@@ -289,6 +288,20 @@ class JobStore:
         with self._sessions.begin() as session:
             jobs = list(session.scalars(statement.execution_options(synchronize_session=False)))
         return sorted(jobs, key=lambda j: j.id)
+
+    def _locked(self, candidates: Select[int]) -> Select[int]:
+        """The ids ``candidates`` selects, for an ``UPDATE … WHERE key IN (…)`` that claims
+        them. On PostgreSQL they are locked with ``FOR UPDATE SKIP LOCKED`` (another
+        claim at the same moment takes other rows) and selected once, in a
+        ``MATERIALIZED`` CTE: as a plain sub-select the planner may rescan it for each
+        row it updates (a nested-loop semi-join), and every rescan skips the rows this
+        very statement has already changed and locks the next ones, past the limit, so
+        one claim took the whole queue. SQLite (``BEGIN IMMEDIATE``: one writer at a
+        time) evaluates the sub-select once."""
+        if self._dialect != "postgresql":
+            return candidates
+        claimed = candidates.with_for_update(skip_locked=True).cte().prefix_with("MATERIALIZED")
+        return select(*claimed.c)  # its one column: the id
 
     def extend_leases(self, owner: str, lease_seconds: float, job_ids: Sequence[int]) -> int:
         """Renew ``owner``'s leases on ``job_ids`` to ``lease_seconds`` from now; how many.
@@ -389,12 +402,10 @@ class JobStore:
         due = (select(Delivery.id)
                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
                .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
-        if self._dialect == "postgresql":
-            due = due.with_for_update(skip_locked=True)
         with self._sessions.begin() as session:
             held = list(session.scalars(
                 update(Delivery)
-                .where(Delivery.id.in_(due.scalar_subquery()),
+                .where(Delivery.id.in_(self._locked(due)),
                        Delivery.state == DeliveryState.PENDING)
                 .values(next_attempt_at=now + timedelta(seconds=hold_seconds), updated_at=now)
                 .returning(Delivery)
