@@ -1,0 +1,294 @@
+"""Scale-out on a real PostgreSQL: one receiving node and two ``dicom-node worker``
+processes on one job store and one spool; a worker SIGKILLed midway; every image
+classified once and its SR delivered once.
+
+Everything is real and on loopback: the PostgreSQL server (helpers.postgres), the node
+and the workers as child processes, DCMTK storescu as the modality and storescp as the
+PACS. The spool is one directory for the three processes, as a shared filesystem mounted
+at the same path on every machine would be. The receiving node has no model (only the
+workers classify: the one killed certainly holds work); the workers share one model
+folder with the tests' small untrained network.
+
+The killed worker's jobs come back in one of two ways: its machine is gone, so their
+leases expire and a reaper (every 30 s, in each process) requeues them (the 300-image
+variant, under ``long``); or it is restarted at once, as its service manager would, and
+the new process releases its dead predecessor's leases as it starts (the default
+suite's 40 images: the same guarantees without waiting for a lease and a reaper).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from pydicom import dcmread
+from sqlalchemy import func, select
+
+from dicom_node.db import Delivery, DeliveryItem, DeliveryState, Job, JobState
+from dicom_node.jobs import JobResult, JobStore, ReceivedInstance, Route
+from dicom_node.loopback import free_port, wait_for_port
+from model import card
+
+from dicom_factory import chest_image, save
+from helpers.environment import wait_until
+from helpers.files import sop_instance_uid
+from helpers.postgres import PostgresServer
+from helpers.processes import FAST_DELIVERY, NodeProcess, terminate
+from peers import Storescp, storescu
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: A lease a killed worker's jobs outlive by little (renewed every third of it while
+#: its worker lives); the reaper runs every 30 s in each of the node's processes.
+LEASE_SECONDS = 10
+#: Each worker's batch; it keeps three in flight (claimed ahead, in the network, SRs
+#: being written), so it never holds more than three batches' leases.
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the module; each test makes its own database."""
+    server = PostgresServer(tmp_path_factory.mktemp("postgres")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class WorkerProcess:
+    """``dicom-node worker`` as a child process, with its own data directory and its own
+    ``--metrics-port`` (two on one machine cannot share one)."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.metrics_port = free_port()
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node", "worker", "--data-dir", str(data_dir),
+                 "--metrics-port", str(self.metrics_port)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+    @property
+    def owner_prefix(self) -> str:
+        """The start of this process's lease owner ids (``host:pid:``)."""
+        return f"{socket.gethostname()}:{self.proc.pid}:"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def instance(n: int) -> ReceivedInstance:
+    """A queued frontal image of a study of its own, as the receive path records it."""
+    return ReceivedInstance(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", sop_instance_uid=f"1.2.3.{n}",
+        series_instance_uid=f"1.2.4.{n}", study_instance_uid=f"1.2.5.{n}",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="STORESCU",
+        peer_address="127.0.0.1", sha256=f"{n:064x}", size_bytes=1, view="frontal")
+
+
+def test_claims_take_one_batch_skip_what_another_holds_and_times_are_utc(
+        postgres: PostgresServer) -> None:
+    # The server's TimeZone is America/New_York (helpers.postgres): times must come
+    # back in UTC all the same.
+    url = postgres.create_database("claims")
+    with JobStore(url) as store:
+        for n in range(1, 11):
+            assert store.record(instance(n), f"file{n}", JobState.QUEUED, "test")
+        claimed = store.claim("a", 3, lease_seconds=60)
+        assert [j.id for j in claimed] == [1, 2, 3]  # one batch, not the whole queue
+        lease = claimed[0].lease_expires_at
+        assert lease is not None and lease.utcoffset() == timedelta(0)
+        assert abs((lease - datetime.now(UTC)).total_seconds() - 60) < 10
+        job = store.get(1)
+        assert job is not None and job.created_at.utcoffset() == timedelta(0)
+
+        # Another claim's transaction holds jobs 4 and 5: this one takes the next
+        # three at once instead of waiting for it (FOR UPDATE SKIP LOCKED).
+        with psycopg.connect(postgres.dsn("claims")) as other, \
+                ThreadPoolExecutor(1) as pool:
+            other.execute("SELECT id FROM jobs WHERE id IN (4, 5) FOR UPDATE")
+            waiting = pool.submit(store.claim, "b", 3, 60)
+            try:
+                taken = [j.id for j in waiting.result(timeout=15)]
+            except TimeoutError:
+                pytest.fail("the claim waited for rows another transaction holds")
+            finally:
+                other.rollback()  # so that a claim stuck behind the lock ends
+            assert taken == [6, 7, 8]
+        assert [j.id for j in store.claim("c", 10, 60)] == [4, 5, 9, 10]
+
+        # Deliveries are claimed (held) the same way: a batch at a time.
+        store.complete_batch("a", [JobResult(job_id=j.id, label="normal",
+                                             probabilities={"normal": 1.0},
+                                             model_version="test", sr_file=f"sr{j.id}",
+                                             routes=[Route("dicom", "PACS@127.0.0.1:1")])
+                                   for j in claimed])
+        held = [[d.id for d, _ in store.claim_due_deliveries(2, hold_seconds=60)]
+                for _ in range(3)]
+        assert held == [[1, 2], [3], []]
+
+
+def classified_and_delivered(store: JobStore, count: int) -> bool:
+    """``count`` jobs, none queued or running, and no delivery pending."""
+    counts = store.counts()
+    return (sum(counts.values()) == count and counts.get("done", 0) == count
+            and store.delivery_counts().get("pending", 0) == 0)
+
+
+def leased(store: JobStore) -> list[Job]:
+    """The running jobs, with their lease owners."""
+    return store.list(JobState.RUNNING, limit=10_000)
+
+
+def sending(store: JobStore) -> int:
+    """Deliveries held by a dispatcher now (mid-send: ``next_attempt_at`` moved past any
+    retry's backoff). One held by a process that dies waits out its hold (42 s here)."""
+    held = datetime.now(UTC) + timedelta(seconds=10)
+    with store.sessions() as session:
+        return session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at > held)) or 0
+
+
+@pytest.mark.parametrize(("count", "restart"), [
+    pytest.param(40, True, id="40-restarted"),
+    pytest.param(300, False, id="300-lease-expired", marks=pytest.mark.long),
+])
+def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
+        tmp_path: Path, postgres: PostgresServer, small_artifact: Path, count: int,
+        restart: bool) -> None:
+    started = time.monotonic()
+    url = postgres.create_database(f"scale_out_{count}")
+    models = tmp_path / "models"
+    card.install(small_artifact, models, allow_unvalidated=True)
+    pacs_port = free_port()
+    common = {
+        **FAST_DELIVERY,
+        "DICOM_NODE_DATABASE_URL": url,
+        "DICOM_NODE_STORAGE_DIR": str(tmp_path / "spool"),  # one spool for all three
+        "DICOM_NODE_DESTINATIONS": json.dumps([f"PACS@127.0.0.1:{pacs_port}"]),
+        "DICOM_NODE_DELIVERY_MAX_ATTEMPTS": "1000",  # the PACS is down for a while
+        "DICOM_NODE_EVIDENCE_IMAGE": "false",  # SRs only: faster, and one delivery a job
+        "DICOM_NODE_LEASE_SECONDS": str(LEASE_SECONDS),
+        "DICOM_NODE_BATCH_SIZE": str(BATCH),
+        "DICOM_NODE_MIN_FREE_DISK_MB": "0",
+        "DICOM_NODE_ALLOW_UNVALIDATED_MODELS": "true",
+    }
+    workers_env = {**common, "DICOM_NODE_MODEL_DIR": str(models),
+                   "DICOM_NODE_INFERENCE_THREADS": "1"}  # two workers, two cores
+    node = NodeProcess(tmp_path / "node", env=common).start()
+    victim = WorkerProcess(tmp_path / "worker-1", workers_env)
+    survivor = WorkerProcess(tmp_path / "worker-2", workers_env)
+    workers = [victim, survivor]
+    pacs: Storescp | None = None
+    store = JobStore(url)
+    try:
+        for worker in (victim, survivor):
+            wait_for_port(worker.metrics_port, timeout=120, proc=worker.proc)
+        (tmp_path / "images").mkdir()
+        files = [save(chest_image(seed=i), tmp_path / "images" / f"{i}.dcm")
+                 for i in range(count)]
+        sent = storescu(node.port, files, timeout=60 + count)
+        assert sent.all_success and len(sent.responses) == count, sent.output[-2000:]
+
+        owners: set[str] = set()
+
+        def watch() -> list[Job]:
+            """The running jobs; no worker may take more than its share of the queue."""
+            running = leased(store)
+            held = Counter(j.lease_owner or "" for j in running)
+            owners.update(held)
+            greedy = {owner: n for owner, n in held.items() if n > 3 * BATCH}
+            assert not greedy, f"a claim took more than one batch: {greedy}"
+            return running
+
+        def victim_busy() -> bool:
+            # Midway: the victim has classified a batch and holds leases, jobs are
+            # still queued; and no SR is being sent (to the PACS, down: so that no
+            # delivery waits out a hold).
+            running = watch()
+            counts = store.counts()
+            return ("dicom_node.worker: batch of" in victim.log and counts.get("queued", 0) > 0
+                    and any((j.lease_owner or "").startswith(victim.owner_prefix)
+                            for j in running) and sending(store) == 0)
+
+        wait_until(victim_busy, timeout=120 + count, interval=0.05,
+                   what="the victim worker holding jobs midway")
+        victim.proc.kill()
+        victim.proc.wait(timeout=15)
+        orphaned = {j.id for j in leased(store)
+                    if (j.lease_owner or "").startswith(victim.owner_prefix)}
+        assert orphaned, "the killed worker held no job"
+        if restart:  # its own data directory again; it loads the model meanwhile
+            workers.append(WorkerProcess(tmp_path / "worker-1", workers_env))
+        # Only now the PACS: no SR was on its way from the killed process.
+        pacs = Storescp(tmp_path / "pacs", pacs_port, faults=["+uf"])
+
+        def done() -> bool:
+            watch()
+            return classified_and_delivered(store, count)
+
+        wait_until(done, timeout=180 + 2 * count,
+                   what=f"{count} jobs classified and their SRs delivered")
+        elapsed = time.monotonic() - started
+
+        jobs = store.list(limit=10_000)
+        deliveries = store.deliveries([j.id for j in jobs])
+        # None lost: one job per image sent, each classified once (one result).
+        assert sorted(j.sop_instance_uid for j in jobs) == sorted(map(sop_instance_uid, files))
+        assert all(j.state is JobState.DONE and j.label and j.sr_file for j in jobs)
+        assert all((tmp_path / "spool" / str(j.sr_file)).is_file() for j in jobs)
+        # The killed worker's jobs went back to the queue and were classified once more.
+        assert all(j.attempts == 2 for j in jobs if j.id in orphaned)
+        assert all(j.attempts == 1 for j in jobs if j.id not in orphaned)
+        # Both workers worked, each under its own lease owner.
+        assert any(o.startswith(victim.owner_prefix) for o in owners)
+        assert any(o.startswith(survivor.owner_prefix) for o in owners)
+        # One delivery per job (its SR to the PACS), done.
+        assert all([(d.item, d.state) for d in deliveries[j.id]]
+                   == [(DeliveryItem.SR, DeliveryState.DONE)] for j in jobs)
+        # The PACS got exactly one SR per image (storescp keeps every receipt: a
+        # re-send of the same SR would be a second file), the one each job minted, about
+        # the image it was made from.
+        received = [dcmread(p) for p in sorted(pacs.folder.iterdir())]
+        assert Counter(str(sr.SOPInstanceUID) for sr in received) == Counter(
+            j.sr_sop_instance_uid for j in jobs)
+        source = {j.sr_sop_instance_uid: j.sop_instance_uid for j in jobs}
+        for sr in received:
+            evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+            referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+            assert referenced.ReferencedSOPInstanceUID == source[str(sr.SOPInstanceUID)]
+        # Returned by the path the variant takes (the other would be slower).
+        if restart:
+            assert (f"worker process died: {len(orphaned)} job(s) requeued, 0 failed"
+                    in workers[-1].log)
+        else:
+            assert "lease expired:" in node.log + survivor.log
+        for log in (node.log, survivor.log):
+            assert "Traceback" not in log
+        print(f"scale-out of {count} images: {elapsed:.0f} s")
+    finally:
+        store.close()
+        for worker in workers:
+            if worker.proc.poll() is None:
+                worker.proc.terminate()
+        # A restarted worker is still loading its model, which SIGTERM does not cut
+        # short (it stops once the model is loaded and warm): a short grace for it.
+        for worker in workers:
+            terminate(worker.proc, 15 if worker in (victim, survivor) else 2)
+        node.stop()
+        if pacs is not None:
+            pacs.stop()
