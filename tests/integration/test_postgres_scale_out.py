@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ from sqlalchemy import func, select
 
 from dicom_node.db import Delivery, DeliveryItem, DeliveryState, Job, JobState
 from dicom_node.jobs import JobResult, JobStore, ReceivedInstance, Route
-from dicom_node.loopback import free_port, wait_for_port
+from dicom_node.loopback import free_port
 from model import card
 
 from dicom_factory import chest_image, save
@@ -80,6 +81,17 @@ class WorkerProcess:
                 [sys.executable, "-m", "dicom_node", "worker", "--data-dir", str(data_dir),
                  "--metrics-port", str(self.metrics_port)],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+    def ready(self) -> bool:
+        """Whether its ``/readyz`` answers 200 (raises if the process ended)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.data_dir.name} exited:\n{self.log[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz",
+                                        timeout=5) as answer:
+                return bool(answer.status == 200)
+        except OSError:  # not listening yet, or 503 (HTTPError)
+            return False
 
     @property
     def owner_prefix(self) -> str:
@@ -196,8 +208,10 @@ def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
     pacs: Storescp | None = None
     store = JobStore(url)
     try:
+        # Both ready (/readyz: the model loaded and warm) before the first image, so
+        # that they share the queue from its start.
         for worker in (victim, survivor):
-            wait_for_port(worker.metrics_port, timeout=120, proc=worker.proc)
+            wait_until(worker.ready, timeout=240, what=f"{worker.data_dir.name} ready")
         (tmp_path / "images").mkdir()
         files = [save(chest_image(seed=i), tmp_path / "images" / f"{i}.dcm")
                  for i in range(count)]
@@ -216,12 +230,11 @@ def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
             return running
 
         def victim_busy() -> bool:
-            # Midway: the victim has classified a batch and holds leases, jobs are
-            # still queued; and no SR is being sent (to the PACS, down: so that no
-            # delivery waits out a hold).
+            # Midway: some jobs done and the victim holding others (a worker holds
+            # three batches while it works: 40 images last the two of them ~2 s); and
+            # no SR being sent (to the PACS, down: so that no delivery waits out a hold).
             running = watch()
-            counts = store.counts()
-            return ("dicom_node.worker: batch of" in victim.log and counts.get("queued", 0) > 0
+            return (store.counts().get("done", 0) > 0
                     and any((j.lease_owner or "").startswith(victim.owner_prefix)
                             for j in running) and sending(store) == 0)
 
