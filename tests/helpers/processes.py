@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from dicom_node.jobs import JobStore
 from dicom_node.loopback import free_port, wait_for_port
@@ -104,3 +106,29 @@ def all_delivered(node: NodeProcess, count: int) -> bool:
     return (len(jobs) == count and all(j.state is JobState.DONE for j in jobs)
             and all(len(deliveries[j.id]) == 2 and all(
                 d.state is DeliveryState.DONE for d in deliveries[j.id]) for j in jobs))
+
+
+def node_with_destinations(tmp_path: Path, artifact: Path,
+                           destinations: list[dict[str, Any]], env: dict[str, str]
+                           ) -> NodeProcess:
+    """A started ``dicom-node serve`` with ``artifact`` installed and ``destinations``
+    as ``[[destinations]]`` tables of its config file (``env`` adds to its environment).
+
+    Parameters
+    ----------
+    tmp_path
+        Where its config file and data directory go.
+    artifact
+        The model it installs at start.
+    destinations
+        The tables, as dicts.
+    env
+        Settings as DICOM_NODE_* variables (e.g. FAST_DELIVERY).
+    """
+    config = tmp_path / "node.toml"
+    config.write_text("".join(
+        "[[destinations]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
+        for d in destinations))
+    return NodeProcess(tmp_path / "var", extra_args=[
+        "--allow-calling-ae", CALLING_AE, "--model", str(artifact), "--config", str(config)],
+        env=env).start()

@@ -19,10 +19,10 @@ from dicom_node.loopback import free_port
 from model.classes import by_key
 
 from dicom_factory import chest_image, save
-from helpers.environment import CALLING_AE, wait_until
+from helpers.environment import wait_until
 from helpers.fhir_server import FhirServer
 from helpers.mllp import MllpReceiver, Mode
-from helpers.processes import FAST_DELIVERY, NodeProcess, cli
+from helpers.processes import FAST_DELIVERY, NodeProcess, cli, node_with_destinations
 from peers import Orthanc, Storescp, send_each
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,13 +32,7 @@ FAST = {**FAST_DELIVERY, "DICOM_NODE_STUDY_QUIET_SECONDS": "1"}
 
 def start(tmp_path: Path, artifact: Path, destinations: list[dict[str, Any]],
           **env: str) -> NodeProcess:
-    config = tmp_path / "node.toml"
-    config.write_text("".join(
-        "[[destinations]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
-        for d in destinations))
-    return NodeProcess(tmp_path / "var", extra_args=[
-        "--allow-calling-ae", CALLING_AE, "--model", str(artifact), "--config", str(config)],
-        env={**FAST, **env}).start()
+    return node_with_destinations(tmp_path, artifact, destinations, {**FAST, **env})
 
 
 def deliveries(node: NodeProcess) -> list[Delivery]:

@@ -13,7 +13,6 @@ its temporary directory; no key material is kept in the repository.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -31,9 +30,9 @@ from dicom_node.loopback import free_port
 from dicom_node.node import Node
 
 from dicom_factory import chest_image, save
-from helpers.environment import CALLING_AE, wait_until
+from helpers.environment import wait_until
 from helpers.pki import OTHER_NAME, Pki, dcmtk_tls
-from helpers.processes import FAST_DELIVERY, NodeProcess
+from helpers.processes import FAST_DELIVERY, NodeProcess, node_with_destinations
 from peers import Storescp, storescu
 
 pytestmark = pytest.mark.integration
@@ -87,13 +86,8 @@ def test_storescu_with_a_client_certificate_is_stored_and_without_one_refused(
 
 def _start_node(tmp_path: Path, artifact: Path, destinations: list[dict[str, Any]]
                 ) -> NodeProcess:
-    config = tmp_path / "node.toml"
-    config.write_text("".join(
-        "[[destinations]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
-        for d in destinations))
-    return NodeProcess(tmp_path / "var", extra_args=[
-        "--allow-calling-ae", CALLING_AE, "--model", str(artifact), "--config", str(config)],
-        env={**FAST_DELIVERY, "DICOM_NODE_DELIVERY_MAX_ATTEMPTS": "1000"}).start()
+    return node_with_destinations(tmp_path, artifact, destinations, {
+        **FAST_DELIVERY, "DICOM_NODE_DELIVERY_MAX_ATTEMPTS": "1000"})
 
 
 def _sr_deliveries(node: NodeProcess) -> dict[str, Delivery]:
