@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.db import DeliveryState, JobState
@@ -189,6 +190,9 @@ def test_jobs_retry_requeues_dead_deliveries_and_failed_jobs(tmp_path: Path) -> 
         assert nothing.stdout == ""
 
 
+# Suite time (30 s): `long`; `dicom-node worker` processes classify and deliver in the
+# PostgreSQL scale-out test of the suite.
+@pytest.mark.long
 def test_worker_classifies_the_queue_without_receiving_or_touching_the_spool(
         node: NodeProcess, tmp_path: Path, small_artifact: Path) -> None:
     """`dicom-node worker` is one more worker on the node's queue: it classifies what

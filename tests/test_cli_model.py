@@ -13,6 +13,9 @@ from helpers.processes import cli
 pytestmark = pytest.mark.slow
 
 
+# Suite time (54 s): `long`; install, show and predict from the command line run in
+# test_train's end-to-end test, and install (refused, then done) in test_audit.
+@pytest.mark.long
 def test_create_install_show_predict(tmp_path: Path, shared_cxr: Path) -> None:
     artifact = tmp_path / "demo"
     created = cli("model", "create", "--arch", "concatenated", "--input-size", "96",

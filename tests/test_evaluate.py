@@ -197,6 +197,8 @@ def test_random_outputs_are_not_validated() -> None:
     assert card.validation_status(made.model_copy(update={"test": good})).validated is True
 
 
+# Suite time (21 s): `long`; evaluate --record runs in test_train's end-to-end test.
+@pytest.mark.long
 @pytest.mark.slow
 def test_evaluate_writes_the_report_and_only_record_writes_the_card(
         small_artifact: Path, shared_cxr: Path, tmp_path: Path) -> None:

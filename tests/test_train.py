@@ -246,6 +246,9 @@ def test_imagenet_is_the_default_and_missing_files_stop_before_the_data(
     assert not out.exists()
 
 
+# Suite time (50 s: the estimate builds and times the network): `long`; the plan's
+# numbers come from the same splits the end-to-end training test uses.
+@pytest.mark.long
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, shared_cxr: Path) -> None:
     out = tmp_path / "run"
     result = cli("train", "--data", str(shared_cxr), "--arch", "xception", "--input-size", "80",

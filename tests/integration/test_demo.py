@@ -14,6 +14,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DEMO = Path(__file__).resolve().parents[2] / "deploy" / "demo.py"
 
 
+# Suite time (34 s): `long`; `make demo` is a convenience, its parts (model install,
+# serve, storescu, SR) are each tested in the suite.
+@pytest.mark.long
 def test_demo_with_a_given_model(small_artifact: Path, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(DEMO), "--model", str(small_artifact),
                              "--out", str(tmp_path / "out")],

@@ -119,6 +119,9 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
         node.stop()
 
 
+# Suite time (50-85 s): `long`; the suite kills the receive path at each of its steps
+# (test_durability) and a worker with jobs and deliveries held (PostgreSQL scale-out).
+@pytest.mark.long
 def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
                                                     small_artifact: Path) -> None:
     port = free_port()
