@@ -126,12 +126,15 @@ def test_gpu_batch_fills_half_the_free_memory(free_gib: float, per_image_mib: in
         assert 2 * batch * per_image_mib * 2**20 > engine.GPU_MEMORY_SHARE * free_gib * 2**30
 
 
-#: OpenVINO's bf16 path converts the network again (about 20 s on 2 cores for each
-#: test): under `long`, since its fp32 path, converted the same way, stays in the suite.
+#: Each OpenVINO conversion takes about 20 s on 2 cores: the bf16 path's tests are under
+#: `long`, since its fp32 path, converted the same way, stays in the suite.
 BF16_OPENVINO = pytest.mark.long
 
 
-@pytest.mark.parametrize(("backend", "tolerance"), [("openvino-fp32", 1e-5),
+# OpenVINO fp32 under long too: the class-map test below converts it the same way and
+# checks its maps against the fp32 reference's, and its probabilities against its maps.
+@pytest.mark.parametrize(("backend", "tolerance"), [pytest.param("openvino-fp32", 1e-5,
+                                                                 marks=BF16_OPENVINO),
                                                     ("keras-bf16", 2e-2),
                                                     ("keras-fp16", 2e-2),
                                                     pytest.param("openvino-bf16", 2e-2,
