@@ -392,16 +392,12 @@ def open_trail(folder: Path, role: str, node_ae: str, max_bytes: int, backups: i
 
 
 def syslog_handler(url: str, ca: Path | None = None) -> logging.Handler:
-    """An RFC 5424 handler for ``udp://``, ``tcp://`` or ``tls://HOST:PORT`` (ValueError
-    for anything else)."""
+    """An RFC 5424 handler for ``udp://``, ``tcp://`` or ``tls://HOST:PORT`` (``tls``
+    verified against ``ca``): the settings have checked both (``audit_syslog``)."""
     from rfc5424logging import Rfc5424SysLogHandler
 
     parts = urlsplit(url)
-    if parts.scheme not in ("udp", "tcp", "tls") or not parts.hostname or not parts.port:
-        raise ValueError(f"audit_syslog {url!r} is not udp://, tcp:// or tls://HOST:PORT")
     tls = parts.scheme == "tls"
-    if tls and ca is None:
-        raise ValueError("audit_syslog over tls needs audit_syslog_ca")
     return Rfc5424SysLogHandler(  # type: ignore[no-any-return]
         address=(parts.hostname, parts.port),
         socktype=socket.SOCK_DGRAM if parts.scheme == "udp" else socket.SOCK_STREAM,

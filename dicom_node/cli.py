@@ -141,15 +141,15 @@ def serve(
         from model.cli import parity_bounds
 
         try:
-            card.install(model, settings.model_dir,
-                         allow_unvalidated=settings.allow_unvalidated_models,
-                         parity=parity_bounds(settings))
+            target = card.install(model, settings.model_dir,
+                                  allow_unvalidated=settings.allow_unvalidated_models,
+                                  parity=parity_bounds(settings))
         except (card.ModelIntegrityError, card.UnvalidatedModelError, card.ParityError,
                 FileNotFoundError, ValueError) as exc:
             _audit_model(settings, (model.name, "", ""), None, str(exc))
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
-        installed = card.read_card(card.active(settings.model_dir) or model)
+        installed = card.read_card(target)
         _audit_model(settings, (installed.name, installed.display_version, installed.sha256),
                      card.validation_status(installed).validated, None)
     LOGGER.info("dicom-node %s starting; data in %s", __version__, settings.data_dir)
