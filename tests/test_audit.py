@@ -19,7 +19,7 @@ from model import card
 from dicom_factory import chest_image, window_not_a_number
 from helpers.dimse import associate, store
 from helpers.environment import CALLING_AE, wait_until
-from helpers.processes import cli
+from helpers.processes import NodeProcess, cli
 from peers import Storescp
 
 pytestmark = pytest.mark.integration
@@ -146,3 +146,20 @@ def test_model_install_and_audit_tail_as_a_user_runs_them(small_artifact: Path,
     assert model["ParticipantObjectID"] == "cxr-covid-pneumonia 0.0.1-untrained"
     table = cli("audit", "tail", "--data-dir", str(data), "--event", "Security Alert")
     assert table.returncode == 0 and "Software Configuration" in table.stdout
+
+
+def test_serve_with_a_model_records_its_install(small_artifact: Path, tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "var", extra_args=["--allow-calling-ae", CALLING_AE,
+                                                     "--model", str(small_artifact)]).start()
+    try:
+        wait_until(lambda: "ready (batches" in node.log, timeout=120, what="the model loaded")
+    finally:
+        node.stop()
+    [installed] = [m for m in audit.read(tmp_path / "var" / "audit")
+                   if m["EventIdentification"].get("EventOutcomeDescription", "").startswith(
+                       "model installed")]
+    event = installed["EventIdentification"]
+    assert (event["EventOutcomeIndicator"], event["EventOutcomeDescription"]) == (
+        audit.SUCCESS, "model installed")
+    assert installed["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == \
+        "cxr-covid-pneumonia 0.0.1-untrained"
