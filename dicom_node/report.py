@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import re
+from copy import deepcopy
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
@@ -70,14 +71,18 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
+from pydicom.charset import default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_data_element, write_dataset, write_sequence_item
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
+from pydicom.valuerep import DS
 
 from dicom_node import __version__
 from dicom_node.libraries import mark_as_written_encoding, only_item
@@ -379,21 +384,26 @@ class ReportBuilder:
     """:func:`build_sr`'s SRs for one model, assembled at a fraction of the CPU.
 
     highdicom's cost grows with the content tree it copies, converts and walks,
-    and most of our tree -- title, intended use and warning, observer,
-    procedure, algorithm identification, thresholds and operating points, the
-    groups' structure -- is the same for every image of a model. So highdicom
-    builds the whole SR for the first image, and its content tree, encoded, is
-    kept. For each later image highdicom builds the document around a content
-    tree holding only the source image reference -- patient, study, evidence
-    and equipment copied from the source by highdicom exactly as before -- and
-    the kept tree takes its place, re-read lazily (untouched items are written
-    back as their bytes), with the items that differ between images put in
-    their slots: tracking UIDs, source image references and probabilities built
-    anew by highdicom; the finding, Flagged, each class's threshold met and the
-    view, which take a few values each, built by highdicom the first time a
-    value is needed and then kept encoded too. Tests check the result equals
-    :func:`build_sr`'s element for element, apart from the fresh tracking UIDs
-    and creation times.
+    and pydicom's with the elements it writes; most of our tree -- title,
+    intended use and warning, observer, procedure, algorithm identification,
+    thresholds and operating points, the groups' structure -- is the same for
+    every image of a model. So highdicom builds the whole SR for the first
+    image, and its content tree is kept as bytes (Explicit VR Little Endian,
+    every item and sequence of undefined length, so that any item may change
+    length without touching its parents), cut where the items that differ
+    between images go. For each later image highdicom builds the document
+    around a content tree holding only the source image reference -- patient,
+    study, evidence and equipment copied from the source by highdicom exactly
+    as before -- and the Content Sequence becomes the kept bytes with this
+    image's items in their places: the source image reference highdicom just
+    made; tracking UIDs and probabilities written by pydicom into a kept copy of
+    their item, cut at the value; the finding, Flagged, each class's threshold
+    met and the view, which take a few values each, built by highdicom the
+    first time a value is needed and then kept as bytes too. The Content
+    Sequence is written as those bytes and parsed only if read. Tests check the
+    result equals :func:`build_sr`'s element for element, apart from the fresh
+    tracking UIDs and creation times, and that DCMTK's ``dciodvfy`` and
+    ``dsrdump`` take it.
     """
 
     def __init__(self, card: ModelCard, institution_name: str | None = None) -> None:
@@ -401,8 +411,10 @@ class ReportBuilder:
         #: What :func:`model.card.validation_status` says of the card (the SRs say it too).
         self.validation: Validation = validation_status(card)
         self.institution_name = institution_name
+        #: The kept content tree's encoded items, cut at the per-image items: the bytes
+        #: before each slot, and (``_tree``) after the last.
+        self._chunks: list[bytes] = []
         self._tree: bytes | None = None
-        self._measurements = 0
         self._slots: list[_Slot] = []
         self._variants: dict[tuple[object, ...], bytes] = {}
 
@@ -435,11 +447,14 @@ class ReportBuilder:
             [SourceImageForMeasurementGroup.from_source_image(evidence)])
         sr = _document(evidence, root, self.card, self.validation, sop_instance_uid,
                        series_instance_uid, self.institution_name)
-        sr.ContentSequence = self._content(evidence, result)
+        image = _item_bytes(only_item(sr.ContentSequence))  # highdicom's, for this source
+        content = self._content(image, result)
+        # The content tree as its bytes: a defined-length sequence of items of
+        # undefined length, written as it is and parsed only if read.
+        sr[_CONTENT_SEQUENCE] = RawDataElement(_CONTENT_SEQUENCE, "SQ", len(content), content,
+                                               0, False, True)
         # Mark the document as already Explicit VR Little Endian (as highdicom made
-        # it), so that writing it does not walk the kept tree to correct ambiguous
-        # VRs -- which would turn every untouched item back into elements. Every
-        # item built for this image is still checked as pydicom always does.
+        # it), so that writing it does not walk it to correct ambiguous VRs.
         mark_as_written_encoding(sr)
         return sr
 
@@ -461,13 +476,15 @@ class ReportBuilder:
         sr.save_as(BytesIO(), enforce_file_format=True)
 
     def _keep(self, sr: Dataset) -> None:
-        """Keep the content tree of ``sr`` as bytes, and where its per-image items are."""
-        holder = Dataset()
-        holder.ContentSequence = sr.ContentSequence
-        measurements = next(i for i, item in enumerate(sr.ContentSequence)
+        """Keep the content tree of ``sr`` as bytes cut at its per-image items, and a
+        template of each per-image item that holds a value (tracking UID,
+        probability) cut at that value."""
+        tree = _plain(sr.ContentSequence)
+        measurements = next(i for i, item in enumerate(tree)
                             if _concept(item) == _code(IMAGING_MEASUREMENTS))
+        groups = tree[measurements].ContentSequence
         slots: list[_Slot] = []
-        for g, group in enumerate(sr.ContentSequence[measurements].ContentSequence):
+        for g, group in enumerate(groups):
             items = group.ContentSequence
             concepts = [_concept(item) for item in items]
             finding = items[concepts.index(_code(FINDING))]
@@ -475,55 +492,159 @@ class ReportBuilder:
             main = _code(PROBABILITY) not in concepts  # the group of the result
             for i, (item, concept) in enumerate(zip(items, concepts, strict=True)):
                 kind = _slot_kind(item, concept, main)
-                if kind is not None:
-                    slots.append(_Slot(g, i, kind, "" if main or key is None else key))
-        self._measurements, self._slots = measurements, slots
-        self._tree = _encoded(holder)
+                if kind is None:
+                    continue
+                slots.append(_Slot(g, i, kind, "" if main or key is None else key,
+                                   _value_template(kind, item)))
+                items[i] = _marker(len(slots) - 1)
+        encoded = b"".join(_item_bytes(item) for item in tree)
+        chunks: list[bytes] = []
+        for number in range(len(slots)):
+            before, marker, encoded = encoded.partition(_item_bytes(_marker(number)))
+            if not marker or _item_bytes(_marker(number)) in encoded:
+                raise RuntimeError("the SR's kept content tree could not be cut at its items")
+            chunks.append(before)
+        self._slots, self._chunks, self._tree = slots, chunks, encoded
 
-    def _content(self, evidence: Dataset, result: Classification) -> Sequence:
-        """The kept content tree with this image's items in their places."""
+    def _content(self, image: bytes, result: Classification) -> bytes:
+        """The kept content tree's bytes with this image's items in their places;
+        ``image`` is this source's image reference item, encoded."""
         assert self._tree is not None
-        tree = _decoded(self._tree)
-        groups = tree.ContentSequence[self._measurements].ContentSequence
         reached = reached_thresholds(self.card, result.probabilities)
-        for slot in self._slots:
-            groups[slot.group].ContentSequence[slot.index] = self._item(
-                slot, evidence, result, reached)
-        content: Sequence = tree.ContentSequence
-        return content
+        parts: list[bytes] = []
+        for chunk, slot in zip(self._chunks, self._slots, strict=True):
+            parts.append(chunk)
+            parts.append(self._item(slot, image, result, reached))
+        parts.append(self._tree)
+        return b"".join(parts)
 
-    def _item(self, slot: _Slot, evidence: Dataset, result: Classification,
-              reached: list[str]) -> Dataset:
-        """This image's item for ``slot``. An item that takes one of a few values
-        (finding, flags, view) is built by highdicom the first time it is needed and
-        kept encoded, like the tree."""
-        if slot.kind not in _FEW_VALUES:
-            return _slot_item(slot, evidence, result, reached)
+    def _item(self, slot: _Slot, image: bytes, result: Classification,
+              reached: list[str]) -> bytes:
+        """This image's item for ``slot``, encoded. The source image reference is
+        highdicom's for this source; a tracking UID or probability goes into the
+        slot's kept template as pydicom encodes it; an item that takes one of a few
+        values (finding, flags, view) is built by highdicom the first time it is
+        needed and kept encoded."""
+        if slot.kind == "image":
+            return image
+        if slot.template is not None and slot.kind == "uid":
+            return slot.template.fill(_element(_UID, "UI", generate_uid()))
+        if slot.template is not None and slot.kind == "probability":
+            value = _rounded(result.probabilities[slot.key])
+            return slot.template.fill(_element(_FLOATING_POINT_VALUE, "FD", value),
+                                      _element(_NUMERIC_VALUE, "DS", DS(value, auto_format=True)))
         # Everything such an item depends on (more than each kind needs: a few more
         # variants, never a wrong one).
         key = (slot.kind, slot.key, result.label, result.view, slot.key in reached,
                bool(reached))
         encoded = self._variants.get(key)
         if encoded is None:
-            encoded = self._variants[key] = _encoded(_slot_item(slot, evidence, result, reached))
-        return _decoded(encoded)
+            encoded = self._variants[key] = _item_bytes(_slot_item(slot, result, reached))
+        return encoded
 
 
 _SlotKind = Literal["uid", "image", "probability", "finding", "flagged", "view", "threshold_met"]
 _FEW_VALUES: frozenset[_SlotKind] = frozenset({"finding", "flagged", "view", "threshold_met"})
 
 
-def _encoded(ds: Dataset) -> bytes:
-    """``ds`` as Explicit VR Little Endian bytes (the SR's encoding)."""
+_CONTENT_SEQUENCE = Tag("ContentSequence")
+_UID = Tag("UID")
+_NUMERIC_VALUE = Tag("NumericValue")
+_FLOATING_POINT_VALUE = Tag("FloatingPointValue")
+#: Values no real item holds, put where a template's per-image values go.
+_MARKER_UID = "2.25.9999999999999999999999999999999999"
+_MARKER_NUMBER = 987654.321
+
+
+def _plain(content: Sequence) -> Sequence:
+    """A copy of highdicom's ``content`` as plain pydicom items, which take any item."""
+    holder = Dataset()
+    holder.ContentSequence = content
     encoded = DicomBytesIO()
     encoded.is_little_endian, encoded.is_implicit_VR = True, False
-    write_dataset(encoded, ds)
+    write_dataset(encoded, holder)
+    plain: Sequence = read_dataset(BytesIO(encoded.getvalue()), is_implicit_VR=False,
+                                   is_little_endian=True).ContentSequence
+    return plain
+
+
+def _undefined_lengths(ds: Dataset) -> Dataset:
+    """Mark every item and sequence in ``ds`` (a content item) as of undefined length,
+    so that the bytes of any part can change length without changing its parents'."""
+    ds.is_undefined_length_sequence_item = True
+    for element in ds:
+        if element.VR == "SQ":
+            element.is_undefined_length = True
+            for item in element.value:
+                _undefined_lengths(item)
+    return ds
+
+
+def _item_bytes(item: Dataset) -> bytes:
+    """``item`` as a sequence item of undefined length, Explicit VR Little Endian (the
+    SR's encoding), with the default character set (the tree's texts are ASCII)."""
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_sequence_item(encoded, _undefined_lengths(item), [default_encoding])
     return encoded.getvalue()
 
 
-def _decoded(encoded: bytes) -> Dataset:
-    """:func:`_encoded`'s data set, read lazily: its elements stay bytes until used."""
-    return read_dataset(BytesIO(encoded), is_implicit_VR=False, is_little_endian=True)
+def _element(tag: BaseTag, vr: str, value: object) -> bytes:
+    """One element as pydicom writes it, Explicit VR Little Endian."""
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_data_element(encoded, DataElement(tag, vr, value))
+    return encoded.getvalue()
+
+
+def _marker(number: int) -> Dataset:
+    """A stand-in item, found and cut out of the encoded tree."""
+    marker = Dataset()
+    marker.UID = f"{_MARKER_UID}.{number}"
+    return marker
+
+
+def _rounded(value: float) -> float:
+    return round(float(value), 6)
+
+
+@dataclass(frozen=True)
+class _Template:
+    """An encoded item cut where its per-image element values go."""
+
+    chunks: tuple[bytes, ...]
+
+    def fill(self, *elements: bytes) -> bytes:
+        """The item with ``elements`` (encoded) in its places, in order."""
+        parts = [self.chunks[0]]
+        for element, chunk in zip(elements, self.chunks[1:], strict=True):
+            parts += [element, chunk]
+        return b"".join(parts)
+
+
+def _value_template(kind: _SlotKind, item: Dataset) -> _Template | None:
+    """For an item whose value differs between images (a tracking UID, a probability),
+    the item encoded and cut at that value; else None."""
+    if kind not in ("uid", "probability"):
+        return None
+    item = deepcopy(item)
+    if kind == "uid":
+        item.UID = _MARKER_UID
+        cuts = [_element(_UID, "UI", _MARKER_UID)]
+    else:
+        value = only_item(item.MeasuredValueSequence)
+        value.NumericValue = DS(_MARKER_NUMBER, auto_format=True)
+        value.FloatingPointValue = _MARKER_NUMBER
+        # In the order of their tags, as written.
+        cuts = [_element(_FLOATING_POINT_VALUE, "FD", _MARKER_NUMBER),
+                _element(_NUMERIC_VALUE, "DS", DS(_MARKER_NUMBER, auto_format=True))]
+    rest, chunks = _item_bytes(item), []
+    for cut in cuts:
+        before, found, rest = rest.partition(cut)
+        if not found or cut in rest:
+            raise RuntimeError(f"the SR's {kind} item could not be cut at its value")
+        chunks.append(before)
+    return _Template((*chunks, rest))
 
 
 def _slot_kind(item: Dataset, concept: tuple[str, str] | None, main: bool) -> _SlotKind | None:
@@ -540,16 +661,9 @@ def _slot_kind(item: Dataset, concept: tuple[str, str] | None, main: bool) -> _S
     return kinds.get(concept) if concept is not None else None
 
 
-def _slot_item(slot: _Slot, evidence: Dataset, result: Classification,
-               reached: list[str]) -> Dataset:
-    """This image's content item for ``slot``, built by highdicom as :func:`build_sr`
-    builds it."""
-    if slot.kind == "uid":
-        return only_item(TrackingIdentifier(uid=generate_uid()))  # the UIDREF item
-    if slot.kind == "image":
-        return SourceImageForMeasurementGroup.from_source_image(evidence)
-    if slot.kind == "probability":
-        return only_item(_probability(result.probabilities[slot.key]))
+def _slot_item(slot: _Slot, result: Classification, reached: list[str]) -> Dataset:
+    """This image's content item for a ``slot`` that takes one of a few values, built
+    by highdicom as :func:`build_sr` builds it."""
     if slot.kind == "finding":
         return only_item(QualitativeEvaluation(name=FINDING, value=_class_concept(result.label)))
     if slot.kind == "flagged":
@@ -569,6 +683,8 @@ class _Slot:
     index: int
     kind: _SlotKind
     key: str = ""
+    #: For a tracking UID or a probability: the item cut at its value.
+    template: _Template | None = None
 
 
 def _code(code: Code | CodedConcept) -> tuple[str, str]:
@@ -581,7 +697,7 @@ def _concept(item: Dataset) -> tuple[str, str] | None:
 
 
 def _probability(value: float) -> Measurement:
-    return Measurement(name=PROBABILITY, value=round(float(value), 6), unit=codes.UCUM.NoUnits)
+    return Measurement(name=PROBABILITY, value=_rounded(value), unit=codes.UCUM.NoUnits)
 
 
 def _threshold(point: OperatingPoint) -> Measurement:
