@@ -32,6 +32,12 @@ needs it rather than all of it at start, and the automatic batch size is the
 largest power of two up to :data:`MAX_GPU_BATCH` whose activations, measured on
 the device, fit in half of the GPU's free memory (:func:`batch_for_memory`).
 
+OpenVINO on a CPU of several threads runs a batch that splits evenly into one
+part a thread as that many streams of one thread each (:func:`openvino_streams`),
+and takes :data:`OPENVINO_LANES` calls at once (:attr:`Engine.lanes`): the
+node's worker keeps that many batches in the network, so that a stream that
+finished its part starts on the next batch instead of waiting for the others.
+
 Batches are padded to a fixed set of shapes -- powers of two up to
 ``batch_size``, and ``batch_size`` -- so a compiled function is traced once per
 shape and never again, and a batch of 3 costs 4 images of compute, not 16.
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
 import time
 from collections.abc import Callable
@@ -71,6 +78,9 @@ Device = Literal["auto", "cpu", "gpu"]
 #: the worker's pipeline short; a GPU needs large batches to fill.
 #: Figures: docs/performance.md.
 CPU_BATCH = 4
+#: How many forward passes an OpenVINO engine takes at once (each with requests of its
+#: own): two, so that one batch's streams can start while the other's finish.
+OPENVINO_LANES = 2
 #: A GPU's batch when its memory cannot be measured (no nvidia-ml-py, not TensorFlow).
 GPU_BATCH = 32
 #: The largest automatic GPU batch: beyond it a GPU's throughput no longer grows
@@ -303,6 +313,10 @@ class Engine:
         self.batch_size = resolve_batch_size(batch_size, self.device)
         self._cache_dir = cache_dir
         self.shapes = batch_shapes(self.batch_size)
+        #: How many calls of :meth:`predict` (or :meth:`predict_with_maps`) may run at
+        #: once, from as many threads, to keep every core busy: more than one only
+        #: for OpenVINO (:data:`OPENVINO_LANES`); each call alone still uses every core.
+        self.lanes = 1
         self.evidence = evidence
         #: The Dense kernel and bias the maps are computed with (set by loading, when
         #: ``evidence``), and the maps' h x w.
@@ -434,23 +448,26 @@ class Engine:
         import openvino as ov
 
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": str(self._threads)}
         calls: dict[int, Call] = {}
+        lanes = OPENVINO_LANES if self._threads > 1 else 1
         for batch in self.shapes:
+            streams = openvino_streams(batch, self._threads)
+            if streams == 1:
+                config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+                          "INFERENCE_NUM_THREADS": str(self._threads)}
+            else:
+                config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": str(streams),
+                          "INFERENCE_NUM_THREADS": str(self._threads)}
             ov_model = core.read_model(xml)
-            ov_model.reshape([batch, self.input_size, self.input_size, 3])
+            ov_model.reshape([batch // streams, self.input_size, self.input_size, 3])
             if read_map_size:
                 self.map_size = tuple(int(d) for d in  # type: ignore[assignment]
                                       openvino_outputs_shapes(ov_model)[-1][1:3])
             compiled = core.compile_model(ov_model, "CPU", config)
-            request = compiled.create_infer_request()
-
-            def call(x: NDArray[np.float32], request: Any = request
-                     ) -> tuple[NDArray[np.float32], ...]:
-                return openvino_outputs(request.infer([x]))
-
-            calls[batch] = call
+            groups = [[compiled.create_infer_request() for _ in range(streams)]
+                      for _ in range(lanes)]
+            calls[batch] = _streamed(groups, batch // streams)
+        self.lanes = lanes
         return calls
 
     def _openvino_ir(self, fp32: Any) -> Path:
@@ -531,6 +548,47 @@ def to_openvino(model: Any) -> Any:
         saved = Path(tmp) / "saved_model"
         model.export(str(saved), format="tf_saved_model", verbose=False)
         return ov.convert_model(str(saved))
+
+
+def openvino_streams(batch: int, threads: int) -> int:
+    """How many OpenVINO streams a batch runs in: one a thread when the batch splits
+    evenly into one part a thread, else one stream of every thread.
+
+    In one stream of several threads every layer ends at a barrier, where the
+    threads wait (spinning) for the slowest: on a node whose other threads
+    (decoding, SRs, sending) take a core for a while, each such moment stalls
+    the whole stream. Streams of one thread each have no barrier; a preempted
+    stream is only late. Figures: docs/performance.md.
+    """
+    return threads if threads > 1 and batch >= threads and batch % threads == 0 else 1
+
+
+def _streamed(groups: list[list[Any]], part: int) -> Call:
+    """A call that runs ``len(group)`` parts of ``part`` images at once, one in each
+    request (stream) of a free group, and joins their outputs. Each of the
+    ``len(groups)`` calls that may run at once has a group of its own; OpenVINO
+    runs their requests as streams come free, so a stream that finishes its part
+    first starts on the next call's."""
+    free: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+    for group in groups:
+        free.put(group)
+
+    def streamed(x: NDArray[np.float32]) -> tuple[NDArray[np.float32], ...]:
+        requests = free.get()
+        try:
+            if len(requests) == 1:  # outputs copied (infer's default)
+                return openvino_outputs(requests[0].infer([x]))
+            for i, request in enumerate(requests):
+                request.start_async([x[i * part:(i + 1) * part]])
+            for request in requests:
+                request.wait()
+            outputs = [openvino_outputs(request.results) for request in requests]
+            # Joined, that is copied, before the requests are free for another call.
+            return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
+        finally:
+            free.put(requests)
+
+    return streamed
 
 
 def openvino_outputs(result: Any) -> tuple[NDArray[np.float32], ...]:

@@ -176,10 +176,19 @@ MAP_TOLERANCES = [("keras-fp32", 1e-5, 1e-6), ("openvino-fp32", 1e-4, 1e-6),
 def test_maps_come_with_the_probabilities_predict_gives(
         fp32_evidence: engine.Engine, small_artifact: Path, tmp_path: Path,
         backend: engine.Backend, tolerance: float, logit_tolerance: float) -> None:
+    # Two threads: OpenVINO runs a batch of 4 as two streams of 2 images, and 1 image
+    # as one stream of both threads.
     other = engine.Engine(small_artifact, backend=backend, batch_size=4, device="cpu",
-                          cache_dir=tmp_path, evidence=True)
+                          cache_dir=tmp_path, evidence=True, threads=2)
     x = images(5, seed=11)  # two chunks, the second one padded
     probabilities, maps = other.predict_with_maps(x)
+    if backend.startswith("openvino"):
+        # Each image's part of a streamed batch is its own, in its place.
+        one_by_one = [other.predict_with_maps(x[i:i + 1]) for i in range(4)]
+        np.testing.assert_allclose(probabilities[:4], np.concatenate([p for p, _ in one_by_one]),
+                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(maps[:4], np.concatenate([m for _, m in one_by_one]),
+                                   rtol=0, atol=1e-5 * float(np.abs(maps).max()))
     assert probabilities.dtype == maps.dtype == np.float32
     assert maps.shape == (5, *other.map_size, 3) and other.map_size == (3, 3)
     # One forward pass for both: the probabilities are predict's, of the same engine.
@@ -194,6 +203,18 @@ def test_maps_come_with_the_probabilities_predict_gives(
     _, reference = fp32_evidence.predict_with_maps(x)
     scale = float(np.abs(reference).max())
     assert float(np.abs(maps - reference).max()) <= tolerance * scale
+
+
+def test_openvino_streams_split_a_batch_one_part_a_thread() -> None:
+    assert engine.openvino_streams(4, 2) == 2
+    assert engine.openvino_streams(8, 4) == 4
+    assert engine.openvino_streams(2, 2) == 2
+    # A single image, a batch smaller than the threads or not divisible by them, or a
+    # single thread: one stream of every thread.
+    assert engine.openvino_streams(1, 2) == 1
+    assert engine.openvino_streams(2, 4) == 1
+    assert engine.openvino_streams(6, 4) == 1
+    assert engine.openvino_streams(4, 1) == 1
 
 
 def test_engine_without_evidence_gives_no_maps(fp32: engine.Engine) -> None:
