@@ -5,7 +5,10 @@ runs it through the network of the active model (:mod:`dicom_node.model_holder`)
 in one forward pass, and hands the probabilities to the result writer
 (:mod:`dicom_node.results`). While batch k is in the network (native code, GIL
 released), batch k+1 is claimed and decoded and the SRs of batch k-1 are
-written, so the network waits for neither. Without a model, jobs simply wait; a
+written, so the network waits for neither. An engine of several lanes (OpenVINO
+on a CPU, :attr:`model.engine.Engine.lanes`) takes batch k+1 while batch k is
+still in it, each called from a lane thread: its streams go on to the next batch
+instead of waiting for each other at the end of one. Without a model, jobs simply wait; a
 newly installed model is picked up between batches. An idle worker is woken by
 the receive path when a job is queued, and otherwise looks once a second.
 Figures: docs/performance.md.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +58,22 @@ class BatchTimings:
     report: float
 
 
+#: A batch's probabilities, its class maps (None without evidence images), and the
+#: seconds its forward pass took.
+Inferred = tuple[NDArray[np.float32], NDArray[np.float32] | None, float]
+
+
+def _infer(engine: Engine, images: NDArray[np.float32]) -> Inferred:
+    """One forward pass of ``images``; the class maps come from the same pass."""
+    started = time.perf_counter()
+    maps = None
+    if engine.evidence:
+        probabilities, maps = engine.predict_with_maps(images)
+    else:
+        probabilities = engine.predict(images)
+    return probabilities, maps, time.perf_counter() - started
+
+
 class Worker(threading.Thread):
     """Runs batches until stopped; one per process is enough (batching uses the cores)."""
 
@@ -76,6 +96,11 @@ class Worker(threading.Thread):
         # at most one batch is ever waiting to finish.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="report")
         self._finishing: Future[None] | None = None
+        # Batches in the network, oldest first: one, or with an engine of several lanes
+        # (OpenVINO on a CPU) up to that many, each called from a lane thread.
+        self._inflight: deque[tuple[Batch, Future[Inferred], LoadedModel]] = deque()
+        self._lane_pool: ThreadPoolExecutor | None = None
+        self._lane_count = 0
         self.last_timings: BatchTimings | None = None
         #: How many times the loop found nothing to do (no model, or no job) and
         #: went idle; it then sleeps until woken or for IDLE_POLL_SECONDS.
@@ -127,6 +152,7 @@ class Worker(threading.Thread):
                 LOGGER.exception("worker step failed; retrying shortly")
                 done = 0
             if not done:
+                self._settle_all()
                 self._drain()
                 self.idle_passes += 1
                 # Woken by the receive path; the poll finds jobs queued by anyone
@@ -140,8 +166,11 @@ class Worker(threading.Thread):
                 pass
         except Exception:
             LOGGER.exception("the last claimed batch failed; its leases will expire")
+        self._settle_all()
         self._drain()
         self._feeder.shutdown(wait=True)
+        if self._lane_pool is not None:
+            self._lane_pool.shutdown(wait=True)
         self._finisher.shutdown(wait=True)
         self.batches.close()
 
@@ -165,8 +194,10 @@ class Worker(threading.Thread):
         try:
             return self._run(batch, loaded, engine)
         except BaseException:
-            # Given up here: the leases expire and the jobs are retried.
-            self.batches.held.drop(batch.jobs)
+            # Given up here: the leases expire and the jobs are retried. (A batch still
+            # in the network is not: an older batch's forward pass failed.)
+            if not any(waiting is batch for waiting, _, _ in self._inflight):
+                self.batches.held.drop(batch.jobs)
             raise
 
     def _run(self, batch: Batch, loaded: LoadedModel, engine: Engine) -> int:
@@ -176,20 +207,51 @@ class Worker(threading.Thread):
             self._next = self._feeder.submit(self.batches.load, engine)
         if not batch.prepared:
             return len(batch.jobs)
-        started = time.perf_counter()
         images = np.stack([p.tensor for p in batch.prepared])
-        maps = None
-        if engine.evidence:  # the class maps come from the same forward pass
-            probabilities, maps = engine.predict_with_maps(images)
+        if engine.lanes == 1:
+            done: Future[Inferred] = Future()
+            done.set_result(_infer(engine, images))
         else:
-            probabilities = engine.predict(images)
-        inference = time.perf_counter() - started
+            done = self._lanes(engine.lanes).submit(_infer, engine, images)
+        self._inflight.append((batch, done, loaded))
+        # With one lane this batch is done; with more, the next batch goes into the
+        # network before this one is waited for.
+        while len(self._inflight) >= engine.lanes:
+            self._settle()
+        return len(batch.jobs)
+
+    def _lanes(self, lanes: int) -> ThreadPoolExecutor:
+        """The threads that call the engine, one a lane."""
+        if self._lane_pool is None or self._lane_count != lanes:
+            if self._lane_pool is not None:
+                self._lane_pool.shutdown(wait=True)
+            self._lane_pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane")
+            self._lane_count = lanes
+        return self._lane_pool
+
+    def _settle(self) -> None:
+        """Wait for the oldest batch in the network and hand its outputs to the result
+        writer; a batch whose forward pass failed is given up (its leases expire and
+        it is retried) and the failure raised."""
+        batch, done, loaded = self._inflight.popleft()
+        try:
+            probabilities, maps, inference = done.result()
+        except BaseException:
+            self.batches.held.drop(batch.jobs)
+            raise
         metrics.BATCH_SIZE.observe(len(batch.prepared))
         metrics.BATCH_SECONDS.observe(inference)
         self._drain()
         self._finishing = self._finisher.submit(
             self._finish, batch, probabilities, maps, loaded.reports, inference)
-        return len(batch.jobs)
+
+    def _settle_all(self) -> None:
+        """Settle every batch in the network (before going idle or stopping)."""
+        while self._inflight:
+            try:
+                self._settle()
+            except Exception:
+                LOGGER.exception("a forward pass failed; its jobs will be retried")
 
     def _finish(self, batch: Batch, probabilities: NDArray[np.float32],
                 maps: NDArray[np.float32] | None, reports: ReportBuilder,

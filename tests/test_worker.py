@@ -295,8 +295,26 @@ def _lease_settings(tmp_path: Path) -> Settings:
                     lease_seconds=1.0, batch_size=2, max_batch_delay_ms=0)
 
 
+@pytest.fixture(params=[1, 2], ids=["one lane", "two lanes"])
+def lanes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The engine's lanes: 1 (Keras), or 2 as OpenVINO on a CPU has, where the worker
+    puts the next batch into the network before the last one is done."""
+    from model import engine
+
+    count: int = request.param
+    load = engine.Engine.__init__
+
+    def with_lanes(self: engine.Engine, *args: Any, **kwargs: Any) -> None:
+        load(self, *args, **kwargs)
+        self.lanes = count
+
+    monkeypatch.setattr(engine.Engine, "__init__", with_lanes)
+    return count
+
+
 def test_a_batch_slower_than_its_lease_is_classified_once(
-        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+        lanes: int) -> None:
     """Two workers on one job store, a lease of 1 s, and a network that takes 2.5 s a
     batch (a slow GPU, a paused VM) while expired leases are reaped every 0.1 s: each
     worker renews the leases of the batches it holds (in the network, claimed ahead,
@@ -332,9 +350,11 @@ def test_a_batch_slower_than_its_lease_is_classified_once(
 
 
 def test_a_batch_that_fails_is_not_renewed_but_retried(
-        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+        lanes: int) -> None:
     """The first forward pass fails (a GPU error): that batch's leases are no longer
-    renewed, so they expire, the jobs are reaped and classified again; the others once."""
+    renewed, so they expire, the jobs are reaped and classified again; the others once
+    (with two lanes the second batch is already in the network when the first fails)."""
     from model import engine
 
     failures = [RuntimeError("CUDA error: an illegal memory access was encountered")]
