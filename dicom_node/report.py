@@ -71,7 +71,7 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydicom.charset import default_encoding
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -390,7 +390,9 @@ class ReportBuilder:
     every image of a model. So highdicom builds the whole SR for the first
     image, and its content tree is kept as bytes (Explicit VR Little Endian,
     every item and sequence of undefined length, so that any item may change
-    length without touching its parents), cut where the items that differ
+    length without touching its parents; its texts, the model's name and version
+    among them, in the SR's character set, which is the source's: once per
+    character set seen), cut where the items that differ
     between images go. For each later image highdicom builds the document
     around a content tree holding only the source image reference -- patient,
     study, evidence and equipment copied from the source by highdicom exactly
@@ -411,10 +413,11 @@ class ReportBuilder:
         #: What :func:`model.card.validation_status` says of the card (the SRs say it too).
         self.validation: Validation = validation_status(card)
         self.institution_name = institution_name
-        #: The kept content tree's encoded items, cut at the per-image items: the bytes
-        #: before each slot, and (``_tree``) after the last.
-        self._chunks: list[bytes] = []
-        self._tree: bytes | None = None
+        #: The kept content tree, a stand-in item in place of each per-image item.
+        self._marked: Sequence | None = None
+        #: Per character set of the SRs (the source's): the marked tree's encoded items
+        #: cut at the stand-ins -- the bytes before each slot, and after the last.
+        self._cut: dict[tuple[str, ...], tuple[list[bytes], bytes]] = {}
         self._slots: list[_Slot] = []
         self._variants: dict[tuple[object, ...], bytes] = {}
 
@@ -436,7 +439,7 @@ class ReportBuilder:
         ValueError
             highdicom finds the content or the source invalid.
         """
-        if self._tree is None:
+        if self._marked is None:
             sr = build_sr(source, result, self.card, sop_instance_uid, series_instance_uid,
                           self.card.device_uid, self.institution_name)
             self._keep(sr)
@@ -447,8 +450,12 @@ class ReportBuilder:
             [SourceImageForMeasurementGroup.from_source_image(evidence)])
         sr = _document(evidence, root, self.card, self.validation, sop_instance_uid,
                        series_instance_uid, self.institution_name)
-        image = _item_bytes(only_item(sr.ContentSequence))  # highdicom's, for this source
-        content = self._content(image, result)
+        # The tree's texts (the model's name and version among them) in the SR's own
+        # character set, which is the source's.
+        encodings = tuple(convert_encodings(sr.get("SpecificCharacterSet")))
+        # highdicom's image reference, for this source.
+        image = _item_bytes(only_item(sr.ContentSequence), encodings)
+        content = self._content(image, result, encodings)
         # The content tree as its bytes: a defined-length sequence of items of
         # undefined length, written as it is and parsed only if read.
         sr[_CONTENT_SEQUENCE] = RawDataElement(_CONTENT_SEQUENCE, "SQ", len(content), content,
@@ -497,29 +504,40 @@ class ReportBuilder:
                 slots.append(_Slot(g, i, kind, "" if main or key is None else key,
                                    _value_template(kind, item)))
                 items[i] = _marker(len(slots) - 1)
-        encoded = b"".join(_item_bytes(item) for item in tree)
+        self._slots, self._marked = slots, tree
+
+    def _cut_tree(self, encodings: tuple[str, ...]) -> tuple[list[bytes], bytes]:
+        """The marked tree encoded in ``encodings``, cut at its stand-ins (kept)."""
+        cut = self._cut.get(encodings)
+        if cut is not None:
+            return cut
+        assert self._marked is not None
+        encoded = b"".join(_item_bytes(item, encodings) for item in self._marked)
         chunks: list[bytes] = []
-        for number in range(len(slots)):
-            before, marker, encoded = encoded.partition(_item_bytes(_marker(number)))
-            if not marker or _item_bytes(_marker(number)) in encoded:
+        for number in range(len(self._slots)):
+            marker = _item_bytes(_marker(number), encodings)
+            before, found, encoded = encoded.partition(marker)
+            if not found or marker in encoded:
                 raise RuntimeError("the SR's kept content tree could not be cut at its items")
             chunks.append(before)
-        self._slots, self._chunks, self._tree = slots, chunks, encoded
+        cut = self._cut[encodings] = chunks, encoded
+        return cut
 
-    def _content(self, image: bytes, result: Classification) -> bytes:
+    def _content(self, image: bytes, result: Classification, encodings: tuple[str, ...]
+                 ) -> bytes:
         """The kept content tree's bytes with this image's items in their places;
         ``image`` is this source's image reference item, encoded."""
-        assert self._tree is not None
+        chunks, tail = self._cut_tree(encodings)
         reached = reached_thresholds(self.card, result.probabilities)
         parts: list[bytes] = []
-        for chunk, slot in zip(self._chunks, self._slots, strict=True):
+        for chunk, slot in zip(chunks, self._slots, strict=True):
             parts.append(chunk)
-            parts.append(self._item(slot, image, result, reached))
-        parts.append(self._tree)
+            parts.append(self._item(slot, image, result, reached, encodings))
+        parts.append(tail)
         return b"".join(parts)
 
-    def _item(self, slot: _Slot, image: bytes, result: Classification,
-              reached: list[str]) -> bytes:
+    def _item(self, slot: _Slot, image: bytes, result: Classification, reached: list[str],
+              encodings: tuple[str, ...]) -> bytes:
         """This image's item for ``slot``, encoded. The source image reference is
         highdicom's for this source; a tracking UID or probability goes into the
         slot's kept template as pydicom encodes it; an item that takes one of a few
@@ -536,10 +554,11 @@ class ReportBuilder:
         # Everything such an item depends on (more than each kind needs: a few more
         # variants, never a wrong one).
         key = (slot.kind, slot.key, result.label, result.view, slot.key in reached,
-               bool(reached))
+               bool(reached), encodings)
         encoded = self._variants.get(key)
         if encoded is None:
-            encoded = self._variants[key] = _item_bytes(_slot_item(slot, result, reached))
+            encoded = self._variants[key] = _item_bytes(_slot_item(slot, result, reached),
+                                                        encodings)
         return encoded
 
 
@@ -580,12 +599,13 @@ def _undefined_lengths(ds: Dataset) -> Dataset:
     return ds
 
 
-def _item_bytes(item: Dataset) -> bytes:
+def _item_bytes(item: Dataset, encodings: tuple[str, ...] = (default_encoding,)) -> bytes:
     """``item`` as a sequence item of undefined length, Explicit VR Little Endian (the
-    SR's encoding), with the default character set (the tree's texts are ASCII)."""
+    SR's encoding), its texts in ``encodings`` (Python codecs, as pydicom converts the
+    SR's Specific Character Set)."""
     encoded = DicomBytesIO()
     encoded.is_little_endian, encoded.is_implicit_VR = True, False
-    write_sequence_item(encoded, _undefined_lengths(item), [default_encoding])
+    write_sequence_item(encoded, _undefined_lengths(item), list(encodings))
     return encoded.getvalue()
 
 

@@ -319,3 +319,26 @@ def test_invalid_patient_age_is_left_out() -> None:
     source.PatientAge = "062Y"
     assert build_sr(source, RESULT, CARD, generate_uid(), generate_uid(),
                     generate_uid()).PatientAge == "062Y"
+
+
+def _utf8_patient() -> Dataset:
+    source = dx_16bit()
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.PatientName = "Łukasiewicz^Zoë"
+    return source
+
+
+def test_a_model_named_beyond_ascii_keeps_each_sources_character_set() -> None:
+    """The kept content tree's texts include the model's name and version: encoded in
+    one character set and copied as bytes, a name beyond ASCII would be mis-encoded in
+    an SR of another (here UTF-8 after Latin-1, and back). The builder encodes the tree
+    in each SR's own character set, the source's, as highdicom's SR is written."""
+    card = CARD.model_copy(update={"name": "modèle-poumon", "version": "1.2.0-é"})
+    builder = ReportBuilder(card)
+    with pydicom_config.disable_value_validation():
+        builder.build(_latin1_patient(), RESULT, generate_uid(), generate_uid())
+        for source in (_utf8_patient(), _latin1_patient(), _utf8_patient()):
+            uids = generate_uid(), generate_uid()
+            fast = builder.build(source, RESULT, *uids)
+            reference = build_sr(source, RESULT, card, *uids, card.device_uid)
+            assert _comparable(fast) == _comparable(reference)
