@@ -576,8 +576,11 @@ _MARKER_NUMBER = 987654.321
 
 
 def _plain(content: Sequence) -> Sequence:
-    """A copy of highdicom's ``content`` as plain pydicom items, which take any item."""
+    """A copy of highdicom's ``content`` as plain pydicom items, which take any item.
+    The copy goes through UTF-8, which holds every character (the default
+    character set would turn what Latin-1 lacks into "?")."""
     holder = Dataset()
+    holder.SpecificCharacterSet = "ISO_IR 192"
     holder.ContentSequence = content
     encoded = DicomBytesIO()
     encoded.is_little_endian, encoded.is_implicit_VR = True, False

@@ -333,7 +333,7 @@ def test_a_model_named_beyond_ascii_keeps_each_sources_character_set() -> None:
     one character set and copied as bytes, a name beyond ASCII would be mis-encoded in
     an SR of another (here UTF-8 after Latin-1, and back). The builder encodes the tree
     in each SR's own character set, the source's, as highdicom's SR is written."""
-    card = CARD.model_copy(update={"name": "modèle-poumon", "version": "1.2.0-é"})
+    card = CARD.model_copy(update={"name": "modèle-płuc-модель", "version": "1.2.0-é"})
     builder = ReportBuilder(card)
     with pydicom_config.disable_value_validation():
         builder.build(_latin1_patient(), RESULT, generate_uid(), generate_uid())
