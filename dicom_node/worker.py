@@ -184,6 +184,10 @@ class Worker(threading.Thread):
                 self.batches.held.drop(self._next.result().jobs)
             return 0
         engine = loaded.engine
+        # A batch the network is done with goes to the result writer now, not once the
+        # next batch is claimed and decoded.
+        while self._inflight and self._inflight[0][1].done():
+            self._settle()
         if self._next is not None:
             batch, self._next = self._next.result(), None
             self.batches.held.add(batch.jobs)  # dropped above if the model went away
@@ -196,7 +200,7 @@ class Worker(threading.Thread):
         except BaseException:
             # Given up here: the leases expire and the jobs are retried. (A batch still
             # in the network is not: an older batch's forward pass failed.)
-            if not any(waiting is batch for waiting, _, _ in self._inflight):
+            if not any(waiting.jobs is batch.jobs for waiting, _, _ in self._inflight):
                 self.batches.held.drop(batch.jobs)
             raise
 

@@ -46,6 +46,7 @@ Figures: docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -449,7 +450,10 @@ class Engine:
 
         core = ov.Core()
         calls: dict[int, Call] = {}
-        lanes = OPENVINO_LANES if self._threads > 1 else 1
+        # Two lanes only where some batch runs in streams: one stream of every thread
+        # has no batch end to idle at.
+        streamed = any(openvino_streams(batch, self._threads) > 1 for batch in self.shapes)
+        lanes = OPENVINO_LANES if streamed else 1
         for batch in self.shapes:
             streams = openvino_streams(batch, self._threads)
             if streams == 1:
@@ -578,10 +582,19 @@ def _streamed(groups: list[list[Any]], part: int) -> Call:
         try:
             if len(requests) == 1:  # outputs copied (infer's default)
                 return openvino_outputs(requests[0].infer([x]))
-            for i, request in enumerate(requests):
-                request.start_async([x[i * part:(i + 1) * part]])
-            for request in requests:
-                request.wait()
+            started = []
+            try:
+                for i, request in enumerate(requests):
+                    request.start_async([x[i * part:(i + 1) * part]])
+                    started.append(request)
+                for request in requests:
+                    request.wait()
+            except BaseException:
+                # None of the group may still be running when the next call takes it.
+                for request in started:
+                    with contextlib.suppress(Exception):
+                        request.wait()
+                raise
             outputs = [openvino_outputs(request.results) for request in requests]
             # Joined, that is copied, before the requests are free for another call.
             return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
