@@ -28,12 +28,23 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, and_, case, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Update,
+    and_,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from dicom_node.db import (
@@ -202,17 +213,9 @@ class Retention:
                 due = session.execute(query if report.dry_run else query.limit(BATCH)).all()
                 if not due:
                     return
-                ids = [j.id for j in due]
-                reasons = {j.id: f"{j.state.value} {self._days(report.now, j.finished_at)}"
-                                 f"; deliveries: {summary}"
-                           for j, summary in zip(due, self._deliveries(
-                               session, Delivery.job_id, ids, report.now), strict=True)}
-                marked = set(ids)
-                if not report.dry_run:  # marked first: nothing may need them from now on
-                    marked = set(session.scalars(
-                        update(Job).where(Job.id.in_(ids), job_files_due(cutoff))
-                        .values(files_purged_at=report.now).returning(Job.id)
-                        .execution_options(synchronize_session=False)))
+                reasons = self._reasons(session, due, Delivery.job_id, "deliveries", report.now)
+                # Marked first: nothing may need them from now on.
+                marked = self._mark(session, Job, job_files_due(cutoff), reasons, report)
             self._delete_jobs({j.id: _job_names(j) for j in due if j.id in marked}, reasons,
                               report)
             if report.dry_run or len(due) < BATCH:
@@ -226,23 +229,36 @@ class Retention:
                 due = session.execute(query if report.dry_run else query.limit(BATCH)).all()
                 if not due:
                     return
-                ids = [s.id for s in due]
-                reasons = {s.id: f"{s.state.value} {self._days(report.now, s.closed_at)}"
-                                 f"; messages: {summary}"
-                           for s, summary in zip(due, self._deliveries(
-                               session, Delivery.study_result_id, ids, report.now),
-                               strict=True)}
-                names = self._messages(session, ids)
-                if not report.dry_run:
-                    marked = set(session.scalars(
-                        update(StudyResult)
-                        .where(StudyResult.id.in_(ids), study_files_due(cutoff))
-                        .values(files_purged_at=report.now).returning(StudyResult.id)
-                        .execution_options(synchronize_session=False)))
-                    names = {i: n for i, n in names.items() if i in marked}
-            self._delete_studies(names, reasons, report)
+                reasons = self._reasons(session, due, Delivery.study_result_id, "messages",
+                                        report.now)
+                names = self._messages(session, list(reasons))
+                marked = self._mark(session, StudyResult, study_files_due(cutoff), reasons,
+                                    report)
+            self._delete_studies({i: n for i, n in names.items() if i in marked}, reasons,
+                                 report)
             if report.dry_run or len(due) < BATCH:
                 return
+
+    def _reasons(self, session: Session, due: Sequence[Any], owner: Any, what: str,
+                 now: datetime) -> dict[int, str]:
+        """Why each due row (id, state, when finished or closed) goes, in order: its
+        state, its age, and its deliveries (``owner``: their column naming it)."""
+        ids = [row[0] for row in due]
+        return {row[0]: f"{row[1].value} {self._days(now, row[2])}; {what}: {summary}"
+                for row, summary in zip(due, self._deliveries(session, owner, ids, now),
+                                        strict=True)}
+
+    @staticmethod
+    def _mark(session: Session, table: type[Job] | type[StudyResult],
+              due: ColumnElement[bool], ids: Iterable[int], report: PurgeReport) -> set[int]:
+        """Mark ``ids`` of ``table`` whose files are still ``due`` as purged now; the ids
+        marked (a dry run marks nothing and returns them all)."""
+        if report.dry_run:
+            return set(ids)
+        return set(session.scalars(
+            update(table).where(table.id.in_(list(ids)), due)
+            .values(files_purged_at=report.now).returning(table.id)
+            .execution_options(synchronize_session=False)))
 
     @staticmethod
     def _messages(session: Session, ids: Sequence[int]) -> dict[int, list[str]]:
@@ -257,29 +273,30 @@ class Retention:
 
     def _delete_jobs(self, names: dict[int, list[str]], reasons: dict[int, str],
                      report: PurgeReport) -> None:
-        gone = self._delete("job", names, reasons, report)
-        if gone and not report.dry_run:
-            with self.store.sessions.begin() as session:
-                for chunk in _chunks(gone):
-                    session.execute(update(Job).where(Job.id.in_(chunk)).values(
-                        spool_file=None, sr_file=None, evidence_file=None)
-                        .execution_options(synchronize_session=False))
+        self._delete("job", names, reasons, report, lambda ids: update(Job).where(
+            Job.id.in_(ids)).values(spool_file=None, sr_file=None, evidence_file=None))
 
     def _delete_studies(self, names: dict[int, list[str]], reasons: dict[int, str],
                         report: PurgeReport) -> None:
-        gone = self._delete("study result", names, reasons, report)
-        if gone and not report.dry_run:
-            with self.store.sessions.begin() as session:
-                for chunk in _chunks(gone):
-                    session.execute(update(Delivery)
-                                    .where(Delivery.study_result_id.in_(chunk))
-                                    .values(payload_file=None)
-                                    .execution_options(synchronize_session=False))
+        self._delete("study result", names, reasons, report, lambda ids: update(
+            Delivery).where(Delivery.study_result_id.in_(ids)).values(payload_file=None))
 
     def _delete(self, kind: str, names: dict[int, list[str]], reasons: dict[int, str],
-                report: PurgeReport) -> list[int]:
-        """Delete each owner's files (dry: count them); the owners whose files are all
-        gone."""
+                report: PurgeReport, clear: Callable[[Sequence[int]], Update]) -> None:
+        """Delete each owner's files (dry: count them), then, for the owners whose files
+        are all gone, clear the names (``clear``: the update for a chunk of owners).
+
+        Parameters
+        ----------
+        kind
+            What owns the files, for the report and the log.
+        names, reasons
+            Per owner: its files, and why they go.
+        report
+            The run's report, counted into.
+        clear
+            The update that forgets the names of a chunk of owners.
+        """
         gone = []
         for owner, files in names.items():
             report.purged.append(Purged(kind, owner, len(files), reasons[owner]))
@@ -298,7 +315,10 @@ class Retention:
             report.failed_files += failed
             if not failed:
                 gone.append(owner)
-        return gone
+        if gone and not report.dry_run:
+            with self.store.sessions.begin() as session:
+                for chunk in _chunks(gone):
+                    session.execute(clear(chunk).execution_options(synchronize_session=False))
 
     @staticmethod
     def _days(now: datetime, then: datetime | None) -> str:
