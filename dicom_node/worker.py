@@ -99,8 +99,9 @@ class Worker(threading.Thread):
         # Batches in the network, oldest first: one, or with an engine of several lanes
         # (OpenVINO on a CPU) up to that many, each called from a lane thread.
         self._inflight: deque[tuple[Batch, Future[Inferred], LoadedModel]] = deque()
-        self._lane_pool: ThreadPoolExecutor | None = None
-        self._lane_count = 0
+        # Threads start as batches are submitted: no more than the engine's lanes (none
+        # for an engine of one lane, which is called inline).
+        self._lane_pool = ThreadPoolExecutor(thread_name_prefix="lane")
         self.last_timings: BatchTimings | None = None
         #: How many times the loop found nothing to do (no model, or no job) and
         #: went idle; it then sleeps until woken or for IDLE_POLL_SECONDS.
@@ -169,8 +170,7 @@ class Worker(threading.Thread):
         self._settle_all()
         self._drain()
         self._feeder.shutdown(wait=True)
-        if self._lane_pool is not None:
-            self._lane_pool.shutdown(wait=True)
+        self._lane_pool.shutdown(wait=True)
         self._finisher.shutdown(wait=True)
         self.batches.close()
 
@@ -216,22 +216,13 @@ class Worker(threading.Thread):
             done: Future[Inferred] = Future()
             done.set_result(_infer(engine, images))
         else:
-            done = self._lanes(engine.lanes).submit(_infer, engine, images)
+            done = self._lane_pool.submit(_infer, engine, images)
         self._inflight.append((batch, done, loaded))
         # With one lane this batch is done; with more, the next batch goes into the
         # network before this one is waited for.
         while len(self._inflight) >= engine.lanes:
             self._settle()
         return len(batch.jobs)
-
-    def _lanes(self, lanes: int) -> ThreadPoolExecutor:
-        """The threads that call the engine, one a lane."""
-        if self._lane_pool is None or self._lane_count != lanes:
-            if self._lane_pool is not None:
-                self._lane_pool.shutdown(wait=True)
-            self._lane_pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane")
-            self._lane_count = lanes
-        return self._lane_pool
 
     def _settle(self) -> None:
         """Wait for the oldest batch in the network and hand its outputs to the result
