@@ -575,6 +575,13 @@ _MARKER_UID = "2.25.9999999999999999999999999999999999"
 _MARKER_NUMBER = 987654.321
 
 
+def _explicit_little_endian() -> DicomBytesIO:
+    """A buffer to write Explicit VR Little Endian into (the SR's encoding)."""
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    return encoded
+
+
 def _plain(content: Sequence) -> Sequence:
     """A copy of highdicom's ``content`` as plain pydicom items, which take any item.
     The copy goes through UTF-8, which holds every character (the default
@@ -582,8 +589,7 @@ def _plain(content: Sequence) -> Sequence:
     holder = Dataset()
     holder.SpecificCharacterSet = "ISO_IR 192"
     holder.ContentSequence = content
-    encoded = DicomBytesIO()
-    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    encoded = _explicit_little_endian()
     write_dataset(encoded, holder)
     plain: Sequence = read_dataset(BytesIO(encoded.getvalue()), is_implicit_VR=False,
                                    is_little_endian=True).ContentSequence
@@ -606,16 +612,14 @@ def _item_bytes(item: Dataset, encodings: tuple[str, ...] = (default_encoding,))
     """``item`` as a sequence item of undefined length, Explicit VR Little Endian (the
     SR's encoding), its texts in ``encodings`` (Python codecs, as pydicom converts the
     SR's Specific Character Set)."""
-    encoded = DicomBytesIO()
-    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    encoded = _explicit_little_endian()
     write_sequence_item(encoded, _undefined_lengths(item), list(encodings))
     return encoded.getvalue()
 
 
 def _element(tag: BaseTag, vr: str, value: object) -> bytes:
     """One element as pydicom writes it, Explicit VR Little Endian."""
-    encoded = DicomBytesIO()
-    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    encoded = _explicit_little_endian()
     write_data_element(encoded, DataElement(tag, vr, value))
     return encoded.getvalue()
 
