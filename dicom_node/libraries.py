@@ -183,6 +183,13 @@ def bound_pdu_reads(transport: Any, limit: int, seconds: float,
                         view.release()
                         return refuse(f"a PDU took longer than {seconds:.0f} s",
                                       False, _joined(pieces, piece, filled))
+                    except OSError:
+                        if sock.fileno() != -1:
+                            raise
+                        # Closed under the read (the node stopping): what was read, as
+                        # for a connection closed by the peer, not an error.
+                        view.release()
+                        return _joined(pieces, piece, filled)
                     finally:
                         waited += time.monotonic() - started
                     if not count:  # closed: what was read, as pynetdicom returns it
@@ -201,7 +208,8 @@ def bound_pdu_reads(transport: Any, limit: int, seconds: float,
                 pieces.append(piece)
                 got += want
         finally:
-            sock.settimeout(previous)
+            if sock.fileno() != -1:
+                sock.settimeout(previous)
         return pieces[0] if len(pieces) == 1 else bytearray(b"".join(pieces))
 
     def recv(nr_bytes: int) -> bytearray:

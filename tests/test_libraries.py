@@ -176,6 +176,23 @@ def test_bounded_reads_pass_pdus_within_bounds_and_refuse_the_rest(
         "a PDU took longer than 0 s"]
 
 
+def test_bounded_reads_end_quietly_when_the_node_closes_the_socket() -> None:
+    """The node stopping closes an association's socket while its reactor reads: the
+    read returns short, as for a peer that closed (pynetdicom then ends the association
+    quietly), instead of raising, which pynetdicom logs with a traceback."""
+    import socket
+    import struct
+
+    ours, peer = socket.socketpair()
+    with peer:
+        transport = _Transport(ours)
+        libraries.bound_pdu_reads(transport, limit=1000, seconds=2)
+        peer.sendall(struct.pack(">BBL", 4, 0, 10) + b"abc")
+        assert bytes(transport.recv(6)) == struct.pack(">BBL", 4, 0, 10)
+        ours.close()
+        assert bytes(transport.recv(10)) == b""
+
+
 def test_bounded_reads_drop_a_peer_trickling_small_pdus() -> None:
     """Each PDU arrives within the deadline, but a few bytes a second: after ``seconds``
     spent waiting in reads at under MIN_BYTES_PER_SECOND, the peer is dropped."""
