@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from highdicom import _standard_utils as highdicom_standard
 from highdicom.sr import CodedConcept, Measurement, QualitativeEvaluation, TrackingIdentifier
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
@@ -48,6 +49,56 @@ def test_configure_refuses_a_pynetdicom_without_a_setting(
     monkeypatch.setitem(libraries._PYNETDICOM_SETTINGS, "NO_SUCH_SETTING", True)
     with pytest.raises(RuntimeError, match="NO_SUCH_SETTING"):
         libraries.configure()
+
+
+def test_every_highdicom_module_asks_the_memoized_iod_lookups() -> None:
+    """In a fresh interpreter with every highdicom module imported, no module keeps
+    its own binding of an IOD look-up once the node has configured the libraries
+    (an upgrade that adds a module using them fails here, not silently slow)."""
+    code = """
+import importlib, pkgutil, sys
+import highdicom
+from highdicom import _standard_utils
+names = ("is_attribute_in_iod", "does_iod_have_pixel_data")
+originals = {n: getattr(_standard_utils, n) for n in names}
+for info in pkgutil.walk_packages(highdicom.__path__, "highdicom."):
+    importlib.import_module(info.name)
+from dicom_node import libraries
+libraries.configure()
+left = sorted(f"{m}.{n}" for m, module in list(sys.modules.items())
+              if m.startswith("highdicom") for n in names
+              if getattr(module, n, None) is originals[n])
+users = sorted(m for m, module in sys.modules.items() if m.startswith("highdicom.")
+               and m != "highdicom._standard_utils"
+               and any(hasattr(module, n) for n in names))
+print(left, users)
+sys.exit(1 if left or users != sorted(libraries.IOD_LOOKUP_USERS) else 0)
+"""
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.1.1",  # DX
+                                       "1.2.840.10008.5.1.4.1.1.7",  # SC
+                                       "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+                                       "1.2.840.10008.5.1.4.1.1.2.1"])  # Enhanced CT
+def test_the_memoized_iod_lookups_answer_as_highdicoms_own(sop_class: str) -> None:
+    libraries.configure()
+    lookup = highdicom_standard.is_attribute_in_iod
+    pixel_data = highdicom_standard.does_iod_have_pixel_data
+    assert lookup is not lookup.__wrapped__  # type: ignore[attr-defined]
+    for attribute in ("ContentDate", "ContentTime", "PixelData", "NumberOfFrames",
+                      "ContentSequence", "IconImageSequence"):
+        for exclude in (None, ["IconImageSequence"], ("ReferencedImageSequence",)):
+            for _ in range(2):  # asked, then remembered
+                assert lookup(attribute, sop_class, exclude) \
+                    == lookup.__wrapped__(attribute, sop_class, exclude)  # type: ignore
+    for _ in range(2):
+        assert pixel_data(sop_class) == pixel_data.__wrapped__(sop_class)  # type: ignore
+    for _ in range(2):  # an unknown SOP class is refused each time, not remembered
+        with pytest.raises(KeyError):
+            lookup("PixelData", "1.2.3.4")
 
 
 @pytest.fixture
