@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -332,6 +332,7 @@ class JobStore:
         """
         now = utcnow()
         stored = []
+        deliveries: list[dict[str, Any]] = []
         with self._sessions.begin() as session:
             for result in results:
                 updated = session.execute(
@@ -348,14 +349,19 @@ class JobStore:
                                 "evidence_series_instance_uid": result.evidence_uids[1]}),
                             flags=None if result.flags is None else list(result.flags),
                             model_validated=result.model_validated)
+                    # No Job of this session to bring up to date: no evaluation of the
+                    # criteria against the session's objects.
+                    .execution_options(synchronize_session=False)
                 )
                 ours = int(getattr(updated, "rowcount", 0)) == 1
                 stored.append(ours)
                 if ours:
-                    session.add_all(Delivery(job_id=result.job_id, kind=route.kind,
-                                             destination=route.destination, item=route.item,
-                                             next_attempt_at=now)
-                                    for route in dict.fromkeys(result.routes))
+                    deliveries += [dict(job_id=result.job_id, kind=route.kind,
+                                        destination=route.destination, item=route.item,
+                                        next_attempt_at=now)
+                                   for route in dict.fromkeys(result.routes)]
+            if deliveries:  # one executemany, not an ORM flush of an object a row
+                session.execute(insert(Delivery), deliveries)
         return stored
 
     def fail(self, job_id: int, owner: str, error: str, retry: bool = True) -> JobState | None:
