@@ -272,15 +272,13 @@ def engine_cpu_per_image(engine: Any, batch: int, images: int) -> float:
 
 def floor_cpu_per_image(files: list[tuple[str, Path]], size: int) -> float:
     """CPU seconds to read one source file and make its network input, as the node does
-    (``dcmread`` and ``preprocess.dicom_tensor``), on one thread: work no DICOM classifier
-    can leave out, before any SR is built or sent."""
-    from pydicom import dcmread
-
+    (``preprocess.read_source`` and ``preprocess.dicom_tensor``), on one thread: work no
+    DICOM classifier can leave out, before any SR is built or sent."""
     from model import preprocess
 
     start = time.process_time()
     for _, path in files:
-        preprocess.dicom_tensor(dcmread(path), size)
+        preprocess.dicom_tensor(preprocess.read_source(path), size)
     return (time.process_time() - start) / len(files)
 
 

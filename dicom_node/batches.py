@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.config import Settings
@@ -135,7 +134,7 @@ class BatchLoader:
         def load(job: Job) -> Prepared:
             if job.spool_file is None:
                 raise FileNotFoundError("job has no spool file")
-            source = dcmread(self.spool.path(job.spool_file))
+            source = preprocess.read_source(self.spool.path(job.spool_file))
             tensor = preprocess.dicom_tensor(source, engine.input_size,
                                              engine.card.interpolation)  # type: ignore[arg-type]
             return Prepared(job, source, tensor)

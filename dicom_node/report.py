@@ -220,9 +220,9 @@ def source_header(source: Dataset) -> Dataset:
     "62" instead of "062Y" in the NIH files) is left out rather than guessed.
     """
     header = Dataset()
-    for element in source:
-        if element.tag.group != 0x7FE0:  # no pixel data needed for references
-            header.add(element)
+    for tag in source.keys():
+        if tag.group != 0x7FE0:  # no pixel data needed for references (nor read from disk)
+            header.add(source[tag])
     header.file_meta = getattr(source, "file_meta", FileMetaDataset())
     for keyword in _TYPE2_COPIED:
         if keyword not in header:

@@ -12,6 +12,7 @@ none), MONOCHROME1 inverted, scaled to 0..255. PNG/JPEG files take the same
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,18 +20,26 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import (  # type: ignore[attr-defined]
     apply_modality_lut,
     apply_voi_lut,
     pixel_array,
 )
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 Interpolation = Literal["bilinear", "nearest"]
 #: The authors' evaluation resized with cv2.resize's default, bilinear.
 DEFAULT_INTERPOLATION: Interpolation = "bilinear"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+#: Elements longer than this are left on disk when a source is read (the pixel data),
+#: and read when they are used.
+DEFER_BYTES = 256 * 1024
+_PIXEL_DATA = 0x7FE00010
+_NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: Each decoding thread's buffer for the first frame of a source read from disk.
+_FRAME_BUFFERS = threading.local()
 
 
 class PreprocessError(ValueError):
@@ -72,9 +81,21 @@ def read_gray8(path: Path) -> NDArray[np.uint8]:
 
 def _read_dicom(path: Path) -> Dataset:
     try:
-        return dcmread(path, force=True)
+        return read_source(path, force=True)
     except Exception as exc:
         raise PreprocessError(f"{path.name}: not DICOM and not an image file") from exc
+
+
+def read_source(path: Path, force: bool = False) -> Dataset:
+    """A DICOM file read for classification: its header in memory, its pixel data (any
+    element over :data:`DEFER_BYTES`) left on disk until used.
+
+    :func:`dicom_tensor` then reads only the first frame of uncompressed pixel data,
+    into a buffer its thread keeps, instead of the whole element into fresh memory (a
+    2048 x 2048 source is 8 MB); anything else that uses the pixels (pydicom's
+    ``pixel_array``, the evidence image) reads them from the file as pydicom does.
+    """
+    return dcmread(path, force=force, defer_size=DEFER_BYTES)
 
 
 def image_gray8(path: Path) -> NDArray[np.uint8]:
@@ -159,7 +180,10 @@ def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | Non
     # before acknowledging: pydicom's per-frame path parses encapsulated fragments more
     # strictly (the fuzzer found a JPEG-LS file that one accepts and the other refuses).
     frame = 0 if _frames(ds) > 1 else None
-    if colour:
+    native = None if colour else _native_frame(ds)
+    if native is not None:
+        pixels = native
+    elif colour:
         pixels = _pixels(ds, index=frame)
     else:
         pixels = _pixels(ds, index=frame, view_only=True, correct_unused_bits=False)
@@ -175,20 +199,75 @@ def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | Non
     if not pixels.dtype.isnative:  # Explicit VR Big Endian (retired) viewed as stored
         pixels = pixels.astype(pixels.dtype.newbyteorder("="))
     bits = 8 * pixels.itemsize
-    patterns = np.arange(2**bits, dtype=np.uint32)
-    values = patterns & (2**bits_stored - 1)
-    signed = pixels.dtype.kind == "i"
-    if signed:  # sign-extend from the stored high bit, as pydicom does
-        values = values.astype(np.int64)
+    # The stored value of each bit pattern is its low ``bits_stored`` bits: the display
+    # pipeline runs over those 2**bits_stored values (4,096 for 12 bits), and each
+    # pattern takes its value's gray.
+    values = np.arange(2**bits_stored, dtype=np.int64)
+    if pixels.dtype.kind == "i":  # sign-extend from the stored high bit, as pydicom does
         values -= (values >> (bits_stored - 1)) * 2**bits_stored
     values = values.astype(pixels.dtype)
+    low_bits = np.arange(2**bits, dtype=np.uint32) & (2**bits_stored - 1)
     stored = pixels.view(np.dtype(f"u{pixels.itemsize}"))
     stretch = None
     if not _has_voi(ds) and not _already_8bit(ds):
-        present = np.bincount(stored.ravel(), minlength=2**bits) > 0
+        present = np.bincount(low_bits.take(stored.ravel()), minlength=2**bits_stored) > 0
         modality = np.asarray(apply_modality_lut(values[present], ds), dtype=np.float64)
         stretch = float(np.min(modality)), float(np.max(modality))
-    return stored, _display_gray8(values, ds, stretch)
+    return stored, _display_gray8(values, ds, stretch).take(low_bits)
+
+
+def _native_frame(ds: Dataset) -> NDArray[Any] | None:
+    """The first frame's stored values, as pydicom's ``pixel_array(ds, view_only=True,
+    correct_unused_bits=False)`` gives them, for uncompressed little-endian grayscale of
+    8 or 16 bits whose attributes are all present and sane and whose pixel data are
+    long enough; None for anything else (pydicom decodes it, or says why it cannot).
+
+    Pixel data left on disk by :func:`read_source` are read here, the first frame
+    only, into the calling thread's buffer: the array is valid until the thread's
+    next call, and its caller looks it up at once.
+    """
+    meta = getattr(ds, "file_meta", None)
+    try:
+        if meta is None or meta.get("TransferSyntaxUID") not in _NATIVE:
+            return None
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        representation, samples = int(ds.PixelRepresentation), int(ds.SamplesPerPixel)
+        photometric = str(ds.PhotometricInterpretation)
+        frames = int(ds.get("NumberOfFrames", 1))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if (samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2")
+            or allocated not in (8, 16) or not 0 < stored <= allocated
+            or representation not in (0, 1) or not 0 < rows < 2**16
+            or not 0 < columns < 2**16 or frames < 1):
+        return None
+    dtype = np.dtype(f"<{'i' if representation else 'u'}{allocated // 8}")
+    count = rows * columns
+    element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None:  # left on disk
+        if (element.length == 0xFFFFFFFF or element.length < frames * count * dtype.itemsize
+                or not isinstance(ds.filename, str)):
+            return None
+        buffer = _frame_buffer(count * dtype.itemsize)
+        with open(ds.filename, "rb", buffering=0) as file:
+            file.seek(element.value_tell)
+            if file.readinto(buffer) != len(buffer):
+                return None
+        data: Any = buffer
+    else:
+        data = ds.PixelData
+        if not isinstance(data, bytes) or len(data) < frames * count * dtype.itemsize:
+            return None
+    return np.frombuffer(data, dtype, count=count).reshape(rows, columns)
+
+
+def _frame_buffer(size: int) -> memoryview:
+    """``size`` bytes of the calling thread's buffer (grown when too small)."""
+    buffer: bytearray | None = getattr(_FRAME_BUFFERS, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _FRAME_BUFFERS.buffer = bytearray(size)
+    return memoryview(buffer)[:size]
 
 
 def _frames(ds: Dataset) -> int:

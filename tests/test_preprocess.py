@@ -311,3 +311,109 @@ def test_a_single_frame_is_decoded_as_intake_decoded_it() -> None:
     worker now decodes a single frame the same way."""
     tensor = preprocess.dicom_tensor(jpeg_ls_offset_off_by_one(), 32)
     assert tensor.shape == (32, 32, 3) and 0 <= tensor.min() <= tensor.max() <= 1
+
+
+@pytest.fixture
+def defer_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_source leaves these small images' pixel data on disk, as a radiograph's."""
+    monkeypatch.setattr(preprocess, "DEFER_BYTES", 64)
+
+
+def _read_from_disk_variants() -> dict[str, Dataset]:
+    signed = _signed_ct_with_garbage_high_bits()
+    three_frames = chest_image(rows=30, columns=21, bits_stored=10, seed=9)
+    frames = np.random.default_rng(9).integers(0, 1024, (3, 30, 21)).astype(np.uint16)
+    three_frames.PixelData, three_frames.NumberOfFrames = frames.tobytes(), 3
+    odd_8bit = chest_image(rows=31, columns=17, bits_stored=8, window=None)  # padded
+    implicit = chest_image(rows=40, columns=33, transfer_syntax=ImplicitVRLittleEndian)
+    cases = {case: make() for case, make in _CASES.items()}
+    for ds in cases.values():
+        if "VOILUTSequence" in ds:  # a list of values is written as US, not OW
+            ds.VOILUTSequence[0]["LUTData"].VR = "US"
+    return {**cases, "three frames": three_frames, "8 bit, odd length": odd_8bit,
+            "signed": signed, "implicit VR": implicit}
+
+
+@pytest.mark.parametrize("case", list(_read_from_disk_variants()))
+def test_a_source_read_with_its_pixels_on_disk_gives_the_same_input(
+        case: str, tmp_path: Path, defer_small: None) -> None:
+    """read_source leaves the pixel data on disk; the network input, the displayed
+    image and the first frame's stored values are those of the file read whole."""
+    path = save(_read_from_disk_variants()[case], tmp_path / "source.dcm")
+    whole = dcmread(path)
+    frame = 0 if int(whole.get("NumberOfFrames", 1)) > 1 else None
+    for size in (17, 64):
+        deferred = preprocess.read_source(path)
+        assert deferred.get_item(0x7FE00010, keep_deferred=True).value is None
+        np.testing.assert_array_equal(preprocess.dicom_tensor(deferred, size),
+                                      preprocess.dicom_tensor(dcmread(path), size))
+    np.testing.assert_array_equal(preprocess.dicom_gray8(preprocess.read_source(path)),
+                                  preprocess.dicom_gray8(whole))
+    native = preprocess._native_frame(preprocess.read_source(path))
+    if whole.file_meta.TransferSyntaxUID.is_compressed:
+        assert native is None  # decoded by pydicom
+    else:  # read by the node itself: exactly pydicom's view of the stored values
+        expected = pixel_array(dcmread(path), index=frame, view_only=True,
+                               correct_unused_bits=False)
+        assert native is not None and native.dtype == expected.dtype
+        np.testing.assert_array_equal(native, expected)
+        np.testing.assert_array_equal(preprocess._native_frame(whole), expected)
+
+
+def _short_pixel_data(ds: Dataset) -> Dataset:
+    ds.PixelData = ds.PixelData[:-2]
+    return ds
+
+
+def _no_photometric(ds: Dataset) -> Dataset:
+    del ds.PhotometricInterpretation
+    return ds
+
+
+def _zero_frames(ds: Dataset) -> Dataset:
+    ds.NumberOfFrames = 0
+    return ds
+
+
+@pytest.mark.parametrize(("spoil", "refused"), [(_short_pixel_data, True),
+                                               (_no_photometric, True),
+                                               (_zero_frames, False)],
+                         ids=["short pixel data", "no photometric", "zero frames"])
+def test_what_the_node_does_not_read_itself_pydicom_decodes_or_refuses(
+        spoil: object, refused: bool, tmp_path: Path, defer_small: None) -> None:
+    """Anything unusual goes to pydicom, from disk and in memory: it refuses it, or
+    (0 frames: one, it warns) decodes it."""
+    path = tmp_path / "source.dcm"
+    sound = preprocess.dicom_tensor(chest_image(rows=32, columns=32), 16)
+    spoil(chest_image(rows=32, columns=32)).save_as(path)  # type: ignore[operator]
+    for ds in (preprocess.read_source(path, force=True), dcmread(path, force=True)):
+        assert preprocess._native_frame(ds) is None
+        if refused:
+            with pytest.raises(preprocess.PreprocessError):
+                preprocess.dicom_tensor(ds, 16)
+        else:
+            with pytest.warns(UserWarning, match="Number of Frames"):
+                np.testing.assert_array_equal(preprocess.dicom_tensor(ds, 16), sound)
+
+
+def test_a_source_cut_short_on_disk_after_it_was_read_is_refused(
+        tmp_path: Path, defer_small: None) -> None:
+    path = save(chest_image(rows=64, columns=64), tmp_path / "source.dcm")
+    ds = preprocess.read_source(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])
+    assert preprocess._native_frame(ds) is None
+    with pytest.warns(UserWarning, match="modification time"), \
+            pytest.raises(preprocess.PreprocessError):
+        preprocess.dicom_tensor(ds, 16)
+
+
+def test_the_sr_header_of_a_source_leaves_its_pixels_on_disk(
+        tmp_path: Path, defer_small: None) -> None:
+    from dicom_node.report import source_header
+
+    ds = preprocess.read_source(save(chest_image(rows=64, columns=64),
+                                     tmp_path / "source.dcm"))
+    header = source_header(ds)
+    assert "PixelData" not in header and header.PatientID == "SYN-0001"
+    assert ds.get_item(0x7FE00010, keep_deferred=True).value is None
