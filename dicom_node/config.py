@@ -321,6 +321,11 @@ class Settings(BaseSettings):
     dispatch_interval_seconds: float = Field(
         default=2.0, gt=0, description="How often due deliveries are looked for."
     )
+    dispatch_min_gap_seconds: float = Field(
+        default=0.5, ge=0, description="New results are sent at once, or, within this long "
+        "of the last dispatch's start, when it has passed: under load the results of "
+        "several batches go over one association."
+    )
 
     # --- job queue ---
     max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails.")

@@ -1,0 +1,128 @@
+"""When the dispatcher runs: at once for new results, at most once a gap under load."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore
+
+from dicom_node.config import Settings
+from dicom_node.db import DeliveryItem, DeliveryState, JobState, utcnow
+from dicom_node.jobs import JobResult, JobStore, ReceivedInstance, Route
+from dicom_node.loopback import free_port
+from dicom_node.scheduler import DISPATCH_JOB, Scheduler
+from dicom_node.spool import Spool
+from dicom_node.tcp import NO_DELAY
+
+from dicom_factory import chest_image
+
+
+def _next_dispatch(scheduler: Scheduler) -> timedelta:
+    """How long from now until the dispatcher's next run."""
+    return scheduler._scheduler.get_job(DISPATCH_JOB).next_run_time - utcnow()
+
+
+def _scheduler(tmp_path: Path, **settings: object) -> Scheduler:
+    configured = Settings(data_dir=tmp_path, **settings)  # type: ignore[arg-type]
+    return Scheduler(configured, JobStore(configured.database_url),
+                     Spool(configured.storage_dir))
+
+
+def test_new_results_are_dispatched_at_once_when_the_last_dispatch_is_past_the_gap(
+        tmp_path: Path) -> None:
+    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=5, dispatch_interval_seconds=300)
+    scheduler.dispatch_now()  # none yet
+    assert _next_dispatch(scheduler) < timedelta(seconds=1)
+    scheduler.dispatcher.last_started = utcnow() - timedelta(seconds=6)
+    scheduler.dispatch_now()
+    assert _next_dispatch(scheduler) < timedelta(seconds=1)
+    scheduler.store.close()
+
+
+@pytest.mark.parametrize(("gap", "earliest", "latest"), [(5, 4, 5), (0, -1, 1)])
+def test_new_results_within_the_gap_wait_for_its_end(
+        tmp_path: Path, gap: float, earliest: float, latest: float) -> None:
+    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=gap,
+                           dispatch_interval_seconds=300)
+    assert scheduler.dispatcher.run_once() == 0  # nothing due; it started now
+    scheduler.dispatch_now()
+    assert timedelta(seconds=earliest) < _next_dispatch(scheduler) <= timedelta(seconds=latest)
+    scheduler.store.close()
+
+
+@pytest.fixture
+def storage_scp() -> Iterator[tuple[int, list[int]]]:
+    """A Storage SCP on loopback; the number of C-STOREs of each association it took."""
+    associations: list[int] = []
+
+    def opened(event: evt.Event) -> None:
+        associations.append(0)
+
+    def stored(event: evt.Event) -> int:
+        associations[-1] += 1
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(DigitalXRayImageStorageForPresentation)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[NO_DELAY, (evt.EVT_ACCEPTED, opened),
+                                           (evt.EVT_C_STORE, stored)])
+    try:
+        yield port, associations
+    finally:
+        server.shutdown()
+
+
+def _classified(store: JobStore, spool: Spool, n: int, destination: str) -> None:
+    """A job classified now, its object (a DX image stands in for the SR) routed to
+    ``destination``."""
+    data = f"instance {n}".encode()
+    job = store.record(ReceivedInstance(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", sop_instance_uid=f"1.2.3.{n}",
+        series_instance_uid="1.2.3.100", study_instance_uid=f"1.2.3.4.{n}",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="STORESCU",
+        peer_address="127.0.0.1", sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data)), f"in/{n}.dcm", JobState.QUEUED, "chest")
+    assert job is not None
+    [claimed] = store.claim("w", limit=1, lease_seconds=60)
+    encoded = BytesIO()
+    chest_image(rows=16, columns=16).save_as(encoded, enforce_file_format=True)
+    sr = spool.write_report(claimed.id, encoded.getvalue())
+    assert store.complete_batch("w", [JobResult(
+        claimed.id, "normal", {"normal": 1.0}, "v1", sr,
+        [Route("dicom", destination, DeliveryItem.SR)])]) == [True]
+
+
+def test_results_made_within_the_gap_go_over_one_association(
+        tmp_path: Path, storage_scp: tuple[int, list[int]]) -> None:
+    """Three batches' results, 0.15 s apart: the first goes at once, the two others
+    together when the gap has passed, over a second association."""
+    port, associations = storage_scp
+    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=1.0,
+                           dispatch_interval_seconds=300)
+    store, spool = scheduler.store, scheduler.dispatcher.spool
+    scheduler.start()  # the dispatcher runs once at start: let its gap pass
+    try:
+        time.sleep(1.2)
+        for n in range(3):
+            _classified(store, spool, n, f"PACS@127.0.0.1:{port}")
+            scheduler.dispatch_now()
+            time.sleep(0.15)
+        deadline = time.monotonic() + 20
+        while (store.delivery_counts().get(DeliveryState.DONE.value) != 3
+               and time.monotonic() < deadline):
+            threading.Event().wait(0.05)
+        assert associations == [1, 2]
+        assert store.delivery_counts() == {DeliveryState.DONE.value: 3}
+    finally:
+        scheduler.stop()
+        store.close()
