@@ -445,16 +445,19 @@ class ReportBuilder:
             self._keep(sr)
             return sr
         evidence = source_header(source)
+        # The document around an empty root (highdicom copies the root and walks it for
+        # references; the evidence it lists comes from ``evidence``): its Content
+        # Sequence is replaced below.
         root = ContainerContentItem(name=title(self.validation), template_id="1500")
-        root.ContentSequence = ContentSequence(
-            [SourceImageForMeasurementGroup.from_source_image(evidence)])
+        root.ContentSequence = ContentSequence([])
         sr = _document(evidence, root, self.card, self.validation, sop_instance_uid,
                        series_instance_uid, self.institution_name)
         # The tree's texts (the model's name and version among them) in the SR's own
         # character set, which is the source's.
         encodings = tuple(convert_encodings(sr.get("SpecificCharacterSet")))
         # highdicom's image reference, for this source.
-        image = _item_bytes(only_item(sr.ContentSequence), encodings)
+        image = _item_bytes(SourceImageForMeasurementGroup.from_source_image(evidence),
+                            encodings)
         content = self._content(image, result, encodings)
         # The content tree as its bytes: a defined-length sequence of items of
         # undefined length, written as it is and parsed only if read.
