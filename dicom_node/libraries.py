@@ -101,6 +101,8 @@ def _memoized_attribute_lookup(lookup: Callable[..., bool]) -> Callable[..., boo
     @functools.wraps(lookup)
     def memoized(attribute: str, sop_class_uid: str,
                  exclude_path_elements: Sequence[str] | None = None) -> bool:
+        if isinstance(exclude_path_elements, str):  # not a list: asked as it is
+            return lookup(attribute, sop_class_uid, exclude_path_elements)
         exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
         try:
             return cached(attribute, sop_class_uid, exclude)

@@ -109,12 +109,12 @@ class Dispatcher:
         self.settings = settings
         self.store = store
         self.spool = spool
-        #: When the last dispatch started (None: none yet).
-        self.last_started: datetime | None = None
+        #: When the last dispatch started, ``time.monotonic()`` (None: none yet).
+        self.last_started: float | None = None
 
     def run_once(self, now: datetime | None = None) -> int:
         """Send every due delivery once; return how many were attempted."""
-        self.last_started = utcnow()
+        self.last_started = time.monotonic()
         # A delivery is held for longer than one attempt can take, so a second
         # dispatcher never sends it at the same time.
         hold = 4 * self.settings.delivery_timeout + 30
@@ -272,17 +272,22 @@ class Scheduler:
         """Run the dispatcher soon: new SRs are waiting.
 
         At once, unless the last dispatch started less than ``dispatch_min_gap_seconds``
-        ago: then when that gap has passed. Each dispatch opens an association per
-        destination, and its setup costs about as much CPU as sending five SRs
-        (pynetdicom); under load, the results of the batches made meanwhile go
-        together.
+        ago: then when that gap has passed, or at the next regular run if that is
+        sooner. Each dispatch opens an association per destination, and its setup
+        costs about as much CPU as sending five SRs (pynetdicom); under load, the
+        results of the batches made meanwhile go together. (One dispatch runs at a
+        time: results due while one still runs wait for the next regular run.)
         """
-        soon = utcnow()
+        wait = 0.0
         last = self.dispatcher.last_started
-        if last is not None:
-            soon = max(soon, last + timedelta(seconds=self.dispatcher.settings
-                                              .dispatch_min_gap_seconds))
+        if last is not None:  # a monotonic clock: a step of the wall clock changes nothing
+            wait = max(0.0, last + self.dispatcher.settings.dispatch_min_gap_seconds
+                       - time.monotonic())
+        soon = utcnow() + timedelta(seconds=wait)
         try:
+            planned = self._scheduler.get_job(DISPATCH_JOB).next_run_time
+            if planned is not None and planned < soon:  # the next regular run is sooner
+                return
             self._scheduler.modify_job(DISPATCH_JOB, next_run_time=soon)
         except Exception:  # the scheduler is shutting down
             LOGGER.debug("dispatch_now ignored", exc_info=True)

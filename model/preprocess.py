@@ -12,6 +12,7 @@ none), MONOCHROME1 inverted, scaled to 0..255. PNG/JPEG files take the same
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,9 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DEFER_BYTES = 256 * 1024
 _PIXEL_DATA = 0x7FE00010
 _NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-#: Each decoding thread's buffer for the first frame of a source read from disk.
+#: Each decoding thread's buffer for the first frame of a source read from disk, kept
+#: up to this size (a 4096 x 4096 frame of 16 bits).
+KEPT_FRAME_BYTES = 32 * 2**20
 _FRAME_BUFFERS = threading.local()
 
 
@@ -226,17 +229,23 @@ def _native_frame(ds: Dataset) -> NDArray[Any] | None:
     only, into the calling thread's buffer: the array is valid until the thread's
     next call, and its caller looks it up at once.
     """
-    meta = getattr(ds, "file_meta", None)
     try:
-        if meta is None or meta.get("TransferSyntaxUID") not in _NATIVE:
-            return None
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
-        representation, samples = int(ds.PixelRepresentation), int(ds.SamplesPerPixel)
-        photometric = str(ds.PhotometricInterpretation)
-        frames = int(ds.get("NumberOfFrames", 1))
-    except (AttributeError, KeyError, TypeError, ValueError):
+        return _read_native_frame(ds)
+    except Exception:  # an attribute pydicom cannot convert, a file gone: pydicom decides
         return None
+
+
+def _read_native_frame(ds: Dataset) -> NDArray[Any] | None:
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in _NATIVE:
+        return None
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        return None  # pydicom refuses more than one kind of pixel data
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+    representation, samples = int(ds.PixelRepresentation), int(ds.SamplesPerPixel)
+    photometric = str(ds.PhotometricInterpretation)
+    frames = int(ds.get("NumberOfFrames", 1))
     if (samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2")
             or allocated not in (8, 16) or not 0 < stored <= allocated
             or representation not in (0, 1) or not 0 < rows < 2**16
@@ -247,10 +256,15 @@ def _native_frame(ds: Dataset) -> NDArray[Any] | None:
     element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
     if isinstance(element, RawDataElement) and element.value is None:  # left on disk
         if (element.length == 0xFFFFFFFF or element.length < frames * count * dtype.itemsize
+                # a file read by path (not through a decompressing file object), as it
+                # was when it was read
+                or getattr(ds, "fileobj_type", None) is not open
                 or not isinstance(ds.filename, str)):
             return None
         buffer = _frame_buffer(count * dtype.itemsize)
         with open(ds.filename, "rb", buffering=0) as file:
+            if os.fstat(file.fileno()).st_mtime != getattr(ds, "timestamp", None):
+                return None
             file.seek(element.value_tell)
             if file.readinto(buffer) != len(buffer):
                 return None
@@ -263,7 +277,10 @@ def _native_frame(ds: Dataset) -> NDArray[Any] | None:
 
 
 def _frame_buffer(size: int) -> memoryview:
-    """``size`` bytes of the calling thread's buffer (grown when too small)."""
+    """``size`` bytes of the calling thread's buffer (grown when too small); a frame
+    over :data:`KEPT_FRAME_BYTES` gets a buffer of its own, not kept."""
+    if size > KEPT_FRAME_BYTES:
+        return memoryview(bytearray(size))
     buffer: bytearray | None = getattr(_FRAME_BUFFERS, "buffer", None)
     if buffer is None or len(buffer) < size:
         buffer = _FRAME_BUFFERS.buffer = bytearray(size)

@@ -96,6 +96,9 @@ def test_the_memoized_iod_lookups_answer_as_highdicoms_own(sop_class: str) -> No
                     == lookup.__wrapped__(attribute, sop_class, exclude)  # type: ignore
     for _ in range(2):
         assert pixel_data(sop_class) == pixel_data.__wrapped__(sop_class)  # type: ignore
+    for exclude_text in ("IconImageSequence", "Icon"):  # a string: as highdicom reads it
+        assert lookup("PixelData", sop_class, exclude_text) \
+            == lookup.__wrapped__("PixelData", sop_class, exclude_text)  # type: ignore
     for _ in range(2):  # an unknown SOP class is refused each time, not remembered
         with pytest.raises(KeyError):
             lookup("PixelData", "1.2.3.4")

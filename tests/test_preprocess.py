@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import os
+import threading
+from io import BytesIO
 from pathlib import Path
 
 import cv2
@@ -375,17 +379,32 @@ def _zero_frames(ds: Dataset) -> Dataset:
     return ds
 
 
+def _rows_of_three_bytes(ds: Dataset) -> bytes:
+    """The file with a Rows value of 3 bytes, which pydicom cannot convert."""
+    encoded = BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    rows = b"\x28\x00\x10\x00US\x02\x00\x20\x00"
+    assert encoded.getvalue().count(rows) == 1
+    return encoded.getvalue().replace(rows, b"\x28\x00\x10\x00US\x03\x00\x20\x00\x00")
+
+
 @pytest.mark.parametrize(("spoil", "refused"), [(_short_pixel_data, True),
                                                (_no_photometric, True),
+                                               (_rows_of_three_bytes, True),
                                                (_zero_frames, False)],
-                         ids=["short pixel data", "no photometric", "zero frames"])
+                         ids=["short pixel data", "no photometric", "rows of 3 bytes",
+                              "zero frames"])
 def test_what_the_node_does_not_read_itself_pydicom_decodes_or_refuses(
         spoil: object, refused: bool, tmp_path: Path, defer_small: None) -> None:
     """Anything unusual goes to pydicom, from disk and in memory: it refuses it, or
     (0 frames: one, it warns) decodes it."""
     path = tmp_path / "source.dcm"
     sound = preprocess.dicom_tensor(chest_image(rows=32, columns=32), 16)
-    spoil(chest_image(rows=32, columns=32)).save_as(path)  # type: ignore[operator]
+    spoilt = spoil(chest_image(rows=32, columns=32))  # type: ignore[operator]
+    if isinstance(spoilt, bytes):
+        path.write_bytes(spoilt)
+    else:
+        spoilt.save_as(path)
     for ds in (preprocess.read_source(path, force=True), dcmread(path, force=True)):
         assert preprocess._native_frame(ds) is None
         if refused:
@@ -417,3 +436,50 @@ def test_the_sr_header_of_a_source_leaves_its_pixels_on_disk(
     header = source_header(ds)
     assert "PixelData" not in header and header.PatientID == "SYN-0001"
     assert ds.get_item(0x7FE00010, keep_deferred=True).value is None
+
+
+def test_a_source_rewritten_on_disk_after_it_was_read_is_read_as_pydicom_reads_it(
+        tmp_path: Path, defer_small: None) -> None:
+    """The file changed under a read source (same length, other pixels): pydicom reads
+    it, saying so, as it reads any element it left on disk -- the node does not read it
+    as though nothing had happened."""
+    path = save(chest_image(rows=64, columns=64, seed=1), tmp_path / "source.dcm")
+    ds = preprocess.read_source(path)
+    other = chest_image(rows=64, columns=64, seed=2)
+    other.SOPInstanceUID = ds.SOPInstanceUID
+    save(other, path)
+    os.utime(path, (ds.timestamp + 10, ds.timestamp + 10))
+    assert preprocess._native_frame(ds) is None
+    with pytest.warns(UserWarning, match="modification time"):
+        preprocess.dicom_tensor(ds, 16)
+
+
+def test_a_source_read_through_a_decompressing_file_is_left_to_pydicom(
+        tmp_path: Path, defer_small: None) -> None:
+    noisy = chest_image(rows=64, columns=64, bits_stored=16)
+    # Pixels that do not compress: the .gz file is as long as the range read from it.
+    noisy.PixelData = np.random.default_rng(0).integers(0, 2**16, (64, 64), np.uint16).tobytes()
+    noisy.DataSetTrailingPadding = np.random.default_rng(1).bytes(2048)
+    path = save(noisy, tmp_path / "source.dcm")
+    packed = tmp_path / "source.dcm.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    with gzip.open(packed) as file:
+        ds = dcmread(file, defer_size=preprocess.DEFER_BYTES)
+        assert ds.get_item(0x7FE00010, keep_deferred=True).value is None
+        assert preprocess._native_frame(ds) is None  # its offsets are not the .gz file's
+        np.testing.assert_array_equal(preprocess.dicom_tensor(ds, 16),
+                                      preprocess.dicom_tensor(dcmread(path), 16))
+
+
+def test_only_frames_up_to_a_bound_keep_their_thread_buffer(
+        tmp_path: Path, defer_small: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = preprocess.read_source(save(chest_image(rows=16, columns=16), tmp_path / "s.dcm"))
+    large = preprocess.read_source(save(chest_image(rows=64, columns=64), tmp_path / "l.dcm"))
+    monkeypatch.setattr(preprocess, "KEPT_FRAME_BYTES", 16 * 16 * 2)
+    monkeypatch.setattr(preprocess, "_FRAME_BUFFERS", threading.local())
+    assert preprocess._native_frame(small) is not None
+    kept = preprocess._FRAME_BUFFERS.buffer
+    assert len(kept) == 16 * 16 * 2
+    np.testing.assert_array_equal(preprocess._native_frame(large),
+                                  pixel_array(dcmread(large.filename)))
+    assert preprocess._FRAME_BUFFERS.buffer is kept and len(kept) == 16 * 16 * 2

@@ -31,9 +31,12 @@ def _next_dispatch(scheduler: Scheduler) -> timedelta:
 
 
 def _scheduler(tmp_path: Path, **settings: object) -> Scheduler:
+    """A scheduler (not started) whose next regular dispatch is an hour away."""
     configured = Settings(data_dir=tmp_path, **settings)  # type: ignore[arg-type]
-    return Scheduler(configured, JobStore(configured.database_url),
-                     Spool(configured.storage_dir))
+    scheduler = Scheduler(configured, JobStore(configured.database_url),
+                          Spool(configured.storage_dir))
+    scheduler._scheduler.modify_job(DISPATCH_JOB, next_run_time=utcnow() + timedelta(hours=1))
+    return scheduler
 
 
 def test_new_results_are_dispatched_at_once_when_the_last_dispatch_is_past_the_gap(
@@ -41,7 +44,8 @@ def test_new_results_are_dispatched_at_once_when_the_last_dispatch_is_past_the_g
     scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=5, dispatch_interval_seconds=300)
     scheduler.dispatch_now()  # none yet
     assert _next_dispatch(scheduler) < timedelta(seconds=1)
-    scheduler.dispatcher.last_started = utcnow() - timedelta(seconds=6)
+    scheduler._scheduler.modify_job(DISPATCH_JOB, next_run_time=utcnow() + timedelta(hours=1))
+    scheduler.dispatcher.last_started = time.monotonic() - 6
     scheduler.dispatch_now()
     assert _next_dispatch(scheduler) < timedelta(seconds=1)
     scheduler.store.close()
@@ -55,6 +59,15 @@ def test_new_results_within_the_gap_wait_for_its_end(
     assert scheduler.dispatcher.run_once() == 0  # nothing due; it started now
     scheduler.dispatch_now()
     assert timedelta(seconds=earliest) < _next_dispatch(scheduler) <= timedelta(seconds=latest)
+    scheduler.store.close()
+
+
+def test_a_regular_dispatch_sooner_than_the_gaps_end_is_kept(tmp_path: Path) -> None:
+    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=30, dispatch_interval_seconds=2)
+    scheduler.dispatcher.run_once()
+    scheduler._scheduler.modify_job(DISPATCH_JOB, next_run_time=utcnow() + timedelta(seconds=2))
+    scheduler.dispatch_now()
+    assert _next_dispatch(scheduler) <= timedelta(seconds=2)
     scheduler.store.close()
 
 
@@ -104,20 +117,22 @@ def _classified(store: JobStore, spool: Spool, n: int, destination: str) -> None
 
 def test_results_made_within_the_gap_go_over_one_association(
         tmp_path: Path, storage_scp: tuple[int, list[int]]) -> None:
-    """Three batches' results, 0.15 s apart: the first goes at once, the two others
-    together when the gap has passed, over a second association."""
+    """Three batches' results: the first goes at once; the two made while its
+    dispatch's gap runs go together when it has passed, over a second association."""
     port, associations = storage_scp
-    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=1.0,
+    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=3.0,
                            dispatch_interval_seconds=300)
     store, spool = scheduler.store, scheduler.dispatcher.spool
-    scheduler.start()  # the dispatcher runs once at start: let its gap pass
+    scheduler.start()
     try:
-        time.sleep(1.2)
-        for n in range(3):
+        _classified(store, spool, 0, f"PACS@127.0.0.1:{port}")
+        scheduler.dispatch_now()
+        deadline = time.monotonic() + 20
+        while not associations and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
+        for n in (1, 2):  # within the gap of the dispatch that sent the first
             _classified(store, spool, n, f"PACS@127.0.0.1:{port}")
             scheduler.dispatch_now()
-            time.sleep(0.15)
-        deadline = time.monotonic() + 20
         while (store.delivery_counts().get(DeliveryState.DONE.value) != 3
                and time.monotonic() < deadline):
             threading.Event().wait(0.05)
