@@ -59,6 +59,9 @@ FS_ALLOWED = {
     ("model/engine.py", "Engine._openvino_ir"),
     ("model/engine.py", "to_openvino"),  # a SavedModel in a private temporary directory
     ("model/quantize.py", "quantize"),
+    # read only: the file pydicom read a source from (a spool name, or a path given on the
+    # command line), for the pixel data it left there
+    ("model/preprocess.py", "_read_native_frame"),
 }
 
 
