@@ -323,8 +323,8 @@ class Settings(BaseSettings):
     )
     dispatch_min_gap_seconds: float = Field(
         default=0.5, ge=0, description="New results are sent at once, or, within this long "
-        "of the last dispatch's start, when it has passed: under load the results of "
-        "several batches go over one association."
+        "of the last dispatch's start, when it has passed: while the worker has work, the "
+        "results of several batches go over one association; when it has none, at once."
     )
 
     # --- job queue ---

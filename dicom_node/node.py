@@ -65,7 +65,8 @@ class Node:
             self.spool = Spool(settings.storage_dir, settings.min_free_disk_mb * 2**20)
             self.scheduler = Scheduler(settings, self.store, self.spool)
             self.worker = Worker(settings, self.store, self.spool,
-                                 on_results=self.scheduler.dispatch_now)
+                                 on_results=self.scheduler.dispatch_now,
+                                 on_idle=self.scheduler.dispatch_at_once)
             self.scp = (StorageSCP(settings, self.store, self.spool,
                                    on_queued=self.worker.wake) if receive else None)
             self.status = StatusServer(self._probes()) if settings.metrics_port else None

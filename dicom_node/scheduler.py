@@ -12,6 +12,7 @@ what is due from the database, so nothing due is skipped after a restart.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -248,7 +249,11 @@ class Scheduler:
         self.dispatcher = Dispatcher(settings, store, spool)
         self.store = store
         self._scheduler = BackgroundScheduler(timezone="UTC")
-        self._scheduler.add_job(self.dispatcher.run_once, "interval",
+        # Set while a dispatch runs, and when results are waiting (see dispatch_now).
+        self._dispatching = threading.Event()
+        self._requested = threading.Event()
+        self._at_once = threading.Event()  # ...and the worker has no work left
+        self._scheduler.add_job(self._dispatch, "interval",
                                 seconds=settings.dispatch_interval_seconds, id=DISPATCH_JOB,
                                 max_instances=1, coalesce=True, misfire_grace_time=None,
                                 next_run_time=datetime.now(tz=utcnow().tzinfo))
@@ -268,19 +273,48 @@ class Scheduler:
     def start(self) -> None:
         self._scheduler.start()
 
+    def _dispatch(self) -> None:
+        """The dispatcher's run; results stored while it ran are dispatched after it,
+        as :meth:`dispatch_now` says (APScheduler would skip a run asked for while one
+        runs, and they would wait for the next regular one)."""
+        self._dispatching.set()
+        self._requested.clear()  # what was stored until now, this run claims
+        self._at_once.clear()
+        try:
+            self.dispatcher.run_once()
+        finally:
+            self._dispatching.clear()
+            if self._requested.is_set():
+                self._schedule(at_once=self._at_once.is_set())
+
     def dispatch_now(self) -> None:
         """Run the dispatcher soon: new SRs are waiting.
 
         At once, unless the last dispatch started less than ``dispatch_min_gap_seconds``
         ago: then when that gap has passed, or at the next regular run if that is
-        sooner. Each dispatch opens an association per destination, and its setup
-        costs about as much CPU as sending five SRs (pynetdicom); under load, the
-        results of the batches made meanwhile go together. (One dispatch runs at a
-        time: results due while one still runs wait for the next regular run.)
+        sooner; if a dispatch is running, after it on the same terms. Each dispatch
+        opens an association per destination, and its setup costs about as much CPU
+        as sending five SRs (pynetdicom); while the worker has work, the results of
+        the batches made meanwhile go together. When it has none left,
+        :meth:`dispatch_at_once` sends what waits.
         """
+        self._schedule(at_once=False)
+
+    def dispatch_at_once(self) -> None:
+        """Run the dispatcher at once (after the running one, if any), whatever the
+        gap: the worker has no work left, so no more results are coming to share an
+        association with the last ones."""
+        self._schedule(at_once=True)
+
+    def _schedule(self, at_once: bool) -> None:
+        if at_once:
+            self._at_once.set()
+        self._requested.set()
+        if self._dispatching.is_set():
+            return  # the running dispatch schedules the next when it ends
         wait = 0.0
         last = self.dispatcher.last_started
-        if last is not None:  # a monotonic clock: a step of the wall clock changes nothing
+        if last is not None and not at_once:  # a monotonic clock: wall-clock steps do not count
             wait = max(0.0, last + self.dispatcher.settings.dispatch_min_gap_seconds
                        - time.monotonic())
         soon = utcnow() + timedelta(seconds=wait)

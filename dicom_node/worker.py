@@ -78,7 +78,10 @@ class Worker(threading.Thread):
     """Runs batches until stopped; one per process is enough (batching uses the cores)."""
 
     def __init__(self, settings: Settings, store: JobStore, spool: Spool,
-                 on_results: Callable[[], None] | None = None) -> None:
+                 on_results: Callable[[], None] | None = None,
+                 on_idle: Callable[[], None] | None = None) -> None:
+        """``on_results`` is called when a batch's results are stored, ``on_idle`` when
+        the worker runs out of work and every result it made is stored."""
         super().__init__(name="inference-worker", daemon=True)
         self.owner = new_worker_id()
         self._store = store
@@ -89,6 +92,8 @@ class Worker(threading.Thread):
         self.batches = BatchLoader(settings, store, spool, self.owner, self._stop_event)
         self.results = ResultWriter(settings, store, spool, self.owner)
         self._on_results = on_results
+        self._on_idle = on_idle
+        self._busy = False  # a batch ran since the loop last went idle
         # The next batch is claimed and decoded while the current one is in the network.
         self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feeder")
         self._next: Future[Batch] | None = None
@@ -152,9 +157,14 @@ class Worker(threading.Thread):
             except Exception:
                 LOGGER.exception("worker step failed; retrying shortly")
                 done = 0
-            if not done:
+            if done:
+                self._busy = True
+            else:
                 self._settle_all()
                 self._drain()
+                if self._busy and self._on_idle is not None:
+                    self._busy = False
+                    self._on_idle()
                 self.idle_passes += 1
                 # Woken by the receive path; the poll finds jobs queued by anyone
                 # else (`jobs retry`, lease expiry, another node on the database).

@@ -71,6 +71,39 @@ def test_a_regular_dispatch_sooner_than_the_gaps_end_is_kept(tmp_path: Path) -> 
     scheduler.store.close()
 
 
+def test_dispatch_at_once_ignores_the_gap(tmp_path: Path) -> None:
+    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=30, dispatch_interval_seconds=300)
+    scheduler.dispatcher.run_once()
+    scheduler.dispatch_at_once()
+    assert _next_dispatch(scheduler) < timedelta(seconds=1)
+    scheduler.store.close()
+
+
+@pytest.mark.parametrize(("asked", "earliest", "latest"), [
+    (None, 3000, 3600), ("dispatch_now", 25, 30), ("dispatch_at_once", -1, 1)])
+def test_results_stored_during_a_dispatch_are_dispatched_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: str | None, earliest: float,
+        latest: float) -> None:
+    """A run asked for while one runs is not lost (APScheduler would skip it, and the
+    results would wait for the next regular run): the dispatch schedules it as it ends,
+    on the terms it was asked on."""
+    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=30, dispatch_interval_seconds=300)
+    run_once = scheduler.dispatcher.run_once
+
+    def storing_meanwhile() -> int:
+        attempted = run_once()
+        if asked is not None:
+            getattr(scheduler, asked)()
+            # Nothing is scheduled while the dispatch runs.
+            assert _next_dispatch(scheduler) > timedelta(seconds=3000)
+        return attempted
+
+    monkeypatch.setattr(scheduler.dispatcher, "run_once", storing_meanwhile)
+    scheduler._dispatch()
+    assert timedelta(seconds=earliest) < _next_dispatch(scheduler) <= timedelta(seconds=latest)
+    scheduler.store.close()
+
+
 @pytest.fixture
 def storage_scp() -> Iterator[tuple[int, list[int]]]:
     """A Storage SCP on loopback; the number of C-STOREs of each association it took."""

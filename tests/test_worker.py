@@ -249,6 +249,25 @@ def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
         running.stop()
 
 
+def test_the_last_results_go_at_once_when_the_worker_runs_out_of_work(
+        tmp_path: Path, pacs: FakePACS, small_artifact: Path) -> None:
+    """Results wait for the dispatch gap only while more are coming: once the queue is
+    empty the worker has them sent, a minute's gap and a regular dispatch every five
+    minutes notwithstanding."""
+    settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
+                        allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
+                        destinations=[sr_only(pacs)], batch_size=1, max_batch_delay_ms=0,
+                        dispatch_interval_seconds=300, dispatch_min_gap_seconds=60)
+    running = Node(settings)
+    running.start()  # its first dispatch (nothing due) starts the gap now
+    try:
+        assert store(running, [chest_image(seed=i) for i in range(3)]) == [0] * 3
+        card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
+        wait_until(lambda: len(pacs.received) == 3, timeout=40)
+    finally:
+        running.stop()
+
+
 def _run_queue(settings: Settings, artifact: Path, count: int, workers: int
                ) -> tuple[list[Any], list[Worker], list[int]]:
     """Queue ``count`` chest images (a node with no model receives them), then run
