@@ -425,13 +425,27 @@ class JobStore:
     def record_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
         """Record the attempts of one association, in one transaction."""
         now = utcnow()
+        # The session holds no Delivery: nothing of it to bring up to date.
+        unsynchronized = {"synchronize_session": False}
+        # The deliveries done, one statement per status (most are all 0x0000).
+        done: dict[int | None, list[int]] = {}
+        for outcome in outcomes:
+            if outcome.state is DeliveryState.DONE:
+                done.setdefault(outcome.status, []).append(outcome.delivery_id)
         with self._sessions.begin() as session:
+            for status, ids in done.items():
+                session.execute(update(Delivery).where(Delivery.id.in_(ids))
+                                .values(last_status=status, updated_at=now,
+                                        attempts=Delivery.attempts + 1,
+                                        state=DeliveryState.DONE, delivered_at=now,
+                                        last_error=None)
+                                .execution_options(**unsynchronized))
             for outcome in outcomes:
                 values: dict[str, Any] = {"last_status": outcome.status, "updated_at": now,
                                           "attempts": Delivery.attempts + 1}
                 if outcome.state is DeliveryState.DONE:
-                    values.update(state=DeliveryState.DONE, delivered_at=now, last_error=None)
-                elif outcome.state is DeliveryState.DEAD:
+                    continue
+                if outcome.state is DeliveryState.DEAD:
                     values.update(state=DeliveryState.DEAD, last_error=(outcome.error or "")[:2000])
                 else:
                     if outcome.retry_at is None:
@@ -439,7 +453,7 @@ class JobStore:
                     values.update(next_attempt_at=outcome.retry_at,
                                   last_error=(outcome.error or "")[:2000])
                 session.execute(update(Delivery).where(Delivery.id == outcome.delivery_id)
-                                .values(**values))
+                                .values(**values).execution_options(**unsynchronized))
 
     def retry_dead_deliveries(self, job_id: int) -> int:
         """Requeue the dead deliveries of a job and of its study's results

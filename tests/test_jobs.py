@@ -147,28 +147,37 @@ def test_a_batch_is_stored_in_one_commit_except_jobs_whose_lease_was_lost(
 
 
 def test_delivery_outcomes_of_an_association_are_recorded_together(store: JobStore) -> None:
-    fill(store, 3)
-    jobs = store.claim("w1", limit=3, lease_seconds=60)
+    fill(store, 5)
+    jobs = store.claim("w1", limit=5, lease_seconds=60)
     assert store.complete_batch("w1", [
         JobResult(j.id, "normal", {"normal": 1.0}, "v1", routes=[Route("dicom", "P@h:1")])
-        for j in jobs]) == [True] * 3
+        for j in jobs]) == [True] * 5
     due = store.claim_due_deliveries(10, hold_seconds=60)
-    assert len(due) == 3
+    assert len(due) == 5
     retry_at = utcnow() + timedelta(seconds=30)
-    (d1, _), (d2, _), (d3, _) = due
+    (d1, _), (d2, _), (d3, _), (d4, _), (d5, _) = due
     store.record_outcomes([
         DeliveryOutcome(d1.id, DeliveryState.DONE, 0x0000),
         DeliveryOutcome(d2.id, DeliveryState.PENDING, 0xA700, "out of resources", retry_at),
         DeliveryOutcome(d3.id, DeliveryState.DEAD, 0xC000, "cannot understand"),
+        DeliveryOutcome(d4.id, DeliveryState.DONE, 0xB000),  # stored with a warning
+        DeliveryOutcome(d5.id, DeliveryState.DONE, 0x0000),
     ])
-    (done,), (retrying,), (dead,) = store.deliveries([j.id for j in jobs]).values()
-    assert done.state is DeliveryState.DONE and done.delivered_at and done.attempts == 1
-    assert done.last_status == 0 and done.last_error is None
+    (done,), (retrying,), (dead,), (warned,), (done_too,) = store.deliveries(
+        [j.id for j in jobs]).values()
+    for stored, status in ((done, 0), (warned, 0xB000), (done_too, 0)):
+        assert stored.state is DeliveryState.DONE and stored.delivered_at
+        assert stored.attempts == 1 and stored.last_status == status
+        assert stored.last_error is None
     assert retrying.state is DeliveryState.PENDING and retrying.attempts == 1
     assert retrying.last_status == 0xA700 and retrying.last_error == "out of resources"
     assert retrying.next_attempt_at.replace(tzinfo=None) == retry_at.replace(tzinfo=None)
     assert dead.state is DeliveryState.DEAD and dead.last_error == "cannot understand"
-    assert store.delivery_counts() == {"done": 1, "pending": 1, "dead": 1}
+    assert store.delivery_counts() == {"done": 3, "pending": 1, "dead": 1}
+    store.record_outcomes([DeliveryOutcome(d2.id, DeliveryState.DONE, 0x0000)])
+    (retried,) = store.deliveries([jobs[1].id])[jobs[1].id]
+    assert retried.state is DeliveryState.DONE and retried.attempts == 2
+    assert retried.last_error is None and retried.last_status == 0
     with pytest.raises(ValueError, match="retry time"):
         store.record_outcomes([DeliveryOutcome(d2.id, DeliveryState.PENDING, None, "x")])
 
