@@ -253,6 +253,10 @@ class Scheduler:
         self._dispatching = threading.Event()
         self._requested = threading.Event()
         self._at_once = threading.Event()  # ...and the worker has no work left
+        # APScheduler's shutdown holds its job store's lock while it waits for the running
+        # dispatch, which may be scheduling the next: once stopping, nothing is scheduled.
+        self._schedule_lock = threading.Lock()
+        self._stopping = False
         self._scheduler.add_job(self._dispatch, "interval",
                                 seconds=settings.dispatch_interval_seconds, id=DISPATCH_JOB,
                                 max_instances=1, coalesce=True, misfire_grace_time=None,
@@ -318,17 +322,22 @@ class Scheduler:
             wait = max(0.0, last + self.dispatcher.settings.dispatch_min_gap_seconds
                        - time.monotonic())
         soon = utcnow() + timedelta(seconds=wait)
-        try:
-            planned = self._scheduler.get_job(DISPATCH_JOB).next_run_time
-            if planned is not None and planned < soon:  # the next regular run is sooner
+        with self._schedule_lock:
+            if self._stopping:
                 return
-            self._scheduler.modify_job(DISPATCH_JOB, next_run_time=soon)
-        except Exception:  # the scheduler is shutting down
-            LOGGER.debug("dispatch_now ignored", exc_info=True)
+            try:
+                planned = self._scheduler.get_job(DISPATCH_JOB).next_run_time
+                if planned is not None and planned < soon:  # the next regular run is sooner
+                    return
+                self._scheduler.modify_job(DISPATCH_JOB, next_run_time=soon)
+            except Exception:  # the scheduler is not running
+                LOGGER.debug("dispatch_now ignored", exc_info=True)
 
     def running(self) -> bool:
         """Whether the scheduler's thread is running its jobs."""
         return bool(self._scheduler.running)
 
     def stop(self) -> None:
+        with self._schedule_lock:
+            self._stopping = True
         self._scheduler.shutdown(wait=True)

@@ -104,6 +104,35 @@ def test_results_stored_during_a_dispatch_are_dispatched_after_it(
     scheduler.store.close()
 
 
+def test_stopping_while_a_dispatch_runs_and_results_wait_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results stored during the last dispatch, then the node stops: the dispatch ends
+    without scheduling another, and the scheduler stops (APScheduler's shutdown holds
+    its job store's lock while it waits for the running dispatch)."""
+    scheduler = _scheduler(tmp_path, dispatch_min_gap_seconds=0.5,
+                           dispatch_interval_seconds=300)
+    running, release = threading.Event(), threading.Event()
+    run_once = scheduler.dispatcher.run_once
+
+    def slow() -> int:
+        running.set()
+        release.wait(20)
+        return run_once()
+
+    monkeypatch.setattr(scheduler.dispatcher, "run_once", slow)
+    scheduler.start()
+    scheduler.dispatch_now()
+    assert running.wait(10)
+    scheduler.dispatch_now()  # results stored while it runs
+    stopping = threading.Thread(target=scheduler.stop, daemon=True)
+    stopping.start()
+    time.sleep(0.3)  # the shutdown is waiting for the dispatch
+    release.set()
+    stopping.join(20)
+    assert not stopping.is_alive()
+    scheduler.store.close()
+
+
 @pytest.fixture
 def storage_scp() -> Iterator[tuple[int, list[int]]]:
     """A Storage SCP on loopback; the number of C-STOREs of each association it took."""
