@@ -441,10 +441,10 @@ class JobStore:
                                         last_error=None)
                                 .execution_options(**unsynchronized))
             for outcome in outcomes:
+                if outcome.state is DeliveryState.DONE:
+                    continue  # above
                 values: dict[str, Any] = {"last_status": outcome.status, "updated_at": now,
                                           "attempts": Delivery.attempts + 1}
-                if outcome.state is DeliveryState.DONE:
-                    continue
                 if outcome.state is DeliveryState.DEAD:
                     values.update(state=DeliveryState.DEAD, last_error=(outcome.error or "")[:2000])
                 else:
