@@ -22,12 +22,12 @@ one referenced); when it closes, the old version is marked superseded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.db import (
@@ -45,6 +45,14 @@ if TYPE_CHECKING:
     from dicom_node.jobs import JobStore
 
 LOGGER = logging.getLogger(__name__)
+
+#: Study Instance UIDs asked about in one query (SQLite takes 32,766 parameters).
+_UIDS_PER_QUERY = 500
+
+
+def _chunks(uids: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(uids), _UIDS_PER_QUERY):
+        yield uids[start:start + _UIDS_PER_QUERY]
 
 
 def touch(session: Session, study_instance_uid: str, now: datetime, quiet_seconds: float
@@ -175,12 +183,18 @@ class StudyBook:
             due = session.scalars(select(StudyResult).where(
                 StudyResult.state == StudyState.OPEN, StudyResult.closes_at <= now)
                 .order_by(StudyResult.closes_at).with_for_update(skip_locked=True)).all()
+            # Two queries for all the due studies, not two a study: their images still in
+            # the queue, and their images classified or failed.
+            uids = [study.study_instance_uid for study in due]
+            waiting = self._waiting(session, uids)
+            finished = self._finished(session, [uid for uid in uids if uid not in waiting])
             for study in due:
-                if self._waiting(session, study.study_instance_uid):
+                if study.study_instance_uid in waiting:
                     continue  # closes once the network has seen every image
                 try:
                     with session.begin_nested():  # one study's failure is its own
-                        jobs = self._close(session, study, now)
+                        jobs = finished.get(study.study_instance_uid, [])
+                        self._close(session, study, jobs, now)
                         if self.on_close is not None:
                             self.on_close(session, study, jobs)
                 except Exception as exc:
@@ -200,17 +214,31 @@ class StudyBook:
         return closed
 
     @staticmethod
-    def _waiting(session: Session, study_instance_uid: str) -> bool:
-        waiting = session.scalar(select(func.count()).select_from(Job).where(
-            Job.study_instance_uid == study_instance_uid, Job.view.is_not(None),
-            Job.state.in_([JobState.QUEUED, JobState.RUNNING])))
-        return bool(waiting)
+    def _waiting(session: Session, study_instance_uids: list[str]) -> set[str]:
+        """Those of ``study_instance_uids`` with an image still queued or running."""
+        waiting: set[str] = set()
+        for uids in _chunks(study_instance_uids):
+            waiting.update(session.scalars(
+                select(Job.study_instance_uid).distinct().where(
+                    Job.study_instance_uid.in_(uids), Job.view.is_not(None),
+                    Job.state.in_([JobState.QUEUED, JobState.RUNNING]))))
+        return waiting
 
     @staticmethod
-    def _close(session: Session, study: StudyResult, now: datetime) -> list[Job]:
-        jobs = list(session.scalars(select(Job).where(
-            Job.study_instance_uid == study.study_instance_uid, Job.view.is_not(None),
-            Job.state.in_([JobState.DONE, JobState.FAILED])).order_by(Job.id)))
+    def _finished(session: Session, study_instance_uids: list[str]) -> dict[str, list[Job]]:
+        """The images of each of ``study_instance_uids`` that were classified or failed,
+        in the order they were received."""
+        found: dict[str, list[Job]] = {}
+        for uids in _chunks(study_instance_uids):
+            for job in session.scalars(select(Job).where(
+                    Job.study_instance_uid.in_(uids), Job.view.is_not(None),
+                    Job.state.in_([JobState.DONE, JobState.FAILED])).order_by(Job.id)):
+                found.setdefault(job.study_instance_uid, []).append(job)
+        return found
+
+    @staticmethod
+    def _close(session: Session, study: StudyResult, jobs: list[Job], now: datetime) -> None:
+        """Close ``study`` with the answer of ``jobs``, its classified and failed images."""
         answer = form(jobs)
         for job in jobs:
             job.study_note = answer.left_out.get(job.id)
@@ -230,7 +258,6 @@ class StudyBook:
                     Delivery.state == DeliveryState.PENDING).values(
                     state=DeliveryState.DEAD, updated_at=now,
                     last_error=f"superseded by version {study.version}"))
-        return jobs
 
     def list(self, limit: int = 100, study_instance_uid: str | None = None
              ) -> list[StudyResult]:
