@@ -124,12 +124,18 @@ class TimingPACS:
         one was, by source SOP Instance UID."""
         deadline = time.monotonic() + timeout
         made: dict[str, tuple[str, ...]] = {}
+        # storescp names a file <modality>.<SOP Instance UID>
+        stored: dict[str, str] = {}
+        # When each file was stored is its modification time, so how often this looks
+        # changes none of the figures; it only takes CPU from the node it measures
+        # (on 2 cores, looking every 20 ms through a folder of 1,500 files took 3 %).
         while True:
             if len(made) < len(uids):
                 made.update(node.result_uids(uids))
-            # storescp names a file <modality>.<SOP Instance UID>
-            stored = {name.split(".", 1)[1]: name for name in os.listdir(self.folder)
-                      if "." in name}
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    if "." in entry.name:
+                        stored.setdefault(entry.name.split(".", 1)[1], entry.name)
             if len(made) == len(uids) and all(u in stored for us in made.values() for u in us):
                 time.sleep(0.05)  # the last file's write is complete
                 return {source: max(os.stat(self.folder / stored[u]).st_mtime for u in us)
@@ -137,7 +143,7 @@ class TimingPACS:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{sum(all(u in stored for u in us) for us in made.values())}"
                                    f"/{len(uids)} images' results stored")
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self.proc.terminate()
