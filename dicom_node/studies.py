@@ -185,7 +185,7 @@ class StudyBook:
                 .order_by(StudyResult.closes_at).with_for_update(skip_locked=True)).all()
             # Two queries for all the due studies, not two a study: their images still in
             # the queue, and their images classified or failed.
-            uids = [study.study_instance_uid for study in due]
+            uids = list(dict.fromkeys(study.study_instance_uid for study in due))
             waiting = self._waiting(session, uids)
             finished = self._finished(session, [uid for uid in uids if uid not in waiting])
             for study in due:
