@@ -22,7 +22,7 @@ one referenced); when it closes, the old version is marked superseded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from dicom_node.db import (
     JobState,
     StudyResult,
     StudyState,
+    chunks,
     utcnow,
 )
 from model.card import UNVALIDATED_WARNING
@@ -46,13 +47,8 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-#: Study Instance UIDs asked about in one query (SQLite takes 32,766 parameters).
+#: Study Instance UIDs asked about in one query.
 _UIDS_PER_QUERY = 500
-
-
-def _chunks(uids: list[str]) -> Iterator[list[str]]:
-    for start in range(0, len(uids), _UIDS_PER_QUERY):
-        yield uids[start:start + _UIDS_PER_QUERY]
 
 
 def touch(session: Session, study_instance_uid: str, now: datetime, quiet_seconds: float
@@ -217,7 +213,7 @@ class StudyBook:
     def _waiting(session: Session, study_instance_uids: list[str]) -> set[str]:
         """Those of ``study_instance_uids`` with an image still queued or running."""
         waiting: set[str] = set()
-        for uids in _chunks(study_instance_uids):
+        for uids in chunks(study_instance_uids, _UIDS_PER_QUERY):
             waiting.update(session.scalars(
                 select(Job.study_instance_uid).distinct().where(
                     Job.study_instance_uid.in_(uids), Job.view.is_not(None),
@@ -229,7 +225,7 @@ class StudyBook:
         """The images of each of ``study_instance_uids`` that were classified or failed,
         in the order they were received."""
         found: dict[str, list[Job]] = {}
-        for uids in _chunks(study_instance_uids):
+        for uids in chunks(study_instance_uids, _UIDS_PER_QUERY):
             for job in session.scalars(select(Job).where(
                     Job.study_instance_uid.in_(uids), Job.view.is_not(None),
                     Job.state.in_([JobState.DONE, JobState.FAILED])).order_by(Job.id)):
