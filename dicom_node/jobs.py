@@ -425,13 +425,16 @@ class JobStore:
     def record_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
         """Record the attempts of one association, in one transaction."""
         now = utcnow()
-        # The session holds no Delivery: nothing of it to bring up to date.
-        unsynchronized = {"synchronize_session": False}
         # The deliveries done, one statement per status (most are all 0x0000).
         done: dict[int | None, list[int]] = {}
+        others = []
         for outcome in outcomes:
             if outcome.state is DeliveryState.DONE:
                 done.setdefault(outcome.status, []).append(outcome.delivery_id)
+            else:
+                others.append(outcome)
+        # The session holds no Delivery: nothing of it to bring up to date
+        # (synchronize_session=False).
         with self._sessions.begin() as session:
             for status, ids in done.items():
                 session.execute(update(Delivery).where(Delivery.id.in_(ids))
@@ -439,10 +442,8 @@ class JobStore:
                                         attempts=Delivery.attempts + 1,
                                         state=DeliveryState.DONE, delivered_at=now,
                                         last_error=None)
-                                .execution_options(**unsynchronized))
-            for outcome in outcomes:
-                if outcome.state is DeliveryState.DONE:
-                    continue  # above
+                                .execution_options(synchronize_session=False))
+            for outcome in others:
                 values: dict[str, Any] = {"last_status": outcome.status, "updated_at": now,
                                           "attempts": Delivery.attempts + 1}
                 if outcome.state is DeliveryState.DEAD:
@@ -453,7 +454,7 @@ class JobStore:
                     values.update(next_attempt_at=outcome.retry_at,
                                   last_error=(outcome.error or "")[:2000])
                 session.execute(update(Delivery).where(Delivery.id == outcome.delivery_id)
-                                .values(**values).execution_options(**unsynchronized))
+                                .values(**values).execution_options(synchronize_session=False))
 
     def retry_dead_deliveries(self, job_id: int) -> int:
         """Requeue the dead deliveries of a job and of its study's results
