@@ -150,7 +150,7 @@ class TimingPACS:
         self.proc.wait(timeout=30)
 
 
-def chest(size: int, seed: int) -> Dataset:
+def chest(size: int, seed: int, window: bool = True) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = DX, generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
@@ -159,7 +159,8 @@ def chest(size: int, seed: int) -> Dataset:
     ds.Rows = ds.Columns = size
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    if window:
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
     rng = np.random.default_rng(seed)
     ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
     ds.file_meta = FileMetaDataset()
@@ -169,12 +170,14 @@ def chest(size: int, seed: int) -> Dataset:
     return ds
 
 
-def chest_files(folder: Path, size: int, seeds: range) -> list[tuple[str, Path]]:
-    """(SOP Instance UID, file) of one synthetic chest DX per seed, written to ``folder``."""
+def chest_files(folder: Path, size: int, seeds: range, window: bool = True
+                ) -> list[tuple[str, Path]]:
+    """(SOP Instance UID, file) of one synthetic chest DX per seed, written to ``folder``;
+    ``window``: with a Window Center and Width (else shown stretched over its values)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for seed in seeds:
-        ds = chest(size, seed)
+        ds = chest(size, seed, window)
         path = folder / f"{seed}.dcm"
         ds.save_as(path, enforce_file_format=True)
         out.append((str(ds.SOPInstanceUID), path))
@@ -502,6 +505,12 @@ def run(work: Path) -> None:
     floor_bound = min(1.0, engine_cpu / (engine_cpu + floor))
     print(f"  reading and preprocessing alone: {floor * 1000:.1f} ms CPU an image; with "
           f"everything else free the ratio could not pass {floor_bound:.2f}", flush=True)
+    # Sources without a window are stretched over their values: that range must not cost
+    # a pass over every pixel's bit pattern (docs/performance.md).
+    unwindowed = floor_cpu_per_image(
+        chest_files(work / "no-window", args.image_size, range(4000, 4016), window=False),
+        engine.input_size)
+    print(f"  the same for images without a window: {unwindowed * 1000:.1f} ms", flush=True)
     print(f"  bare engine at the node's batch size ({node_batch}): {before:.2f} img/s "
           f"before, {after:.2f} after", flush=True)
     rates = {}
@@ -530,7 +539,7 @@ def run(work: Path) -> None:
           f"no_evidence_node_cpu_s_per_img={node_cpu:.3f} "
           f"no_evidence_cpu_bound={min(1.0, engine_cpu / node_cpu):.3f} "
           f"engine_cpu_ms_per_img={engine_cpu * 1000:.1f} floor_cpu_ms_per_img={floor * 1000:.1f} "
-          f"floor_bound={floor_bound:.3f} "
+          f"floor_bound={floor_bound:.3f} no_window_floor_cpu_ms_per_img={unwindowed * 1000:.1f} "
           + " ".join(f"{k}_ms={v * 1000:.1f}" for k, v in stages.items()))
 
 

@@ -213,10 +213,34 @@ def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | Non
     stored = pixels.view(np.dtype(f"u{pixels.itemsize}"))
     stretch = None
     if not _has_voi(ds) and not _already_8bit(ds):
-        present = np.bincount(low_bits.take(stored.ravel()), minlength=2**bits_stored) > 0
-        modality = np.asarray(apply_modality_lut(values[present], ds), dtype=np.float64)
-        stretch = float(np.min(modality)), float(np.max(modality))
+        stretch = _modality_range(pixels, ds, bits_stored, values, low_bits)
     return stored, _display_gray8(values, ds, stretch).take(low_bits)
+
+
+def _modality_range(pixels: NDArray[Any], ds: Dataset, bits_stored: int,
+                    values: NDArray[Any], low_bits: NDArray[np.uint32]) -> tuple[float, float]:
+    """The least and greatest Modality LUT output over the image's stored values: the
+    range a source without a window is stretched over.
+
+    A rescale (or none) is monotonic, so its extremes are those of the least and
+    greatest stored value; where no unused high bit is set (nor sign extension
+    broken) those are the pixels' own, two passes over the frame. Otherwise (a
+    Modality LUT Sequence, junk in the unused bits) every bit pattern present is
+    counted and its value mapped: for a 2048 x 2048 frame about 25 ms instead of 0.3.
+    """
+    if not ds.get("ModalityLUTSequence"):
+        low, high = pixels.min(), pixels.max()
+        signed = pixels.dtype.kind == "i"
+        first = -(2 ** (bits_stored - 1)) if signed else 0
+        last = 2 ** (bits_stored - 1) - 1 if signed else 2**bits_stored - 1
+        if first <= low and high <= last:  # every pixel is its stored value
+            ends = np.asarray(apply_modality_lut(np.array([low, high], dtype=pixels.dtype), ds),
+                              dtype=np.float64)
+            return float(np.min(ends)), float(np.max(ends))
+    stored = pixels.view(np.dtype(f"u{pixels.itemsize}"))
+    present = np.bincount(low_bits.take(stored.ravel()), minlength=2**bits_stored) > 0
+    modality = np.asarray(apply_modality_lut(values[present], ds), dtype=np.float64)
+    return float(np.min(modality)), float(np.max(modality))
 
 
 def _native_frame(ds: Dataset) -> NDArray[Any] | None:

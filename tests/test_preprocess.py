@@ -167,6 +167,49 @@ def _rescaled_window() -> Dataset:
     return ds
 
 
+def _signed_without_window() -> Dataset:
+    """12 bits stored in 16, signed and properly sign-extended, a rescale, no window."""
+    ds = _drop_window(ct_head(seed=9))
+    ds.PixelRepresentation = 1
+    stored = np.random.default_rng(9).integers(-2048, 2048, (128, 128)).astype(np.int16)
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def _signed_16_bits_without_window() -> Dataset:
+    ds = _signed_without_window()
+    ds.BitsStored, ds.HighBit = 16, 15
+    stored = np.random.default_rng(10).integers(-32768, 32768, (128, 128)).astype(np.int16)
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def _unsigned_junk_high_bits_without_window() -> Dataset:
+    ds = chest_image(rows=50, columns=41, window=None, seed=11)
+    pixels = np.frombuffer(ds.PixelData, np.uint16)
+    junk = np.random.default_rng(11).integers(0, 16, pixels.shape).astype(np.uint16) << 12
+    ds.PixelData = ((pixels & 0x0FFF) | junk).tobytes()
+    return ds
+
+
+def _negative_slope_without_window() -> Dataset:
+    ds = chest_image(rows=50, columns=41, window=None, seed=12)
+    ds.RescaleSlope, ds.RescaleIntercept = -0.5, 300
+    return ds
+
+
+def _modality_lut_without_window() -> Dataset:
+    """A Modality LUT that is not monotonic: its extremes are not the stored extremes'."""
+    ds = chest_image(rows=50, columns=41, window=None, seed=13)
+    del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.LUTData = (np.abs(np.sin(np.arange(4096) / 300)) * 60000).astype(np.uint16).tolist()
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = Sequence([item])
+    return ds
+
+
 _CASES = {
     "window": lambda: dx_16bit(rows=50, columns=41),
     "window, rescale intercept": _rescaled_window,
@@ -175,6 +218,11 @@ _CASES = {
     "8 bit": lambda: chest_image(rows=50, columns=41, bits_stored=8, window=None),
     "signed, junk high bits": _signed_ct_with_garbage_high_bits,
     "signed, no window": lambda: _drop_window(_signed_ct_with_garbage_high_bits()),
+    "signed, sign-extended, no window": _signed_without_window,
+    "signed, 16 bits, no window": _signed_16_bits_without_window,
+    "unsigned, junk high bits, no window": _unsigned_junk_high_bits_without_window,
+    "negative rescale slope, no window": _negative_slope_without_window,
+    "modality LUT sequence, no window": _modality_lut_without_window,
     "VOI LUT sequence": _voi_lut_sequence,
     "VOI LUT and window": _voi_lut_and_window,
     "sigmoid window": _sigmoid_window,
@@ -332,8 +380,9 @@ def _read_from_disk_variants() -> dict[str, Dataset]:
     implicit = chest_image(rows=40, columns=33, transfer_syntax=ImplicitVRLittleEndian)
     cases = {case: make() for case, make in _CASES.items()}
     for ds in cases.values():
-        if "VOILUTSequence" in ds:  # a list of values is written as US, not OW
-            ds.VOILUTSequence[0]["LUTData"].VR = "US"
+        for lut in ("VOILUTSequence", "ModalityLUTSequence"):
+            if lut in ds:  # a list of values is written as US, not OW
+                ds[lut].value[0]["LUTData"].VR = "US"
     return {**cases, "three frames": three_frames, "8 bit, odd length": odd_8bit,
             "signed": signed, "implicit VR": implicit}
 
