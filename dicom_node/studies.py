@@ -37,7 +37,6 @@ from dicom_node.db import (
     JobState,
     StudyResult,
     StudyState,
-    chunks,
     utcnow,
 )
 from model.card import UNVALIDATED_WARNING
@@ -47,8 +46,8 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-#: Study Instance UIDs asked about in one query.
-_UIDS_PER_QUERY = 500
+#: The most study results one run of :meth:`StudyBook.close_due` closes.
+STUDIES_PER_RUN = 500
 
 
 def touch(session: Session, study_instance_uid: str, now: datetime, quiet_seconds: float
@@ -171,22 +170,28 @@ class StudyBook:
         self.on_close = on_close
 
     def close_due(self, now: datetime | None = None) -> list[StudyResult]:
-        """Close every open result whose quiet period ended and whose images are all
-        classified (or failed); return the results closed."""
+        """Close the open results whose quiet period ended and whose images are all
+        classified (or failed), the longest due first, at most :data:`STUDIES_PER_RUN`;
+        return the results closed."""
         now = now or utcnow()
         closed: list[StudyResult] = []
+        # An image of the study still in the queue: it closes once the network has seen
+        # every image.
+        waiting = select(Job.id).where(
+            Job.study_instance_uid == StudyResult.study_instance_uid, Job.view.is_not(None),
+            Job.state.in_([JobState.QUEUED, JobState.RUNNING])).exists()
         with self.store.sessions.begin() as session:
+            # At most STUDIES_PER_RUN a run (after an outage thousands may be due; the
+            # next run, a second later, takes the next ones), and only those that can
+            # close, so that studies still waiting never hold back those behind them.
             due = session.scalars(select(StudyResult).where(
-                StudyResult.state == StudyState.OPEN, StudyResult.closes_at <= now)
-                .order_by(StudyResult.closes_at).with_for_update(skip_locked=True)).all()
-            # Two queries for all the due studies, not two a study: their images still in
-            # the queue, and their images classified or failed.
-            uids = list(dict.fromkeys(study.study_instance_uid for study in due))
-            waiting = self._waiting(session, uids)
-            finished = self._finished(session, [uid for uid in uids if uid not in waiting])
+                StudyResult.state == StudyState.OPEN, StudyResult.closes_at <= now,
+                ~waiting).order_by(StudyResult.closes_at).limit(STUDIES_PER_RUN)
+                .with_for_update(skip_locked=True)).all()
+            # One query for all of them, not one a study: their images classified or failed.
+            finished = self._finished(
+                session, list(dict.fromkeys(study.study_instance_uid for study in due)))
             for study in due:
-                if study.study_instance_uid in waiting:
-                    continue  # closes once the network has seen every image
                 try:
                     with session.begin_nested():  # one study's failure is its own
                         jobs = finished.get(study.study_instance_uid, [])
@@ -210,26 +215,14 @@ class StudyBook:
         return closed
 
     @staticmethod
-    def _waiting(session: Session, study_instance_uids: list[str]) -> set[str]:
-        """Those of ``study_instance_uids`` with an image still queued or running."""
-        waiting: set[str] = set()
-        for uids in chunks(study_instance_uids, _UIDS_PER_QUERY):
-            waiting.update(session.scalars(
-                select(Job.study_instance_uid).distinct().where(
-                    Job.study_instance_uid.in_(uids), Job.view.is_not(None),
-                    Job.state.in_([JobState.QUEUED, JobState.RUNNING]))))
-        return waiting
-
-    @staticmethod
     def _finished(session: Session, study_instance_uids: list[str]) -> dict[str, list[Job]]:
         """The images of each of ``study_instance_uids`` that were classified or failed,
         in the order they were received."""
         found: dict[str, list[Job]] = {}
-        for uids in chunks(study_instance_uids, _UIDS_PER_QUERY):
-            for job in session.scalars(select(Job).where(
-                    Job.study_instance_uid.in_(uids), Job.view.is_not(None),
-                    Job.state.in_([JobState.DONE, JobState.FAILED])).order_by(Job.id)):
-                found.setdefault(job.study_instance_uid, []).append(job)
+        for job in session.scalars(select(Job).where(
+                Job.study_instance_uid.in_(study_instance_uids), Job.view.is_not(None),
+                Job.state.in_([JobState.DONE, JobState.FAILED])).order_by(Job.id)):
+            found.setdefault(job.study_instance_uid, []).append(job)
         return found
 
     @staticmethod

@@ -189,35 +189,36 @@ def test_studies_are_kept_apart(store: JobStore) -> None:
     assert closed[STUDY].job_ids == [a] and closed["1.2.3.2000"].job_ids == [b]
 
 
-def test_many_studies_due_at_once_each_close_with_their_own_images(
+def test_many_studies_due_at_once_close_a_few_a_run_with_their_own_images(
         store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The due studies are looked up a few at a time: here three, so that each kind of
-    # query takes two, the last of them short (five studies asked whether any image is
-    # still in the queue; the four that are not, for their finished images).
-    monkeypatch.setattr(studies, "_UIDS_PER_QUERY", 3)
+    # At most three a run here; the second study, an image still in the network,
+    # holds back none of those due after it.
+    monkeypatch.setattr(studies, "STUDIES_PER_RUN", 3)
     uids = [f"1.2.3.{3000 + s}" for s in range(5)]
     jobs = {uid: [receive(store, 10 * s + i, study=uid) for i in range(2)]
             for s, uid in enumerate(uids)}
     claimed = store.claim("w", limit=100, lease_seconds=60)
-    # The last study's second image is still running (in the last, short chunk); the
-    # second study's second image failed.
-    running, failed = jobs[uids[4]][1], jobs[uids[1]][1]
+    # The second study's second image is still running; the fourth's second failed.
+    running, failed = jobs[uids[1]][1], jobs[uids[3]][1]
     store.fail(failed, "w", "preprocessing failed: test", retry=False)
     done = [j for j in claimed if j.id not in (running, failed)]
     assert all(store.complete_batch("w", [JobResult(
         j.id, "normal", {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1}, "cxr 1.0.0",
         f"sr/{j.id}.dcm", flags=[], model_validated=True) for j in done]))
     book = StudyBook(store)
-    closed = {s.study_instance_uid: s for s in book.close_due(later())}
-    assert sorted(closed) == uids[:4]
-    for uid in closed:
-        assert closed[uid].job_ids == [j for j in jobs[uid] if j != failed], uid
-    assert len(closed[uids[1]].problems or []) == 1  # its failed image, named
+    first = {s.study_instance_uid: s for s in book.close_due(later())}
+    assert list(first) == [uids[0], uids[2], uids[3]]  # the longest due first
+    for uid in first:
+        assert first[uid].job_ids == [j for j in jobs[uid] if j != failed], uid
+    assert len(first[uids[3]].problems or []) == 1  # its failed image, named
+    [second] = book.close_due(later())
+    assert second.study_instance_uid == uids[4] and second.job_ids == jobs[uids[4]]
+    assert book.close_due(later()) == []  # the second study still waits for its image
     assert store.complete_batch("w", [JobResult(
         running, "normal", {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1}, "cxr 1.0.0",
         f"sr/{running}.dcm", flags=[], model_validated=True)]) == [True]
     [last] = book.close_due(later())
-    assert last.study_instance_uid == uids[4] and last.job_ids == jobs[uids[4]]
+    assert last.study_instance_uid == uids[1] and last.job_ids == jobs[uids[1]]
 
 
 def test_study_key_depends_on_the_secret_and_the_study() -> None:

@@ -36,9 +36,11 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
+from dicom_node import studies
 from dicom_node.db import Delivery, DeliveryItem, DeliveryState, Job, JobState
 from dicom_node.jobs import JobResult, JobStore, ReceivedInstance, Route
 from dicom_node.loopback import free_port
+from dicom_node.studies import StudyBook
 from model import card
 
 from dicom_factory import chest_image, save
@@ -152,6 +154,46 @@ def test_claims_take_one_batch_skip_what_another_holds_and_times_are_utc(
         held = [[d.id for d, _ in store.claim_due_deliveries(2, hold_seconds=60)]
                 for _ in range(3)]
         assert held == [[1, 2], [3], []]
+
+
+def test_due_study_results_close_a_run_at_a_time_skipping_what_another_holds(
+        postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Study results are closed by every process on the job store; each run takes at
+    # most STUDIES_PER_RUN (three here) of those that can close, the longest due first,
+    # passing over those another transaction holds (FOR UPDATE SKIP LOCKED) and those
+    # still waiting for an image.
+    monkeypatch.setattr(studies, "STUDIES_PER_RUN", 3)
+    url = postgres.create_database("studies")
+    with JobStore(url, study_quiet_seconds=0) as store:
+        for n in range(1, 8):  # seven studies of one image each
+            assert store.record(instance(n), f"file{n}", JobState.QUEUED, "test")
+        jobs = store.claim("a", 7, lease_seconds=60)
+        results = [JobResult(job_id=j.id, label="normal", probabilities={"normal": 1.0},
+                             model_version="test", sr_file=f"sr{j.id}") for j in jobs
+                   if j.id != 2]  # the second study's image is still in the network
+        assert all(store.complete_batch("a", results))
+        book = StudyBook(store)
+        later = datetime.now(UTC) + timedelta(seconds=5)
+        with psycopg.connect(postgres.dsn("studies")) as other, \
+                ThreadPoolExecutor(1) as pool:
+            other.execute("SELECT id FROM study_results WHERE study_instance_uid = %s "
+                          "FOR UPDATE", ("1.2.5.3",))
+            running = pool.submit(book.close_due, later)
+            try:
+                closed = [s.study_instance_uid for s in running.result(timeout=15)]
+            except TimeoutError:
+                pytest.fail("closing waited for a study result another transaction holds")
+            finally:
+                other.rollback()
+        assert closed == ["1.2.5.1", "1.2.5.4", "1.2.5.5"]
+        assert [s.study_instance_uid for s in book.close_due(later)] == [
+            "1.2.5.3", "1.2.5.6", "1.2.5.7"]
+        assert book.close_due(later) == []  # the second waits for its image
+        assert store.complete_batch("a", [JobResult(
+            job_id=2, label="normal", probabilities={"normal": 1.0}, model_version="test",
+            sr_file="sr2")]) == [True]
+        [last] = book.close_due(later)
+        assert last.study_instance_uid == "1.2.5.2" and last.job_ids == [2]
 
 
 def classified_and_delivered(store: JobStore, count: int) -> bool:
