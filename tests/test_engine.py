@@ -219,6 +219,31 @@ def test_openvino_streams_split_a_batch_one_part_a_thread() -> None:
     assert engine.openvino_streams(4, 1) == 1
 
 
+def test_a_streamed_call_that_fails_waits_for_the_requests_it_started(
+        small_artifact: Path, tmp_path: Path) -> None:
+    # A batch split into OpenVINO streams, one request each: when one request cannot
+    # start, those already started are waited for before the call raises, so that the
+    # next call given the same requests finds none of them still running.
+    import openvino as ov
+
+    served = engine.Engine(small_artifact, backend="openvino-fp32", batch_size=4,
+                           device="cpu", cache_dir=tmp_path, threads=2)
+    core = ov.Core()
+    model = core.read_model(served.ir)
+    model.reshape([2, 96, 96, 3])
+    compiled = core.compile_model(model, "CPU", {"NUM_STREAMS": "2",
+                                                 "INFERENCE_NUM_THREADS": "2"})
+    # One group of two requests: every call takes the same two.
+    call = engine._streamed([[compiled.create_infer_request() for _ in range(2)]], 2)
+    x = images(4, seed=3)
+    expected = call(x)
+    with pytest.raises(RuntimeError):
+        call(x[:3])  # the second request's part is one image: it cannot start
+    again = call(x)  # at once: the first request started above must be done
+    for got, want in zip(again, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_engine_without_evidence_gives_no_maps(fp32: engine.Engine) -> None:
     with pytest.raises(RuntimeError, match="evidence=True"):
         fp32.predict_with_maps(images(1))
