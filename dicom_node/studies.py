@@ -48,6 +48,8 @@ LOGGER = logging.getLogger(__name__)
 
 #: The most study results one run of :meth:`StudyBook.close_due` closes.
 STUDIES_PER_RUN = 500
+#: How long a study result that could not be closed waits before it is tried again.
+RETRY_SECONDS = 60.0
 
 
 def touch(session: Session, study_instance_uid: str, now: datetime, quiet_seconds: float
@@ -186,12 +188,20 @@ class StudyBook:
             # close, so that studies still waiting never hold back those behind them.
             due = session.scalars(select(StudyResult).where(
                 StudyResult.state == StudyState.OPEN, StudyResult.closes_at <= now,
-                ~waiting).order_by(StudyResult.closes_at).limit(STUDIES_PER_RUN)
-                .with_for_update(skip_locked=True)).all()
+                ~waiting).order_by(StudyResult.closes_at, StudyResult.id)
+                .limit(STUDIES_PER_RUN).with_for_update(skip_locked=True)).all()
+            if not due:
+                return []
+            uids = [study.study_instance_uid for study in due]  # one open result a study
+            # Asked again now that the rows are locked: on PostgreSQL the query above saw
+            # the jobs committed before it began, and an image queued (its study touched)
+            # between then and the lock would be missed. Later ones wait for our lock.
+            still_waiting = self._waiting(session, uids)
             # One query for all of them, not one a study: their images classified or failed.
-            finished = self._finished(
-                session, list(dict.fromkeys(study.study_instance_uid for study in due)))
+            finished = self._finished(session, uids)
             for study in due:
+                if study.study_instance_uid in still_waiting:
+                    continue
                 try:
                     with session.begin_nested():  # one study's failure is its own
                         jobs = finished.get(study.study_instance_uid, [])
@@ -199,8 +209,11 @@ class StudyBook:
                         if self.on_close is not None:
                             self.on_close(session, study, jobs)
                 except Exception as exc:
+                    # Not first in line again at the next run: enough results that keep
+                    # failing would fill every run and hold back those behind them.
+                    study.closes_at = now + timedelta(seconds=RETRY_SECONDS)
                     LOGGER.error("study result %d could not be closed (%s); tried again "
-                                 "on the next run", study.id, type(exc).__name__)
+                                 "in %.0f s", study.id, type(exc).__name__, RETRY_SECONDS)
                     continue
                 closed.append(study)
         for study in closed:
@@ -213,6 +226,13 @@ class StudyBook:
                         "" if study.model_validated is not False
                         else f" -- {UNVALIDATED_WARNING}")
         return closed
+
+    @staticmethod
+    def _waiting(session: Session, study_instance_uids: list[str]) -> set[str]:
+        """Those of ``study_instance_uids`` with an image still queued or running."""
+        return set(session.scalars(select(Job.study_instance_uid).distinct().where(
+            Job.study_instance_uid.in_(study_instance_uids), Job.view.is_not(None),
+            Job.state.in_([JobState.QUEUED, JobState.RUNNING]))))
 
     @staticmethod
     def _finished(session: Session, study_instance_uids: list[str]) -> dict[str, list[Job]]:

@@ -221,6 +221,31 @@ def test_many_studies_due_at_once_close_a_few_a_run_with_their_own_images(
     assert last.study_instance_uid == uids[1] and last.job_ids == jobs[uids[1]]
 
 
+def test_a_study_that_cannot_close_waits_and_holds_back_none_behind_it(
+        store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(studies, "STUDIES_PER_RUN", 2)
+    uids = [f"1.2.3.{4000 + s}" for s in range(3)]
+    for s, uid in enumerate(uids):
+        classify(store, {receive(store, s, study=uid): {
+            "normal": 0.8, "pneumonia": 0.1, "covid": 0.1}})
+    broken = set(uids[:2])
+
+    def on_close(session: object, study: studies.StudyResult, jobs: object) -> None:
+        if study.study_instance_uid in broken:
+            raise RuntimeError("the worklist message could not be made")
+
+    book = StudyBook(store, on_close=on_close)
+    now = later()
+    assert book.close_due(now) == []  # the first two fail, and wait
+    [third] = book.close_due(now)  # so the third is not held back
+    assert third.study_instance_uid == uids[2]
+    assert book.close_due(now) == []
+    broken.clear()
+    assert book.close_due(now + timedelta(seconds=studies.RETRY_SECONDS - 1)) == []
+    retried = book.close_due(now + timedelta(seconds=studies.RETRY_SECONDS))
+    assert [s.study_instance_uid for s in retried] == uids[:2]
+
+
 def test_study_key_depends_on_the_secret_and_the_study() -> None:
     key = study_key(SECRET, STUDY, "PAT-1")
     assert key is not None and len(key) == 16

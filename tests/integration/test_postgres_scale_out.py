@@ -14,6 +14,10 @@ leases expire and a reaper (every 30 s, in each process) requeues them (the 300-
 variant, under ``long``); or it is restarted at once, as its service manager would, and
 the new process releases its dead predecessor's leases as it starts (the default
 suite's 40 images: the same guarantees without waiting for a lease and a reaper).
+
+Before that, on the same server: the job store's statements that take rows with
+``FOR UPDATE SKIP LOCKED`` (claims, deliveries, due study results), against a second
+connection holding or changing rows meanwhile.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from pydicom import dcmread
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from dicom_node import studies
 from dicom_node.db import Delivery, DeliveryItem, DeliveryState, Job, JobState
@@ -194,6 +198,41 @@ def test_due_study_results_close_a_run_at_a_time_skipping_what_another_holds(
             sr_file="sr2")]) == [True]
         [last] = book.close_due(later)
         assert last.study_instance_uid == "1.2.5.2" and last.job_ids == [2]
+
+
+def test_an_image_queued_as_its_study_is_being_closed_keeps_it_open(
+        postgres: PostgresServer) -> None:
+    # The query that takes the due studies sees the jobs committed before it began; an
+    # image queued between then and the study's lock is seen by the check made after
+    # the lock, and the study waits for it.
+    url = postgres.create_database("requeued")
+    with JobStore(url, study_quiet_seconds=0) as store:
+        assert store.record(instance(1), "file1", JobState.QUEUED, "test")
+        [job] = store.claim("a", 1, lease_seconds=60)
+
+        def done() -> list[bool]:
+            return store.complete_batch("a", [JobResult(
+                job_id=job.id, label="normal", probabilities={"normal": 1.0},
+                model_version="test", sr_file="sr1")])
+
+        assert done() == [True]
+        later = datetime.now(UTC) + timedelta(seconds=5)
+
+        def queued_meanwhile(connection: object, cursor: object, statement: str,
+                             *args: object) -> None:
+            if "FOR UPDATE SKIP LOCKED" in statement and "study_results" in statement:
+                with psycopg.connect(postgres.dsn("requeued"), autocommit=True) as other:
+                    other.execute("UPDATE jobs SET state = 'queued' WHERE id = %s", (job.id,))
+
+        event.listen(store.engine, "after_cursor_execute", queued_meanwhile)
+        try:
+            assert StudyBook(store).close_due(later) == []
+        finally:
+            event.remove(store.engine, "after_cursor_execute", queued_meanwhile)
+        assert [j.id for j in store.claim("a", 1, lease_seconds=60)] == [job.id]
+        assert done() == [True]
+        [closed] = StudyBook(store).close_due(later)
+        assert closed.job_ids == [job.id]
 
 
 def classified_and_delivered(store: JobStore, count: int) -> bool:
