@@ -219,27 +219,31 @@ def test_openvino_streams_split_a_batch_one_part_a_thread() -> None:
     assert engine.openvino_streams(4, 1) == 1
 
 
-def test_a_streamed_call_that_fails_waits_for_the_requests_it_started(
-        small_artifact: Path, tmp_path: Path) -> None:
+def test_a_streamed_call_that_fails_waits_for_the_requests_it_started() -> None:
     # A batch split into OpenVINO streams, one request each: when one request cannot
     # start, those already started are waited for before the call raises, so that the
     # next call given the same requests finds none of them still running.
     import openvino as ov
+    import openvino.opset13 as ops
 
-    served = engine.Engine(small_artifact, backend="openvino-fp32", batch_size=4,
-                           device="cpu", cache_dir=tmp_path, threads=2)
-    core = ov.Core()
-    model = core.read_model(served.ir)
-    model.reshape([2, 96, 96, 3])
-    compiled = core.compile_model(model, "CPU", {"NUM_STREAMS": "2",
-                                                 "INFERENCE_NUM_THREADS": "2"})
+    # A real OpenVINO model whose part of 8 rows takes tens of milliseconds: the first
+    # request is still running when the second fails to start.
+    x = ops.parameter([8, 1024], np.float32, name="x")
+    layer, rng = x, np.random.default_rng(0)
+    for _ in range(96):
+        weights = (rng.standard_normal((1024, 1024)) / 32).astype(np.float32)
+        layer = ops.tanh(ops.matmul(layer, ops.constant(weights), False, False))
+    compiled = ov.Core().compile_model(ov.Model([layer], [x], "chain"), "CPU", {
+        "NUM_STREAMS": "2", "INFERENCE_NUM_THREADS": "2"})
     # One group of two requests: every call takes the same two.
-    call = engine._streamed([[compiled.create_infer_request() for _ in range(2)]], 2)
-    x = images(4, seed=3)
-    expected = call(x)
+    requests = [compiled.create_infer_request() for _ in range(2)]
+    call = engine._streamed([requests], 8)
+    batch = np.random.default_rng(1).random((16, 1024), dtype=np.float32)
+    expected = call(batch)
     with pytest.raises(RuntimeError):
-        call(x[:3])  # the second request's part is one image: it cannot start
-    again = call(x)  # at once: the first request started above must be done
+        call(batch[:15])  # the second request's part is seven rows: it cannot start
+    assert all(request.wait_for(0) for request in requests)  # none still running
+    again = call(batch)  # and the same requests serve the next call
     for got, want in zip(again, expected, strict=True):
         np.testing.assert_array_equal(got, want)
 
