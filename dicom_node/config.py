@@ -296,6 +296,10 @@ class Settings(BaseSettings):
         default=True, description="Make an evidence image (a class-activation map with a "
         "legend, as a Secondary Capture in the source study) beside each SR.",
     )
+    evidence_max_size: int = Field(
+        default=1024, ge=0, description="The evidence image's longer side at most, in "
+        "pixels: a larger source is shown reduced (0: always at the source's own size).",
+    )
     destinations: list[Target] = Field(
         default=[], description="Where results go: 'AET@HOST:PORT' strings (DICOM C-STORE) "
         "or tables with a kind: dicom, dicomweb (STOW-RS), hl7 (ORU^R01 over MLLP), fhir.",

@@ -1,7 +1,8 @@
 """The evidence image: where the network found its answer, as a DICOM Secondary Capture.
 
-:func:`render` draws, at the source image's own resolution, the radiograph as
-it was displayed to the network (:func:`model.preprocess.dicom_gray8`: Modality
+:func:`render` draws, at the source image's own resolution or reduced to at most
+``max_side`` pixels a side (the node's ``evidence_max_size``, 1024 by default), the
+radiograph as it was displayed to the network (:func:`model.preprocess.dicom_gray8`: Modality
 LUT, VOI LUT or first window, MONOCHROME1 inverted) with the class-activation
 map of the predicted class (:mod:`model.evidence`: what spoke for that class
 over the others) as a colour overlay where it is high, and a legend burned in:
@@ -124,10 +125,28 @@ def legend_lines(label: str, probabilities: dict[str, float], model_text: str,
     return lines
 
 
+def evidence_size(rows: int, columns: int, max_side: int) -> tuple[int, int]:
+    """The evidence image's rows and columns for a source of ``rows`` x ``columns``: the
+    same, or with its longer side ``max_side`` and its aspect kept (0: the same)."""
+    longer = max(rows, columns)
+    if max_side <= 0 or longer <= max_side:
+        return rows, columns
+    return max(1, round(rows * max_side / longer)), max(1, round(columns * max_side / longer))
+
+
 def render(source: Dataset, class_maps: NDArray[np.floating], label: str,
-           probabilities: dict[str, float], model_text: str, validated: bool
-           ) -> NDArray[np.uint8]:
-    """The evidence image (rows x columns x 3, RGB) at the source's resolution.
+           probabilities: dict[str, float], model_text: str, validated: bool,
+           max_side: int = 0) -> NDArray[np.uint8]:
+    """The evidence image (rows x columns x 3, RGB) at the source's resolution, or with
+    its longer side ``max_side`` where the source's is longer.
+
+    A map of a few cells a side has nothing to show at a radiograph's full
+    resolution, and the radiograph under it is there to find one's way, not to be
+    read: reduced, the image costs a fraction to draw, store and send (a
+    2048 x 2500 source's is 15 MB of RGB at its own size; docs/performance.md).
+    The radiograph is reduced by averaging the source pixels each image pixel
+    covers (Pillow's box filter), so that fine patterns (an anti-scatter grid's
+    lines) do not alias into stripes that are not there.
 
     Parameters
     ----------
@@ -144,6 +163,8 @@ def render(source: Dataset, class_maps: NDArray[np.floating], label: str,
     validated
         Whether :func:`model.card.validation_status` validates the model; if not, the
         legend carries the warning.
+    max_side
+        The image's longer side at most, in pixels (0: the source's own size).
 
     Raises
     ------
@@ -158,7 +179,10 @@ def render(source: Dataset, class_maps: NDArray[np.floating], label: str,
         raise ValueError(f"class_maps: expected h x w x {len(CLASS_KEYS)}, "
                          f"got {class_maps.shape}")
     gray = dicom_gray8(source)
-    rows, columns = gray.shape
+    rows, columns = evidence_size(gray.shape[0], gray.shape[1], max_side)
+    if (rows, columns) != gray.shape:
+        gray = np.asarray(Image.fromarray(gray, mode="L").resize(
+            (columns, rows), Image.Resampling.BOX), dtype=np.uint8)
     heat = model_evidence.upsample(
         model_evidence.evidence(class_maps, CLASS_KEYS.index(label)), rows, columns)
     rgb = overlay(gray, heat)
@@ -272,7 +296,8 @@ def build_evidence(
     source
         The classified image (its header: patient, study, the reference).
     rgb
-        :func:`render`'s image, rows x columns x 3, uint8.
+        :func:`render`'s image, rows x columns x 3, uint8 (the source's size or
+        reduced; Derivation Description says which).
     label
         The predicted class (a key of :data:`model.classes.CLASS_KEYS`).
     card
@@ -303,7 +328,8 @@ def build_evidence(
         photometric_interpretation="RGB",
         bits_allocated=8,
         # highdicom asks a PATIENT image for an orientation; the value is replaced by
-        # the source's own below (the same pixel grid), empty when it has none.
+        # the source's own below (its rows and columns, reduced or not, run the same
+        # way), empty when it has none.
         coordinate_system="PATIENT",
         patient_orientation=("P", "F"),
         series_instance_uid=series_instance_uid,
@@ -327,9 +353,10 @@ def build_evidence(
     sc.copy_patient_and_study_information(header)
     for keyword in _NAMES:
         sc[keyword].value = header[keyword].value
-    # The same pixel grid and body part as the source: its orientation (Type 2, empty
-    # when it has none), body part and laterality hold. Laterality (Type 2C) is required
-    # unless the body part says unpaired: empty (unknown) when the source says neither.
+    # The source's rows and columns, at most reduced, and its body part: its
+    # orientation (Type 2, empty when it has none), body part and laterality hold.
+    # Laterality (Type 2C) is required unless the body part says unpaired: empty
+    # (unknown) when the source says neither.
     sc["PatientOrientation"].value = header.get("PatientOrientation") or ""
     for keyword in ("BodyPartExamined", "Laterality"):
         if keyword in header:
@@ -341,7 +368,12 @@ def build_evidence(
     sc.SecondaryCaptureDeviceManufacturer = MANUFACTURER
     sc.SecondaryCaptureDeviceManufacturerModelName = NODE_NAME
     sc.SecondaryCaptureDeviceSoftwareVersions = __version__
-    sc.DerivationDescription = DERIVATION
+    rows, columns = rgb.shape[:2]
+    if (rows, columns) != (header.get("Rows"), header.get("Columns")):
+        sc.DerivationDescription = (f"{DERIVATION}; reduced from {header.get('Rows')} x "
+                                    f"{header.get('Columns')} to {rows} x {columns}")[:1024]
+    else:
+        sc.DerivationDescription = DERIVATION
     sc.SourceImageSequence = [_source_reference(header)]
     if _lossy(header):  # once lossy, always lossy (PS3.3 C.7.6.1.1.5)
         sc.LossyImageCompression = "01"

@@ -153,7 +153,8 @@ class ResultWriter:
                 warnings.simplefilter("ignore")
                 rgb = evidence.render(item.source, cam, result.label, result.probabilities,
                                       f"{card.name} {card.display_version}",
-                                      reports.validation.validated)
+                                      reports.validation.validated,
+                                      self.settings.evidence_max_size)
                 image = evidence.build_evidence(item.source, rgb, result.label, card, *uids)
             encoded = BytesIO()
             image.save_as(encoded, enforce_file_format=True)

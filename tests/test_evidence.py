@@ -63,10 +63,11 @@ def hot_spot(row: int, column: int, index: int = 2) -> np.ndarray:
 
 
 def render(source: Dataset, maps: np.ndarray | None = None, label: str = "pneumonia",
-           validated: bool = False) -> np.ndarray:
+           validated: bool = False, max_side: int = 0) -> np.ndarray:
     with pydicom_config.disable_value_validation():
         return evidence.render(source, np.zeros((10, 10, 3), np.float32) if maps is None
-                               else maps, label, PROBABILITIES, MODEL_TEXT, validated)
+                               else maps, label, PROBABILITIES, MODEL_TEXT, validated,
+                               max_side)
 
 
 def grayish(rgb: np.ndarray) -> np.ndarray:
@@ -93,6 +94,36 @@ def test_image_is_the_source_as_displayed_at_its_own_resolution(shared_dicom: Pa
         below = slice(source.Rows // 2, None)
         assert grayish(rgb)[below].all()
         np.testing.assert_array_equal(rgb[below, :, 0], gray[below])
+
+
+@pytest.mark.parametrize(("rows", "columns", "max_side", "expected"), [
+    (2500, 2048, 1024, (1024, 839)), (2048, 2500, 1024, (839, 1024)),
+    (440, 440, 1024, (440, 440)), (1024, 1024, 1024, (1024, 1024)),
+    (2048, 2048, 0, (2048, 2048)), (10000, 2, 1024, (1024, 1))])
+def test_a_larger_source_is_shown_reduced_with_its_aspect(
+        rows: int, columns: int, max_side: int, expected: tuple[int, int]) -> None:
+    assert evidence.evidence_size(rows, columns, max_side) == expected
+
+
+def test_the_reduced_radiograph_averages_what_each_pixel_covers() -> None:
+    # An anti-scatter grid's fine lines (here every other column, black and white):
+    # reduced by averaging they are an even gray; taken a pixel here and there
+    # (nearest neighbour, or bilinear between two) they would alias into coarse
+    # stripes that are not in the image.
+    source = dx_16bit(rows=1250, columns=2500)
+    del source.WindowCenter, source.WindowWidth, source.RescaleSlope, source.RescaleIntercept
+    grid = np.zeros((1250, 2500), np.uint16)
+    grid[:, ::2] = 4095
+    source.PixelData = grid.tobytes()
+    rgb = render(source, max_side=1024)
+    assert rgb.shape == (512, 1024, 3)
+    below = rgb[300:, :, 0].astype(np.int16)  # under the legend
+    assert abs(float(below.mean()) - 127.5) < 2 and int(below.std()) <= 30
+    # The same image at its own size, reduced exactly by two: the mean of each 2 x 2.
+    gray = np.asarray(Image.fromarray(dicom_gray8(source), mode="L"), dtype=np.float64)
+    halved = render(source, max_side=1250)
+    blocks = gray.reshape(625, 2, 1250, 2).mean(axis=(1, 3))
+    assert np.abs(halved[300:, :, 0] - blocks[300:]).max() <= 1
 
 
 def test_legend_is_burned_in_and_changes_with_what_it_says(shared_dicom: Path) -> None:
@@ -143,7 +174,9 @@ def test_png_is_the_image() -> None:
         np.testing.assert_array_equal(np.asarray(image), rgb)
 
 
-def check(path: Path, source: Dataset, card: ModelCard, uid: str, series_uid: str) -> None:
+def check(path: Path, source: Dataset, card: ModelCard, uid: str, series_uid: str,
+          size: tuple[int, int] | None = None) -> None:
+    """``size``: the image's rows and columns when reduced (else the source's)."""
     with pydicom_config.strict_reading():
         sc = dcmread(path)
     assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
@@ -155,7 +188,7 @@ def check(path: Path, source: Dataset, card: ModelCard, uid: str, series_uid: st
     (reference,) = sc.SourceImageSequence
     assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert reference.ReferencedSOPClassUID == source.SOPClassUID
-    assert (sc.Rows, sc.Columns) == (source.Rows, source.Columns)
+    assert (sc.Rows, sc.Columns) == (size or (source.Rows, source.Columns))
     assert sc.SamplesPerPixel == 3 and sc.PhotometricInterpretation == "RGB"
     assert sc.ConversionType == "WSD" and sc.BurnedInAnnotation == "YES"
     assert sc.SeriesNumber == 9902
@@ -195,6 +228,22 @@ def test_every_evidence_image_is_valid_and_in_the_source_study(
         for keyword in ("PatientName", "PatientID"):
             value = str(source.get(keyword, ""))
             assert not value or value not in said, keyword
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_a_reduced_evidence_image_is_valid_and_says_it_was_reduced(
+        card: ModelCard, tmp_path: Path) -> None:
+    source = dx_16bit(rows=1300, columns=1100)
+    rgb = render(source, hot_spot(6, 7), validated=card.test is not None, max_side=1024)
+    assert rgb.shape == (1024, 866, 3)
+    uid, series_uid = generate_uid(), generate_uid()
+    with pydicom_config.disable_value_validation():
+        sc = evidence.build_evidence(source, rgb, "pneumonia", card, uid, series_uid)
+    path = tmp_path / "evidence.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    check(path, source, card, uid, series_uid, size=(1024, 866))
+    assert dcmread(path).DerivationDescription.endswith(
+        "; reduced from 1300 x 1100 to 1024 x 866")
 
 
 def test_lossy_source_gives_a_lossy_image(shared_dicom: Path) -> None:

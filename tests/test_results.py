@@ -1,17 +1,25 @@
-"""The result router on its own: where a job's SR goes."""
+"""The result writer on its own: where a job's SR goes, and how large its evidence image is."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 
+from dicom_node.batches import Prepared
 from dicom_node.config import Settings
 from dicom_node.db import DeliveryItem, Job
 from dicom_node.jobs import JobStore, Route
+from dicom_node.report import Classification, ReportBuilder
 from dicom_node.results import ResultWriter
 from dicom_node.spool import Spool
+from model.card import ModelCard
+
+from dicom_factory import dx_16bit
 
 Writer = Callable[..., ResultWriter]
 
@@ -78,3 +86,19 @@ def test_no_return_without_a_port_an_address_or_the_setting(writer: Writer) -> N
     assert on.routes(_job(calling_ae="OTHER"), evidence=False) == pacs_only
     assert on.routes(_job(peer=None), evidence=False) == pacs_only
     assert off.routes(_job(), evidence=False) == pacs_only
+
+
+@pytest.mark.parametrize(("max_size", "shape"), [(64, (64, 48)), (0, (160, 120))])
+def test_the_evidence_image_is_as_large_as_the_setting_allows(
+        writer: Writer, max_size: int, shape: tuple[int, int]) -> None:
+    made = writer(evidence_max_size=max_size)
+    card = ModelCard(version="1.0.0", architecture="concatenated", input_size=300,
+                     sha256="0123456789abcdef" * 4, trained=False)
+    source = dx_16bit(rows=160, columns=120)
+    result = Classification("normal", {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1})
+    name = made.write_evidence(
+        Prepared(Job(id=1), source, np.zeros((300, 300, 3), np.float32)), result,
+        ReportBuilder(card), np.zeros((10, 10, 3), np.float32), (generate_uid(), generate_uid()))
+    assert name is not None
+    image = dcmread(made.spool.path(name))
+    assert (image.Rows, image.Columns) == shape
