@@ -298,7 +298,8 @@ class Settings(BaseSettings):
     )
     evidence_max_size: int = Field(
         default=1024, ge=0, description="The evidence image's longer side at most, in "
-        "pixels: a larger source is shown reduced (0: always at the source's own size).",
+        "pixels (0, or at least 512): a larger source is shown reduced, its shorter side "
+        "kept at 512 at least so that the legend fits (0: always at the source's own size).",
     )
     destinations: list[Target] = Field(
         default=[], description="Where results go: 'AET@HOST:PORT' strings (DICOM C-STORE) "
@@ -379,6 +380,14 @@ class Settings(BaseSettings):
             raise ValueError("destinations: two entries of one kind have the same address "
                              "or URL")
         return values
+
+    @field_validator("evidence_max_size")
+    @classmethod
+    def _evidence_max_size(cls, value: int) -> int:
+        if 0 < value < 512:
+            raise ValueError("evidence_max_size: 0 (the source's own size) or at least 512 "
+                             "(the legend must fit)")
+        return value
 
     @field_validator("delivery_calling_ae")
     @classmethod

@@ -125,13 +125,21 @@ def legend_lines(label: str, probabilities: dict[str, float], model_text: str,
     return lines
 
 
+#: The shorter side a reduced evidence image keeps at least (its own, if shorter): the
+#: legend (at least 13-pixel text, about 300 pixels wide) must fit across it, even on a
+#: long, narrow source such as a stitched spine.
+MIN_SHORT_SIDE = 512
+
+
 def evidence_size(rows: int, columns: int, max_side: int) -> tuple[int, int]:
     """The evidence image's rows and columns for a source of ``rows`` x ``columns``: the
-    same, or with its longer side ``max_side`` and its aspect kept (0: the same)."""
-    longer = max(rows, columns)
+    same, or with its longer side ``max_side`` and its aspect kept (0: the same) -- but
+    its shorter side never reduced below :data:`MIN_SHORT_SIDE`."""
+    longer, shorter = max(rows, columns), min(rows, columns)
     if max_side <= 0 or longer <= max_side:
         return rows, columns
-    return max(1, round(rows * max_side / longer)), max(1, round(columns * max_side / longer))
+    scale = min(1.0, max(max_side / longer, MIN_SHORT_SIDE / shorter))
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
 def render(source: Dataset, class_maps: NDArray[np.floating], label: str,

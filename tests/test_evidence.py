@@ -99,10 +99,24 @@ def test_image_is_the_source_as_displayed_at_its_own_resolution(shared_dicom: Pa
 @pytest.mark.parametrize(("rows", "columns", "max_side", "expected"), [
     (2500, 2048, 1024, (1024, 839)), (2048, 2500, 1024, (839, 1024)),
     (440, 440, 1024, (440, 440)), (1024, 1024, 1024, (1024, 1024)),
-    (2048, 2048, 0, (2048, 2048)), (10000, 2, 1024, (1024, 1))])
+    (2048, 2048, 0, (2048, 2048)),
+    # Long and narrow: the shorter side stays at 512 (or its own), for the legend.
+    (7000, 2000, 1024, (1792, 512)), (4000, 300, 1024, (4000, 300))])
 def test_a_larger_source_is_shown_reduced_with_its_aspect(
         rows: int, columns: int, max_side: int, expected: tuple[int, int]) -> None:
     assert evidence.evidence_size(rows, columns, max_side) == expected
+
+
+def test_the_legend_fits_across_a_long_narrow_source_reduced() -> None:
+    source = dx_16bit(rows=3000, columns=700)  # a stitched spine or leg
+    rgb = render(source, max_side=1024)
+    assert rgb.shape == (2194, 512, 3)
+    with pydicom_config.disable_value_validation():
+        gray = np.asarray(Image.fromarray(dicom_gray8(source), mode="L").resize(
+            (512, 2194), Image.Resampling.BOX))
+    # The legend's box ends before the right edge: that column is the radiograph's.
+    np.testing.assert_array_equal(rgb[:, -1, 0], gray[:, -1])
+    assert not (rgb[:200, :, 0] == gray[:200]).all()  # while the legend is there
 
 
 def test_the_reduced_radiograph_averages_what_each_pixel_covers() -> None:
@@ -189,6 +203,11 @@ def check(path: Path, source: Dataset, card: ModelCard, uid: str, series_uid: st
     assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert reference.ReferencedSOPClassUID == source.SOPClassUID
     assert (sc.Rows, sc.Columns) == (size or (source.Rows, source.Columns))
+    assert (sc.DerivationDescription == evidence.DERIVATION) is (size is None)
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing",
+                    "PixelAspectRatio"):  # no pixel grid to be wrong when reduced
+        assert keyword not in sc, keyword
+    assert sc.PatientOrientation == source.get("PatientOrientation", "")
     assert sc.SamplesPerPixel == 3 and sc.PhotometricInterpretation == "RGB"
     assert sc.ConversionType == "WSD" and sc.BurnedInAnnotation == "YES"
     assert sc.SeriesNumber == 9902
@@ -234,6 +253,8 @@ def test_every_evidence_image_is_valid_and_in_the_source_study(
 def test_a_reduced_evidence_image_is_valid_and_says_it_was_reduced(
         card: ModelCard, tmp_path: Path) -> None:
     source = dx_16bit(rows=1300, columns=1100)
+    source.ImagerPixelSpacing = source.PixelSpacing = [0.139, 0.139]
+    source.PatientOrientation = ["P", "F"]
     rgb = render(source, hot_spot(6, 7), validated=card.test is not None, max_side=1024)
     assert rgb.shape == (1024, 866, 3)
     uid, series_uid = generate_uid(), generate_uid()

@@ -88,13 +88,13 @@ def test_no_return_without_a_port_an_address_or_the_setting(writer: Writer) -> N
     assert off.routes(_job(), evidence=False) == pacs_only
 
 
-@pytest.mark.parametrize(("max_size", "shape"), [(64, (64, 48)), (0, (160, 120))])
+@pytest.mark.parametrize(("max_size", "shape"), [(800, (800, 600)), (0, (1280, 960))])
 def test_the_evidence_image_is_as_large_as_the_setting_allows(
         writer: Writer, max_size: int, shape: tuple[int, int]) -> None:
     made = writer(evidence_max_size=max_size)
     card = ModelCard(version="1.0.0", architecture="concatenated", input_size=300,
                      sha256="0123456789abcdef" * 4, trained=False)
-    source = dx_16bit(rows=160, columns=120)
+    source = dx_16bit(rows=1280, columns=960)
     result = Classification("normal", {"normal": 0.8, "pneumonia": 0.1, "covid": 0.1})
     name = made.write_evidence(
         Prepared(Job(id=1), source, np.zeros((300, 300, 3), np.float32)), result,
@@ -102,3 +102,9 @@ def test_the_evidence_image_is_as_large_as_the_setting_allows(
     assert name is not None
     image = dcmread(made.spool.path(name))
     assert (image.Rows, image.Columns) == shape
+
+
+@pytest.mark.parametrize("size", [1, 511])
+def test_an_evidence_image_too_small_for_its_legend_is_refused(size: int) -> None:
+    with pytest.raises(ValueError, match="evidence_max_size"):
+        Settings(evidence_max_size=size)
