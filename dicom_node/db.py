@@ -16,10 +16,9 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -56,16 +55,6 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: PostgreSQL advisory lock held while one process migrates (SQLite: BEGIN IMMEDIATE).
 _MIGRATION_LOCK_KEY = 0x64636D6E  # "dcmn"
-
-
-_T = TypeVar("_T")
-
-
-def chunks(values: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    """``values`` in slices of at most ``size``: one ``IN (...)`` each, so that no
-    statement outgrows the database's parameter limit (SQLite: 32,766)."""
-    for start in range(0, len(values), size):
-        yield values[start:start + size]
 
 
 def utcnow() -> datetime:

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -54,7 +54,6 @@ from dicom_node.db import (
     JobState,
     StudyResult,
     StudyState,
-    chunks,
     utcnow,
 )
 from dicom_node.jobs import JobStore
@@ -66,6 +65,7 @@ LOGGER = logging.getLogger(__name__)
 BATCH = 500
 _FINISHED = (JobState.DONE, JobState.FAILED, JobState.IGNORED)
 _CLOSED = (StudyState.CLOSED, StudyState.SUPERSEDED)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,11 @@ def study_files_due(cutoff: datetime) -> ColumnElement[bool]:
 
 def _job_names(job: Any) -> list[str]:
     return [n for n in (job.spool_file, job.sr_file, job.evidence_file) if n]
+
+
+def _chunks(ids: Sequence[_T], size: int = BATCH) -> Iterable[Sequence[_T]]:
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size]
 
 
 class Retention:
@@ -259,7 +264,7 @@ class Retention:
     def _messages(session: Session, ids: Sequence[int]) -> dict[int, list[str]]:
         """Study result id -> its message files."""
         names: dict[int, list[str]] = {i: [] for i in ids}
-        for chunk in chunks(ids, BATCH):
+        for chunk in _chunks(ids):
             for owner, name in session.execute(select(
                     Delivery.study_result_id, Delivery.payload_file).where(
                     Delivery.study_result_id.in_(chunk), Delivery.payload_file.is_not(None))):
@@ -312,7 +317,7 @@ class Retention:
                 gone.append(owner)
         if gone and not report.dry_run:
             with self.store.sessions.begin() as session:
-                for chunk in chunks(gone, BATCH):
+                for chunk in _chunks(gone):
                     session.execute(clear(chunk).execution_options(synchronize_session=False))
 
     @staticmethod
@@ -324,7 +329,7 @@ class Retention:
                     ) -> list[str]:
         """Per id, in order: its deliveries by state ("2 done, 1 dead for 40 days")."""
         counts: dict[int, dict[DeliveryState, tuple[int, datetime]]] = {i: {} for i in ids}
-        for chunk in chunks(ids, BATCH):
+        for chunk in _chunks(ids):
             for key, state, n, latest in session.execute(
                     select(owner, Delivery.state, func.count(), func.max(Delivery.updated_at))
                     .where(owner.in_(chunk)).group_by(owner, Delivery.state)):
@@ -389,19 +394,19 @@ class Retention:
                 uids = list(session.scalars(
                     studies_due if report.dry_run else studies_due.limit(BATCH)))
                 studies: list[int] = []
-                for uid_chunk in chunks(uids, BATCH):
+                for uid_chunk in _chunks(uids):
                     studies += session.scalars(select(StudyResult.id).where(
                         StudyResult.study_instance_uid.in_(uid_chunk)))
-                for chunk in chunks(jobs, BATCH):
+                for chunk in _chunks(jobs):
                     report.delivery_rows += self._delete_rows(
                         session, Delivery.job_id.in_(chunk), report.dry_run)
-                for chunk in chunks(studies, BATCH):
+                for chunk in _chunks(studies):
                     report.delivery_rows += self._delete_rows(
                         session, Delivery.study_result_id.in_(chunk), report.dry_run)
                 if not report.dry_run:
-                    for chunk in chunks(jobs, BATCH):
+                    for chunk in _chunks(jobs):
                         session.execute(delete(Job).where(Job.id.in_(chunk)))
-                    for chunk in chunks(studies, BATCH):  # one study's versions refer to each other
+                    for chunk in _chunks(studies):  # one study's versions refer to each other
                         session.execute(update(StudyResult).where(StudyResult.id.in_(chunk))
                                         .values(supersedes_id=None))
                         session.execute(delete(StudyResult).where(StudyResult.id.in_(chunk)))
