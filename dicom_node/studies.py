@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.db import (
@@ -50,6 +50,12 @@ LOGGER = logging.getLogger(__name__)
 STUDIES_PER_RUN = 500
 #: How long a study result that could not be closed waits before it is tried again.
 RETRY_SECONDS = 60.0
+
+
+def _images_in(*states: JobState) -> tuple[ColumnElement[bool], ...]:
+    """Conditions on a job: one of a study's images (its view known: frontal or
+    undetermined) in one of ``states``."""
+    return Job.view.is_not(None), Job.state.in_(states)
 
 
 def touch(session: Session, study_instance_uid: str, now: datetime, quiet_seconds: float
@@ -180,8 +186,8 @@ class StudyBook:
         # An image of the study still in the queue: it closes once the network has seen
         # every image.
         waiting = select(Job.id).where(
-            Job.study_instance_uid == StudyResult.study_instance_uid, Job.view.is_not(None),
-            Job.state.in_([JobState.QUEUED, JobState.RUNNING])).exists()
+            Job.study_instance_uid == StudyResult.study_instance_uid,
+            *_images_in(JobState.QUEUED, JobState.RUNNING)).exists()
         with self.store.sessions.begin() as session:
             # At most STUDIES_PER_RUN a run (after an outage thousands may be due; the
             # next run, a second later, takes the next ones), and only those that can
@@ -231,8 +237,8 @@ class StudyBook:
     def _waiting(session: Session, study_instance_uids: list[str]) -> set[str]:
         """Those of ``study_instance_uids`` with an image still queued or running."""
         return set(session.scalars(select(Job.study_instance_uid).distinct().where(
-            Job.study_instance_uid.in_(study_instance_uids), Job.view.is_not(None),
-            Job.state.in_([JobState.QUEUED, JobState.RUNNING]))))
+            Job.study_instance_uid.in_(study_instance_uids),
+            *_images_in(JobState.QUEUED, JobState.RUNNING))))
 
     @staticmethod
     def _finished(session: Session, study_instance_uids: list[str]) -> dict[str, list[Job]]:
@@ -240,8 +246,8 @@ class StudyBook:
         in the order they were received."""
         found: dict[str, list[Job]] = {}
         for job in session.scalars(select(Job).where(
-                Job.study_instance_uid.in_(study_instance_uids), Job.view.is_not(None),
-                Job.state.in_([JobState.DONE, JobState.FAILED])).order_by(Job.id)):
+                Job.study_instance_uid.in_(study_instance_uids),
+                *_images_in(JobState.DONE, JobState.FAILED)).order_by(Job.id)):
             found.setdefault(job.study_instance_uid, []).append(job)
         return found
 
