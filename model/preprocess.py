@@ -213,14 +213,16 @@ def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | Non
     stored = pixels.view(np.dtype(f"u{pixels.itemsize}"))
     stretch = None
     if not _has_voi(ds) and not _already_8bit(ds):
-        stretch = _modality_range(pixels, ds, bits_stored, values, low_bits)
+        stretch = _modality_range(pixels, stored, ds, bits_stored, values, low_bits)
     return stored, _display_gray8(values, ds, stretch).take(low_bits)
 
 
-def _modality_range(pixels: NDArray[Any], ds: Dataset, bits_stored: int,
-                    values: NDArray[Any], low_bits: NDArray[np.uint32]) -> tuple[float, float]:
+def _modality_range(pixels: NDArray[Any], stored: NDArray[Any], ds: Dataset,
+                    bits_stored: int, values: NDArray[Any], low_bits: NDArray[np.uint32]
+                    ) -> tuple[float, float]:
     """The least and greatest Modality LUT output over the image's stored values: the
-    range a source without a window is stretched over.
+    range a source without a window is stretched over. ``pixels`` as their type reads
+    them (signed or not), ``stored`` the same bits viewed unsigned.
 
     A rescale (or none) is monotonic, so its extremes are those of the least and
     greatest stored value; where no unused high bit is set (nor sign extension
@@ -237,7 +239,6 @@ def _modality_range(pixels: NDArray[Any], ds: Dataset, bits_stored: int,
             ends = np.asarray(apply_modality_lut(np.array([low, high], dtype=pixels.dtype), ds),
                               dtype=np.float64)
             return float(np.min(ends)), float(np.max(ends))
-    stored = pixels.view(np.dtype(f"u{pixels.itemsize}"))
     present = np.bincount(low_bits.take(stored.ravel()), minlength=2**bits_stored) > 0
     modality = np.asarray(apply_modality_lut(values[present], ds), dtype=np.float64)
     return float(np.min(modality)), float(np.max(modality))
