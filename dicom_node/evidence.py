@@ -379,7 +379,7 @@ def build_evidence(
     rows, columns = rgb.shape[:2]
     if (rows, columns) != (header.get("Rows"), header.get("Columns")):
         sc.DerivationDescription = (f"{DERIVATION}; reduced from {header.get('Rows')} x "
-                                    f"{header.get('Columns')} to {rows} x {columns}")[:1024]
+                                    f"{header.get('Columns')} to {rows} x {columns}")
     else:
         sc.DerivationDescription = DERIVATION
     sc.SourceImageSequence = [_source_reference(header)]
