@@ -25,7 +25,10 @@ unless --model is given) sending its SRs to DCMTK ``storescp``. Measures:
   size of 1..16 (measured afterwards; both ratios printed), called from each of
   the engine's lanes at once (two for OpenVINO on a CPU), as the node's worker
   calls it, so that the engine is measured at its best;
-* CPU seconds of the node and of this process (sender and PACS) per phase.
+* CPU seconds of the node and of this process (sender and PACS) per phase; with
+  evidence images off, the node's thread by thread (named for the bench by
+  ``bench/threadnames``), against the most that 0.85 of the engine leaves for
+  everything outside the network.
 
 The sender sends files by path without re-encoding them, as a PACS sends from
 its archive. ``--int8`` serves the int8 model instead (made by the product's
@@ -103,6 +106,67 @@ class CpuMeter:
 
     def __str__(self) -> str:
         return f"CPU s: node {self.node:.1f}, PACS {self.pacs:.1f}, sender {self.bench:.1f}"
+
+
+#: Given to the node's process only: names its OS threads after its Python threads.
+THREAD_NAMES = ROOT / "bench" / "threadnames"
+#: The node's threads by the start of their name (Linux keeps 15 characters). OpenVINO's
+#: threads are started by the worker's thread, and take its name.
+THREAD_GROUPS = (("inference-work", "network"), ("report", "sr"), ("preprocess", "decode"),
+                 ("ThreadPoolExec", "scheduler"), ("feeder", "feeder"), ("lane", "feeder"))
+
+
+def _threads(pid: int) -> dict[str, tuple[str, float]]:
+    """Thread id -> (OS name, user + system CPU seconds) of a process's living threads."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        found[tid] = (name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return found
+
+
+class ThreadCpu:
+    """The node's CPU seconds between start() and stop(), by group of threads
+    (:data:`THREAD_GROUPS`; "other" for the rest). Its threads are read every 0.25 s,
+    so that one ending meanwhile keeps what it had spent by its last reading; what the
+    process spent beyond its threads' readings (delivery's association threads, which
+    live for a dispatch) is "short-lived"."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.groups: dict[str, float] = {}
+
+    def start(self) -> ThreadCpu:
+        import threading
+
+        self._process = process_cpu(self.pid)
+        self._first = _threads(self.pid)
+        self._last = dict(self._first)
+        self._done = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        while not self._done.wait(0.25):
+            self._last.update(_threads(self.pid))
+
+    def stop(self) -> ThreadCpu:
+        self._done.set()
+        self._reader.join()
+        self._last.update(_threads(self.pid))
+        spent = process_cpu(self.pid) - self._process
+        groups = dict.fromkeys([g for _, g in THREAD_GROUPS] + ["other"], 0.0)
+        for tid, (name, cpu) in self._last.items():
+            group = next((g for start, g in THREAD_GROUPS if name.startswith(start)), "other")
+            groups[group] += cpu - self._first.get(tid, (name, 0.0))[1]
+        groups["short-lived"] = max(spent - sum(groups.values()), 0.0)
+        self.groups = groups
+        return self
 class TimingPACS:
     """DCMTK ``storescp`` as the PACS (a C peer, as a real PACS would be, and cheap on
     the 2 cores it shares with the node). When an SR was stored is its file's
@@ -307,7 +371,10 @@ class Node:
             self.install(model, force=True)
         # The bench's model is untrained: the node serves it because this allows it (speed
         # does not depend on the weights), and every SR says UNVALIDATED MODEL.
-        env = {**os.environ, "DICOM_NODE_MIN_FREE_DISK_MB": "0",
+        # Its threads named (bench/threadnames), so that their CPU can be read.
+        python_path = os.pathsep.join(filter(None, [str(THREAD_NAMES),
+                                                    os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": python_path, "DICOM_NODE_MIN_FREE_DISK_MB": "0",
                "DICOM_NODE_ALLOW_UNVALIDATED_MODELS": "true",
                "DICOM_NODE_EVIDENCE_IMAGE": str(evidence).lower()}
         if batch_size is not None:
@@ -356,11 +423,12 @@ class Node:
 
 def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_size: int | None,
                files: list[tuple[str, Path]], engine: Any, node_batch: int, evidence: bool
-               ) -> tuple[float, CpuMeter, dict[str, float], float, float]:
+               ) -> tuple[float, CpuMeter, ThreadCpu, dict[str, float], float, float]:
     """A queue of images, then the model: the pipeline's sustained throughput, with the
     bare engine (same model, the node's batch size) measured in this process right
     before and right after it (this shared VM's speed drifts by several per cent over
-    minutes, so the baseline brackets the run it is compared with)."""
+    minutes, so the baseline brackets the run it is compared with), and the node's CPU
+    thread by thread."""
     node = Node(work, name, pacs, None, batch_size, evidence)
     try:
         sender = Sender(node.port)
@@ -373,16 +441,18 @@ def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_si
         ready, logged_batch = node.ready_at(600)
         assert logged_batch == node_batch, (logged_batch, node_batch)
         cpu = CpuMeter(node.process.pid, pacs.proc.pid).start()
+        threads = ThreadCpu(node.process.pid).start()
         uids = [uid for uid, _ in files]
         arrived = pacs.wait_for(node, uids, 1800)
         sustained = len(files) / (max(arrived.values()) - ready)
+        threads.stop()
         cpu.stop()
         after = engine_rate(engine, node_batch, 64)
         time.sleep(0.5)
         stages = breakdown(node.data, node.log()[offset:], uids)
     finally:
         node.stop()
-    return sustained, cpu, stages, before, after
+    return sustained, cpu, threads, stages, before, after
 
 
 def main() -> None:
@@ -469,10 +539,10 @@ def run(work: Path) -> None:
     engine = Engine(artifact, batch_size=max(16, node_batch))
     engine.warmup()
     try:
-        sustained, cpu_queued, stages, before, after = queued_run(
+        sustained, cpu_queued, _, stages, before, after = queued_run(
             work, "queued", pacs, artifact, args.batch_size, queued_files, engine, node_batch,
             evidence=True)
-        plain, cpu_plain, plain_stages, plain_before, plain_after = queued_run(
+        plain, cpu_plain, threads, plain_stages, plain_before, plain_after = queued_run(
             work, "queued-no-evidence", pacs, artifact, args.batch_size, plain_files, engine,
             node_batch, evidence=False)
     finally:
@@ -499,6 +569,17 @@ def run(work: Path) -> None:
           f"engine's about {engine_cpu * 1000:.0f} ms (its CPU time an image, measured bare): "
           f"on a saturated CPU the ratio cannot pass {min(1.0, engine_cpu / node_cpu):.2f}",
           flush=True)
+    # Thread by thread: what the node spends outside the network, against what the target
+    # leaves it. At 0.85 of the engine, with the CPU as busy as under the bare engine and
+    # the network costing in the node what it costs bare, everything else may take at
+    # most engine_cpu / 0.85 - engine_cpu an image.
+    by_thread = {group: seconds / burst for group, seconds in threads.groups.items()}
+    outside = sum(v for group, v in by_thread.items() if group != "network")
+    budget = engine_cpu / 0.85 - engine_cpu
+    print("  evidence off, the node's CPU an image by thread: "
+          + ", ".join(f"{group} {v * 1000:.1f} ms" for group, v in by_thread.items())
+          + f"; outside the network {outside * 1000:.1f} ms, where 0.85 leaves at most "
+          f"{budget * 1000:.1f} ms", flush=True)
     # The least the pipeline can cost: reading the source and making the input. Even with
     # the SR, the job store and the send free, the ratio cannot pass this bound.
     floor = floor_cpu_per_image(plain_files, engine.input_size)
@@ -540,6 +621,9 @@ def run(work: Path) -> None:
           f"no_evidence_cpu_bound={min(1.0, engine_cpu / node_cpu):.3f} "
           f"engine_cpu_ms_per_img={engine_cpu * 1000:.1f} floor_cpu_ms_per_img={floor * 1000:.1f} "
           f"floor_bound={floor_bound:.3f} no_window_floor_cpu_ms_per_img={unwindowed * 1000:.1f} "
+          f"outside_network_cpu_ms={outside * 1000:.1f} outside_budget_ms={budget * 1000:.1f} "
+          + " ".join(f"{group.replace('-', '_')}_cpu_ms={v * 1000:.1f}"
+                     for group, v in by_thread.items()) + " "
           + " ".join(f"{k}_ms={v * 1000:.1f}" for k, v in stages.items()))
 
 
