@@ -131,7 +131,7 @@ def _threads(pid: int) -> dict[str, tuple[str, float]]:
 
 class ThreadCpu:
     """The node's CPU seconds between start() and stop(), by group of threads
-    (:data:`THREAD_GROUPS`; "other" for the rest). Its threads are read every 0.25 s,
+    (:data:`THREAD_GROUPS`; "other" for the rest). Its threads are read every second,
     so that one ending meanwhile keeps what it had spent by its last reading; what the
     process spent beyond its threads' readings (delivery's association threads, which
     live for a dispatch) is "short-lived"."""
@@ -152,7 +152,7 @@ class ThreadCpu:
         return self
 
     def _read(self) -> None:
-        while not self._done.wait(0.25):
+        while not self._done.wait(1.0):
             self._last.update(_threads(self.pid))
 
     def stop(self) -> ThreadCpu:

@@ -43,8 +43,10 @@ object.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import struct
 from copy import deepcopy
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,7 +54,13 @@ from io import BytesIO
 from typing import Literal
 
 import highdicom as hd
+from highdicom._standard_utils import (
+    get_iod_module_map,
+    get_module_attribute_map,
+    get_sop_class_iod_map,
+)
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.enum import PatientSexValues
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
@@ -71,18 +79,25 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
+from highdicom.sr.utils import collect_evidence
 from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_data_element, write_dataset, write_sequence_item
+from pydicom.filewriter import (
+    write_data_element,
+    write_dataset,
+    write_file_meta_info,
+    write_sequence_item,
+)
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
-from pydicom.valuerep import DS
+from pydicom.uid import UID, DigitalXRayImageStorageForPresentation, generate_uid
+from pydicom.valuerep import DA, DS, TM
 
 from dicom_node import __version__
 from dicom_node.libraries import mark_as_written_encoding, only_item
@@ -126,6 +141,8 @@ VIEW_TEXTS = {
                     "it was classified as if frontal.",
 }
 _CLASS_BY_CODE = {c.snomed_code: c.key for c in CLASSES}
+#: What the model contributed to an SR, as its Contributing Equipment item says.
+CONTRIBUTION = "Automated classification of a chest radiograph (normal / pneumonia / COVID-19)"
 
 
 @dataclass(frozen=True)
@@ -326,8 +343,7 @@ def _document(source: Dataset, content: Dataset | Sequence, card: ModelCard,
               institution_name: str | None) -> Comprehensive3DSR:
     """The SR document around ``content``; ``source`` is already a :func:`source_header`
     and ``validation`` is the card's."""
-    equipment = model_equipment(card, "Automated classification of a chest radiograph "
-                                      "(normal / pneumonia / COVID-19)")
+    equipment = model_equipment(card, CONTRIBUTION)
     sr = Comprehensive3DSR(
         evidence=[source],
         content=content,
@@ -406,6 +422,12 @@ class ReportBuilder:
     result equals :func:`build_sr`'s element for element, apart from the fresh
     tracking UIDs and creation times, and that DCMTK's ``dciodvfy`` and
     ``dsrdump`` take it.
+
+    What the node writes comes from :meth:`encode`, which keeps the document
+    around the tree as a template too (per source SOP Class and character set):
+    highdicom's checks of the source's values, its evidence and equipment
+    functions and the source's own copied elements are all that is made for a
+    later image.
     """
 
     def __init__(self, card: ModelCard, institution_name: str | None = None) -> None:
@@ -420,6 +442,12 @@ class ReportBuilder:
         self._cut: dict[tuple[str, ...], tuple[list[bytes], bytes]] = {}
         self._slots: list[_Slot] = []
         self._variants: dict[tuple[object, ...], bytes] = {}
+        #: Per source SOP Class and character set: the document's template.
+        self._documents: dict[tuple[str, tuple[str, ...]], _Document] = {}
+        #: The root :meth:`build` gives highdicom for a later image, and :meth:`encode`
+        #: highdicom's evidence collection (it holds no reference).
+        self._root = ContainerContentItem(name=title(self.validation), template_id="1500")
+        self._root.ContentSequence = ContentSequence([])
 
     def build(self, source: Dataset, result: Classification, sop_instance_uid: str,
               series_instance_uid: str) -> Comprehensive3DSR:
@@ -448,9 +476,7 @@ class ReportBuilder:
         # The document around an empty root (highdicom copies the root and walks it for
         # references; the evidence it lists comes from ``evidence``): its Content
         # Sequence is replaced below.
-        root = ContainerContentItem(name=title(self.validation), template_id="1500")
-        root.ContentSequence = ContentSequence([])
-        sr = _document(evidence, root, self.card, self.validation, sop_instance_uid,
+        sr = _document(evidence, self._root, self.card, self.validation, sop_instance_uid,
                        series_instance_uid, self.institution_name)
         # The tree's texts (the model's name and version among them) in the SR's own
         # character set, which is the source's.
@@ -468,6 +494,94 @@ class ReportBuilder:
         mark_as_written_encoding(sr)
         return sr
 
+    def encode(self, source: Dataset, result: Classification, sop_instance_uid: str,
+               series_instance_uid: str) -> bytes:
+        """The SR for one classified image as the bytes of its Part 10 file: :meth:`build`'s
+        SR as pydicom writes it (``save_as`` with ``enforce_file_format``).
+
+        For the first source of each SOP Class and character set, it is exactly that,
+        and the document is kept as a template: each of its top-level elements
+        encoded, except those made for each SR -- the attributes highdicom copies
+        from the source (the root attributes of the source IOD's Patient and Study
+        modules, per highdicom's tables, and those its SOP class sets from the source
+        itself), the SR's UIDs, creation and content dates and times, the evidence,
+        the Contributing Equipment (the source's acquisition equipment, the model,
+        highdicom) and the content tree. For a later source those are made as
+        highdicom makes them -- its own functions for the evidence and the equipment,
+        the source's own elements for what it copies, after the checks highdicom's
+        SOP class makes of the values it is given -- encoded, and placed among the
+        template's in tag order. Tests check the result equals :meth:`build`'s, and
+        :func:`build_sr`'s, apart from tracking UIDs and creation times.
+
+        Parameters
+        ----------
+        source
+            The classified image.
+        result
+            The class, the probabilities and the view.
+        sop_instance_uid, series_instance_uid
+            The SR's identity, minted when the job was created.
+
+        Raises
+        ------
+        ValueError
+            highdicom finds the content or the source invalid.
+        """
+        header = source_header(source)
+        charset = header.get("SpecificCharacterSet")
+        key = (str(header.SOPClassUID), (charset,) if isinstance(charset, str)
+               else tuple(charset or ()))
+        document = self._documents.get(key)
+        if document is None or self._marked is None:
+            sr = self.build(source, result, sop_instance_uid, series_instance_uid)
+            self._documents[key] = _Document.of(sr, key[0])
+            return _written(sr)
+        _check_as_highdicom(header)
+        encodings = document.encodings
+        image = _item_bytes(SourceImageForMeasurementGroup.from_source_image(header),
+                            encodings)
+        content = self._content(image, result, encodings)
+        now = datetime.now()  # local time, as highdicom's
+        day, time = DA(now.date()), TM(now.time())
+        same_study, other_studies = collect_evidence(
+            [header], self._root, study_instance_uid=str(header.StudyInstanceUID))
+        made = [(_SOP_INSTANCE_UID, "UI", sop_instance_uid),
+                (_SERIES_INSTANCE_UID, "UI", series_instance_uid),
+                (_INSTANCE_CREATION_DATE, "DA", day), (_INSTANCE_CREATION_TIME, "TM", time),
+                (_CONTENT_DATE, "DA", day), (_CONTENT_TIME, "TM", time),
+                (_EQUIPMENT, "SQ", Sequence(self._equipment(header)))]
+        if same_study:
+            made.append((_EVIDENCE, "SQ", Sequence(same_study)))
+        if other_studies:
+            made.append((_OTHER_EVIDENCE, "SQ", Sequence(other_studies)))
+        elements = [*document.constant,
+                    *((tag, _encoded(DataElement(tag, vr, value), encodings))
+                      for tag, vr, value in made),
+                    *((tag, _encoded(header[tag], encodings))
+                      for tag in document.copied if tag in header),
+                    (_CONTENT_SEQUENCE, _sequence_header(_CONTENT_SEQUENCE, len(content))
+                     + content)]
+        elements.sort(key=lambda element: element[0])
+        meta = FileMetaDataset(document.meta)
+        meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+        encoded = DicomBytesIO()
+        encoded.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(encoded, meta, enforce_standard=True)
+        return encoded.getvalue() + b"".join(element for _, element in elements)
+
+    def _equipment(self, header: Dataset) -> list[Dataset]:
+        """The SR's Contributing Equipment items, as :func:`_document` has highdicom make
+        them: the source's acquisition equipment (when highdicom can say it), the
+        model with its Device UID, highdicom."""
+        items: list[Dataset] = []
+        try:
+            items.append(hd.ContributingEquipment.for_image_acquisition(header))
+        except Exception:  # noqa: S110 (as highdicom: the source's equipment left out)
+            pass
+        model = model_equipment(self.card, CONTRIBUTION)
+        model.DeviceUID = self.card.device_uid
+        return [*items, model, hd.ContributingEquipment.for_highdicom(purpose_of_reference=None)]
+
     def warm_up(self) -> None:
         """Build and encode one SR for a made-up source: highdicom reads its tables of
         the standard (about 0.5 s, once per process) and the content tree is kept,
@@ -482,8 +596,7 @@ class ReportBuilder:
         source.HighBit, source.PixelRepresentation = 7, 0
         source.PhotometricInterpretation = "MONOCHROME2"
         result = Classification(CLASSES[0].key, {c.key: 1.0 / len(CLASSES) for c in CLASSES})
-        sr = self.build(source, result, generate_uid(), generate_uid())
-        sr.save_as(BytesIO(), enforce_file_format=True)
+        self.encode(source, result, generate_uid(), generate_uid())
 
     def _keep(self, sr: Dataset) -> None:
         """Keep the content tree of ``sr`` as bytes cut at its per-image items, and a
@@ -563,6 +676,109 @@ class ReportBuilder:
             encoded = self._variants[key] = _item_bytes(_slot_item(slot, result, reached),
                                                         encodings)
         return encoded
+
+
+#: Set by highdicom's SOP class from the source whatever the source's IOD (then
+#: overwritten by the source's own element where its Patient and Study modules have it).
+_SET_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                    "StudyInstanceUID", "AccessionNumber", "StudyID", "StudyDate",
+                    "StudyTime", "ReferringPhysicianName")
+_SOP_INSTANCE_UID = Tag("SOPInstanceUID")
+_SERIES_INSTANCE_UID = Tag("SeriesInstanceUID")
+_INSTANCE_CREATION_DATE = Tag("InstanceCreationDate")
+_INSTANCE_CREATION_TIME = Tag("InstanceCreationTime")
+_CONTENT_DATE = Tag("ContentDate")
+_CONTENT_TIME = Tag("ContentTime")
+_EQUIPMENT = Tag("ContributingEquipmentSequence")
+_EVIDENCE = Tag("CurrentRequestedProcedureEvidenceSequence")
+_OTHER_EVIDENCE = Tag("PertinentOtherEvidenceSequence")
+
+
+@functools.cache
+def _copied_tags(sop_class_uid: str) -> tuple[BaseTag, ...]:
+    """The attributes highdicom's SR takes from a source of this SOP Class, in tag order:
+    the root attributes of the Patient and Study modules of the source's IOD, as
+    ``SOPClass.copy_patient_and_study_information`` walks highdicom's tables, and
+    those its SOP class sets from the source itself.
+
+    Raises
+    ------
+    KeyError
+        An SOP Class highdicom does not know (highdicom's SR cannot be made either).
+    """
+    iod = get_sop_class_iod_map()[sop_class_uid]
+    attributes = get_module_attribute_map()
+    keywords = [str(item["keyword"]) for module in get_iod_module_map()[iod]
+                if module["ie"] in ("Patient", "Study")
+                for item in attributes[module["key"]] if len(item["path"]) == 0]
+    tags = {tag for keyword in (*keywords, *_SET_FROM_SOURCE)
+            if (tag := tag_for_keyword(keyword)) is not None}
+    return tuple(Tag(tag) for tag in sorted(tags))
+
+
+#: The SR's top-level elements made for each SR, besides those copied from the source.
+_MADE_FOR_EACH = frozenset({_SOP_INSTANCE_UID, _SERIES_INSTANCE_UID, _INSTANCE_CREATION_DATE,
+                            _INSTANCE_CREATION_TIME, _CONTENT_DATE, _CONTENT_TIME, _EQUIPMENT,
+                            _EVIDENCE, _OTHER_EVIDENCE, Tag("ContentSequence")})
+
+
+@dataclass(frozen=True)
+class _Document:
+    """An SR document kept as a template (:meth:`ReportBuilder.encode`)."""
+
+    #: Its top-level elements that are the same in every SR, encoded, with their tags.
+    constant: tuple[tuple[BaseTag, bytes], ...]
+    #: What highdicom copies from a source of this SOP Class.
+    copied: tuple[BaseTag, ...]
+    #: Its file meta information, as written.
+    meta: FileMetaDataset
+    #: Python codecs of its Specific Character Set.
+    encodings: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sr: Dataset, source_sop_class_uid: str) -> _Document:
+        """The template of ``sr``, an SR made by :meth:`ReportBuilder.build` from a source
+        of this SOP Class, after it was written (its file meta as written)."""
+        copied = _copied_tags(source_sop_class_uid)
+        made = _MADE_FOR_EACH.union(copied)
+        encodings = tuple(convert_encodings(sr.get("SpecificCharacterSet")))
+        constant = tuple((element.tag, _encoded(element, encodings))
+                         for element in sr if element.tag not in made)
+        return cls(constant, copied, FileMetaDataset(sr.file_meta), encodings)
+
+
+def _written(sr: Dataset) -> bytes:
+    """``sr`` as the node writes an SR file."""
+    encoded = BytesIO()
+    sr.save_as(encoded, enforce_file_format=True)
+    return encoded.getvalue()
+
+
+def _check_as_highdicom(header: Dataset) -> None:
+    """Raise where highdicom's SOP class raises for the values it is given from the
+    source (``highdicom.base.SOPClass``): a Patient's Sex that is not M, F or O, a
+    date or time pydicom cannot read."""
+    sex = header.PatientSex
+    if sex is not None and sex != "":
+        PatientSexValues(sex)
+    DA(header.PatientBirthDate)
+    if header.StudyDate is not None:
+        DA(header.StudyDate)
+    if header.StudyTime is not None:
+        TM(header.StudyTime)
+
+
+def _encoded(element: DataElement, encodings: tuple[str, ...]) -> bytes:
+    """One element as pydicom writes it in an SR: Explicit VR Little Endian, texts in
+    ``encodings``."""
+    encoded = _explicit_little_endian()
+    write_data_element(encoded, element, list(encodings))
+    return encoded.getvalue()
+
+
+def _sequence_header(tag: BaseTag, length: int) -> bytes:
+    """A sequence element's tag, VR and length (Explicit VR Little Endian)."""
+    return struct.pack("<HH2sHL", tag.group, tag.element, b"SQ", 0, length)
 
 
 _SlotKind = Literal["uid", "image", "probability", "finding", "flagged", "view", "threshold_met"]

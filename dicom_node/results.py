@@ -109,11 +109,9 @@ class ResultWriter:
                 # out of the log.
                 warnings.simplefilter("ignore")
                 result = Classification(label, probabilities, view=job.view or "undetermined")
-                sr = reports.build(item.source, result,
-                                   job.sr_sop_instance_uid, job.sr_series_instance_uid)
-            encoded = BytesIO()
-            sr.save_as(encoded, enforce_file_format=True)
-            sr_name = self.spool.write_report(job.id, encoded.getvalue())
+                encoded = reports.encode(item.source, result,
+                                         job.sr_sop_instance_uid, job.sr_series_instance_uid)
+            sr_name = self.spool.write_report(job.id, encoded)
         except Exception as exc:
             self.store.fail(job.id, self.owner, f"SR could not be built: {exc}")
             LOGGER.warning("job %d: SR could not be built (%s)", job.id, type(exc).__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from copy import deepcopy
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
@@ -15,6 +16,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from dicom_node import report
 from dicom_node.report import Classification, ReportBuilder, build_sr
 from model.card import ModelCard, OperatingPoint
 from model.card import TestEvidence as Evidence  # not "Test*": pytest would collect it
@@ -137,6 +139,15 @@ def test_every_sr_is_valid(card: ModelCard, tmp_path: Path, shared_dicom: Path) 
             path = tmp_path / f"sr{i}-{how}.dcm"
             sr.save_as(path, enforce_file_format=True)
             check(path, source, result, sr_uid, series_uid, card)
+        # The bytes the node writes, twice a source: the second from the template of
+        # the document (made from the first).
+        for turn in range(2):
+            sr_uid, series_uid = generate_uid(), generate_uid()
+            with pydicom_config.disable_value_validation():
+                encoded = builder.encode(source, result, sr_uid, series_uid)
+            path = tmp_path / f"sr{i}-encoded{turn}.dcm"
+            path.write_bytes(encoded)
+            check(path, source, result, sr_uid, series_uid, card)
 
 
 def _latin1_patient() -> Dataset:
@@ -204,6 +215,90 @@ def test_builder_gives_what_highdicom_gives(card: ModelCard, shared_dicom: Path)
             assert len(set(fresh)) == len(fresh) == 4
             assert not seen & set(fresh), "a tracking UID was reused"
             seen |= set(fresh)
+
+
+def _utf8_patient() -> Dataset:
+    source = dx_16bit()
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.PatientName = "Łukasiewicz^Zoë"
+    return source
+
+
+def _other_patient(source: Dataset) -> Dataset:
+    """``source`` as another patient's image in another study: every value the SR
+    copies from its source differs, and a few attributes more are there."""
+    other = deepcopy(source)
+    other.PatientName, other.PatientID = "Other^Patient", "P-2"
+    other.PatientBirthDate, other.PatientSex = "19700101", "F"
+    other.StudyInstanceUID, other.SeriesInstanceUID = generate_uid(), generate_uid()
+    other.SOPInstanceUID = generate_uid()
+    other.AccessionNumber, other.StudyID = "A-2", "S-2"
+    other.StudyDate, other.StudyTime = "20240229", "235959"
+    other.ReferringPhysicianName = "Referrer^Other"
+    other.PatientAge, other.PatientWeight, other.StudyDescription = "051Y", 62.0, "CHEST PA"
+    other.Manufacturer, other.ManufacturerModelName = "Other X-ray Co", "XR 9"
+    return other
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_encoded_srs_are_what_highdicom_gives(card: ModelCard, shared_dicom: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the node writes (:meth:`ReportBuilder.encode`) equals highdicom's SR for
+    every source, whether the document came from highdicom (the first source of a
+    SOP Class and character set) or from its template (every later one: highdicom
+    is not asked, as the second round checks)."""
+    builder = ReportBuilder(card, institution_name="General")
+    made = [dx_16bit(), cr_monochrome1(), jpeg2000(), _latin1_patient(), _bare_source(),
+            _utf8_patient()]
+    with pydicom_config.disable_value_validation():
+        made += [dcmread(p, force=True) for p in sorted(shared_dicom.glob("*.dcm"))]
+    rounds = [made, [_other_patient(source) for source in made]]
+    for turn, of_turn in enumerate(rounds):
+        cases = [(source, RESULTS[(i + turn) % len(RESULTS)], (generate_uid(), generate_uid()))
+                 for i, source in enumerate(of_turn)]
+        with pydicom_config.disable_value_validation():
+            references = [build_sr(source, result, card, *uids, card.device_uid, "General")
+                          for source, result, uids in cases]
+            with monkeypatch.context() as patched:
+                if turn == 1:
+                    patched.setattr(report, "_document", _never)
+                written = [builder.encode(source, result, *uids)
+                           for source, result, uids in cases]
+        for (source, result, _), reference, encoded in zip(cases, references, written,
+                                                           strict=True):
+            fast = dcmread(BytesIO(encoded))
+            # Each element once, in order, as pydicom writes what it read of them.
+            again = BytesIO()
+            fast.save_as(again, enforce_file_format=True)
+            assert again.getvalue() == encoded
+            assert _comparable(fast) == _comparable(reference)
+            assert fast.file_meta == _file_meta(reference)
+            assert read_result(fast) == expected(result, card)
+            assert fast.PatientName == source.get("PatientName", "")
+
+
+def _never(*_: object) -> None:
+    raise AssertionError("highdicom was asked for a document the template has")
+
+
+def _file_meta(sr: Dataset) -> Dataset:
+    encoded = BytesIO()
+    sr.save_as(encoded, enforce_file_format=True)
+    return dcmread(BytesIO(encoded.getvalue())).file_meta
+
+
+def test_a_source_highdicom_refuses_is_refused_from_the_template_too() -> None:
+    """A Patient's Sex highdicom does not take fails the SR whether or not the document
+    comes from the template (the job is failed with the reason, not sent)."""
+    builder = ReportBuilder(CARD)
+    builder.encode(dx_16bit(), RESULT, generate_uid(), generate_uid())
+    wrong = dx_16bit()
+    with pydicom_config.disable_value_validation():
+        wrong.PatientSex = "X"
+        with pytest.raises(ValueError, match="X"):
+            build_sr(wrong, RESULT, CARD, generate_uid(), generate_uid(), CARD.device_uid)
+        with pytest.raises(ValueError, match="X"):
+            builder.encode(wrong, RESULT, generate_uid(), generate_uid())
 
 
 def _build(result: Classification, card: ModelCard) -> Dataset:
@@ -319,13 +414,6 @@ def test_invalid_patient_age_is_left_out() -> None:
     source.PatientAge = "062Y"
     assert build_sr(source, RESULT, CARD, generate_uid(), generate_uid(),
                     generate_uid()).PatientAge == "062Y"
-
-
-def _utf8_patient() -> Dataset:
-    source = dx_16bit()
-    source.SpecificCharacterSet = "ISO_IR 192"
-    source.PatientName = "Łukasiewicz^Zoë"
-    return source
 
 
 def test_a_model_named_beyond_ascii_keeps_each_sources_character_set() -> None:
