@@ -111,9 +111,11 @@ class CpuMeter:
 #: Given to the node's process only: names its OS threads after its Python threads.
 THREAD_NAMES = ROOT / "bench" / "threadnames"
 #: The node's threads by the start of their name (Linux keeps 15 characters). OpenVINO's
-#: threads are started by the worker's thread, and take its name.
-THREAD_GROUPS = (("inference-work", "network"), ("report", "sr"), ("preprocess", "decode"),
-                 ("ThreadPoolExec", "scheduler"), ("feeder", "feeder"), ("lane", "feeder"))
+#: threads are started by the worker's thread, and take its name; the lanes make the
+#: engine's calls, as the bare engine's own lanes do (whose CPU its figure includes).
+THREAD_GROUPS = (("inference-work", "network"), ("lane", "network"), ("report", "sr"),
+                 ("preprocess", "decode"), ("ThreadPoolExec", "scheduler"),
+                 ("feeder", "feeder"))
 
 
 def _threads(pid: int) -> dict[str, tuple[str, float]]:

@@ -80,6 +80,7 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from highdicom.sr.utils import collect_evidence
+from highdicom.valuerep import check_person_name
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
@@ -534,8 +535,9 @@ class ReportBuilder:
         document = self._documents.get(key)
         if document is None or self._marked is None:
             sr = self.build(source, result, sop_instance_uid, series_instance_uid)
+            encoded = _written(sr)
             self._documents[key] = _Document.of(sr, key[0])
-            return _written(sr)
+            return encoded
         _check_as_highdicom(header)
         encodings = document.encodings
         image = _item_bytes(SourceImageForMeasurementGroup.from_source_image(header),
@@ -562,12 +564,12 @@ class ReportBuilder:
                     (_CONTENT_SEQUENCE, _sequence_header(_CONTENT_SEQUENCE, len(content))
                      + content)]
         elements.sort(key=lambda element: element[0])
-        meta = FileMetaDataset(document.meta)
+        meta = deepcopy(document.meta)  # the kept one stays as it is
         meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-        encoded = DicomBytesIO()
-        encoded.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(encoded, meta, enforce_standard=True)
-        return encoded.getvalue() + b"".join(element for _, element in elements)
+        written = DicomBytesIO()
+        written.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(written, meta, enforce_standard=True)
+        return written.getvalue() + b"".join(element for _, element in elements)
 
     def _equipment(self, header: Dataset) -> list[Dataset]:
         """The SR's Contributing Equipment items, as :func:`_document` has highdicom make
@@ -738,7 +740,7 @@ class _Document:
     @classmethod
     def of(cls, sr: Dataset, source_sop_class_uid: str) -> _Document:
         """The template of ``sr``, an SR made by :meth:`ReportBuilder.build` from a source
-        of this SOP Class, after it was written (its file meta as written)."""
+        of this SOP Class and then written (its file meta as written)."""
         copied = _copied_tags(source_sop_class_uid)
         made = _MADE_FOR_EACH.union(copied)
         encodings = tuple(convert_encodings(sr.get("SpecificCharacterSet")))
@@ -756,8 +758,15 @@ def _written(sr: Dataset) -> bytes:
 
 def _check_as_highdicom(header: Dataset) -> None:
     """Raise where highdicom's SOP class raises for the values it is given from the
-    source (``highdicom.base.SOPClass``): a Patient's Sex that is not M, F or O, a
-    date or time pydicom cannot read."""
+    source (``highdicom.base.SOPClass``): a Patient's Name that is not one name (it
+    lets a merely doubtful one pass), a Patient's Sex that is not M, F or O, a date
+    or time pydicom cannot read."""
+    name = header.PatientName
+    if name is not None:
+        try:
+            check_person_name(name)
+        except ValueError:  # as highdicom: only logged (by highdicom, and not here)
+            pass
     sex = header.PatientSex
     if sex is not None and sex != "":
         PatientSexValues(sex)

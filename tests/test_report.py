@@ -13,6 +13,8 @@ import highdicom as hd
 import pytest
 from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -228,7 +230,9 @@ def _other_patient(source: Dataset) -> Dataset:
     """``source`` as another patient's image in another study: every value the SR
     copies from its source differs, and a few attributes more are there."""
     other = deepcopy(source)
-    other.PatientName, other.PatientID = "Other^Patient", "P-2"
+    charset = source.get("SpecificCharacterSet")
+    other.PatientName = "Ôtré^Zoë" if charset in ("ISO_IR 100", "ISO_IR 192") else "Other^Patient"
+    other.PatientID = "P-2"
     other.PatientBirthDate, other.PatientSex = "19700101", "F"
     other.StudyInstanceUID, other.SeriesInstanceUID = generate_uid(), generate_uid()
     other.SOPInstanceUID = generate_uid()
@@ -248,6 +252,7 @@ def test_encoded_srs_are_what_highdicom_gives(card: ModelCard, shared_dicom: Pat
     SOP Class and character set) or from its template (every later one: highdicom
     is not asked, as the second round checks)."""
     builder = ReportBuilder(card, institution_name="General")
+    builder.warm_up()  # as the node: the DX template made from a made-up source
     made = [dx_16bit(), cr_monochrome1(), jpeg2000(), _latin1_patient(), _bare_source(),
             _utf8_patient()]
     with pydicom_config.disable_value_validation():
@@ -287,18 +292,26 @@ def _file_meta(sr: Dataset) -> Dataset:
     return dcmread(BytesIO(encoded.getvalue())).file_meta
 
 
-def test_a_source_highdicom_refuses_is_refused_from_the_template_too() -> None:
-    """A Patient's Sex highdicom does not take fails the SR whether or not the document
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("PatientSex", "X"), ("PatientBirthDate", "notadate"), ("StudyDate", "2024-01-01"),
+    ("StudyTime", "25:00"), ("PatientName", ["A^B", "C^D"])])
+def test_a_source_highdicom_refuses_is_refused_from_the_template_too(
+        keyword: str, value: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value highdicom's SR does not take fails the SR whether or not the document
     comes from the template (the job is failed with the reason, not sent)."""
     builder = ReportBuilder(CARD)
-    builder.encode(dx_16bit(), RESULT, generate_uid(), generate_uid())
+    builder.warm_up()  # the DX template, as the node makes it
     wrong = dx_16bit()
     with pydicom_config.disable_value_validation():
-        wrong.PatientSex = "X"
-        with pytest.raises(ValueError, match="X"):
+        # As received: the node reads without validating values.
+        wrong.add(DataElement(keyword, dictionary_VR(keyword), value,
+                              validation_mode=pydicom_config.IGNORE))
+        with pytest.raises((ValueError, TypeError)):
             build_sr(wrong, RESULT, CARD, generate_uid(), generate_uid(), CARD.device_uid)
-        with pytest.raises(ValueError, match="X"):
+        monkeypatch.setattr(report, "_document", _never)  # from the template only
+        with pytest.raises((ValueError, TypeError)):
             builder.encode(wrong, RESULT, generate_uid(), generate_uid())
+        builder.encode(dx_16bit(), RESULT, generate_uid(), generate_uid())  # the others go
 
 
 def _build(result: Classification, card: ModelCard) -> Dataset:

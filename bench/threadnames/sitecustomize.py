@@ -2,7 +2,9 @@
 thread's OS name (``/proc/<pid>/task/<tid>/comm``, 15 characters) becomes its Python
 name when it starts, so that the bench can read each thread's CPU time. Threads that
 native code starts (OpenVINO's) inherit the name of the thread that started them. Not
-part of the node: a bench's instrument. Linux only; anywhere else it does nothing.
+part of the node: a bench's instrument. Linux only; anywhere else it does nothing. First
+on the path, it stands in for any other ``sitecustomize`` (Debian's Python has one),
+which the bench does not need.
 """
 
 from __future__ import annotations
