@@ -98,7 +98,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DigitalXRayImageStorageForPresentation, generate_uid
-from pydicom.valuerep import DA, DS, TM
+from pydicom.valuerep import DA, DS, DT, TM
 
 from dicom_node import __version__
 from dicom_node.libraries import mark_as_written_encoding, only_item
@@ -371,15 +371,23 @@ def _equipment_model_name(card: ModelCard) -> str:
     return f"{card.name} {card.architecture}"[:64]
 
 
-def model_equipment(card: ModelCard, description: str) -> hd.ContributingEquipment:
+def contribution_time() -> str:
+    """When the model contributed, as its Contributing Equipment item says (UTC, to the
+    second)."""
+    return datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+
+
+def model_equipment(card: ModelCard, description: str, when: str | None = None
+                    ) -> hd.ContributingEquipment:
     """The model as Contributing Equipment (processing equipment, IHE AI Results), as
-    every object the node makes names it; ``description`` says what it contributed."""
+    every object the node makes names it; ``description`` says what it contributed,
+    ``when`` when (:func:`contribution_time`, now unless given)."""
     return hd.ContributingEquipment(
         manufacturer=card.manufacturer[:64],
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=_equipment_model_name(card),
         software_versions=[card.display_version[:64], f"{NODE_NAME} {__version__}"],
-        contribution_datetime=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        contribution_datetime=when or contribution_time(),
         contribution_description=description[:64],
     )
 
@@ -445,6 +453,10 @@ class ReportBuilder:
         self._variants: dict[tuple[object, ...], bytes] = {}
         #: Per source SOP Class and character set: the document's template.
         self._documents: dict[tuple[str, tuple[str, ...]], _Document] = {}
+        #: The model's Contributing Equipment item, encoded, for the second it names.
+        self._model_items: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        #: highdicom's own item, per character set, cut at its time.
+        self._highdicom_items: dict[tuple[str, ...], _HighdicomItem] = {}
         #: The root :meth:`build` gives highdicom for a later image, and :meth:`encode`
         #: highdicom's evidence collection (it holds no reference).
         self._root = ContainerContentItem(name=title(self.validation), template_id="1500")
@@ -550,8 +562,7 @@ class ReportBuilder:
         made = [(_SOP_INSTANCE_UID, "UI", sop_instance_uid),
                 (_SERIES_INSTANCE_UID, "UI", series_instance_uid),
                 (_INSTANCE_CREATION_DATE, "DA", day), (_INSTANCE_CREATION_TIME, "TM", time),
-                (_CONTENT_DATE, "DA", day), (_CONTENT_TIME, "TM", time),
-                (_EQUIPMENT, "SQ", Sequence(self._equipment(header)))]
+                (_CONTENT_DATE, "DA", day), (_CONTENT_TIME, "TM", time)]
         if same_study:
             made.append((_EVIDENCE, "SQ", Sequence(same_study)))
         if other_studies:
@@ -561,6 +572,7 @@ class ReportBuilder:
                       for tag, vr, value in made),
                     *((tag, _encoded(header[tag], encodings))
                       for tag in document.copied if tag in header),
+                    (_EQUIPMENT, self._equipment(header, encodings)),
                     (_CONTENT_SEQUENCE, _sequence_header(_CONTENT_SEQUENCE, len(content))
                      + content)]
         elements.sort(key=lambda element: element[0])
@@ -571,18 +583,33 @@ class ReportBuilder:
         write_file_meta_info(written, meta, enforce_standard=True)
         return written.getvalue() + b"".join(element for _, element in elements)
 
-    def _equipment(self, header: Dataset) -> list[Dataset]:
-        """The SR's Contributing Equipment items, as :func:`_document` has highdicom make
-        them: the source's acquisition equipment (when highdicom can say it), the
-        model with its Device UID, highdicom."""
-        items: list[Dataset] = []
+    def _equipment(self, header: Dataset, encodings: tuple[str, ...]) -> bytes:
+        """The SR's Contributing Equipment Sequence, encoded, its items as :func:`_document`
+        has highdicom make them: the source's acquisition equipment (when highdicom
+        can say it), the model with its Device UID, highdicom. The model's item is
+        kept for the second it names; highdicom's, whose time is to the microsecond,
+        is kept cut at its time."""
+        items = []
         try:
-            items.append(hd.ContributingEquipment.for_image_acquisition(header))
-        except Exception:  # noqa: S110 (as highdicom: the source's equipment left out)
-            pass
-        model = model_equipment(self.card, CONTRIBUTION)
-        model.DeviceUID = self.card.device_uid
-        return [*items, model, hd.ContributingEquipment.for_highdicom(purpose_of_reference=None)]
+            acquisition = hd.ContributingEquipment.for_image_acquisition(header)
+        except Exception:  # as highdicom: the source's equipment left out
+            acquisition = None
+        if acquisition is not None:
+            items.append(_item_bytes_defined(acquisition, encodings))
+        when = contribution_time()
+        model = self._model_items.get((when, encodings))
+        if model is None:
+            item = model_equipment(self.card, CONTRIBUTION, when)
+            item.DeviceUID = self.card.device_uid
+            self._model_items.clear()  # one second's item at a time
+            model = self._model_items[when, encodings] = _item_bytes_defined(item, encodings)
+        items.append(model)
+        cut = self._highdicom_items.get(encodings)
+        if cut is None:
+            cut = self._highdicom_items[encodings] = _HighdicomItem.of(encodings)
+        items.append(cut.now())
+        body = b"".join(items)
+        return _sequence_header(_EQUIPMENT, len(body)) + body
 
     def warm_up(self) -> None:
         """Build and encode one SR for a made-up source: highdicom reads its tables of
@@ -783,6 +810,45 @@ def _encoded(element: DataElement, encodings: tuple[str, ...]) -> bytes:
     encoded = _explicit_little_endian()
     write_data_element(encoded, element, list(encodings))
     return encoded.getvalue()
+
+
+def _item_bytes_defined(item: Dataset, encodings: tuple[str, ...]) -> bytes:
+    """``item`` as pydicom writes a sequence item of defined length (Explicit VR Little
+    Endian, texts in ``encodings``)."""
+    encoded = _explicit_little_endian()
+    write_sequence_item(encoded, item, list(encodings))
+    return encoded.getvalue()
+
+
+_CONTRIBUTION_DATETIME = Tag("ContributionDateTime")
+_ITEM_TAG = struct.pack("<HH", 0xFFFE, 0xE000)
+
+
+@dataclass(frozen=True)
+class _HighdicomItem:
+    """highdicom's Contributing Equipment item (``for_highdicom``), encoded once and cut
+    at its Contribution DateTime, which is to the microsecond."""
+
+    before: bytes
+    after: bytes
+    encodings: tuple[str, ...]
+
+    @classmethod
+    def of(cls, encodings: tuple[str, ...]) -> _HighdicomItem:
+        item = hd.ContributingEquipment.for_highdicom(purpose_of_reference=None)
+        body = _item_bytes_defined(item, encodings)[8:]
+        time = _encoded(item[_CONTRIBUTION_DATETIME], encodings)
+        before, found, after = body.partition(time)
+        if not found or time in after:
+            raise RuntimeError("highdicom's equipment item could not be cut at its time")
+        return cls(before, after, encodings)
+
+    def now(self) -> bytes:
+        """The item as highdicom makes it now."""
+        time = _encoded(DataElement(_CONTRIBUTION_DATETIME, "DT", DT(datetime.now())),
+                        self.encodings)
+        body = self.before + time + self.after
+        return _ITEM_TAG + struct.pack("<L", len(body)) + body
 
 
 def _sequence_header(tag: BaseTag, length: int) -> bytes:

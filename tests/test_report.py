@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from copy import deepcopy
 from dataclasses import replace
+from datetime import datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -261,7 +263,9 @@ def test_encoded_srs_are_what_highdicom_gives(card: ModelCard, shared_dicom: Pat
     for turn, of_turn in enumerate(rounds):
         cases = [(source, RESULTS[(i + turn) % len(RESULTS)], (generate_uid(), generate_uid()))
                  for i, source in enumerate(of_turn)]
-        with pydicom_config.disable_value_validation():
+        with pydicom_config.disable_value_validation(), monkeypatch.context() as clock:
+            if turn == 1:  # another second: the model's kept equipment item is not reused
+                clock.setattr(report, "contribution_time", lambda: "20300101000000")
             references = [build_sr(source, result, card, *uids, card.device_uid, "General")
                           for source, result, uids in cases]
             with monkeypatch.context() as patched:
@@ -280,6 +284,34 @@ def test_encoded_srs_are_what_highdicom_gives(card: ModelCard, shared_dicom: Pat
             assert fast.file_meta == _file_meta(reference)
             assert read_result(fast) == expected(result, card)
             assert fast.PatientName == source.get("PatientName", "")
+            # Each equipment item says when it contributed: now, as highdicom's does
+            # (the template's kept items have their times made for each SR).
+            for mine, theirs in zip(fast.ContributingEquipmentSequence,
+                                    reference.ContributingEquipmentSequence, strict=True):
+                if "ContributionDateTime" in theirs:
+                    gap = abs(_when(mine.ContributionDateTime)
+                              - _when(theirs.ContributionDateTime))
+                    assert gap < timedelta(seconds=2), (mine.ContributionDateTime, gap)
+
+
+def test_highdicoms_equipment_item_says_when_each_sr_was_made() -> None:
+    """highdicom's own Contributing Equipment item names the microsecond each SR was
+    made, also from the template."""
+    builder = ReportBuilder(CARD)
+    builder.warm_up()
+    times = []
+    for _ in range(2):
+        encoded = builder.encode(dx_16bit(), RESULT, generate_uid(), generate_uid())
+        item = dcmread(BytesIO(encoded)).ContributingEquipmentSequence[-1]
+        assert item.ManufacturerModelName == "highdicom"
+        times.append(datetime.strptime(str(item.ContributionDateTime), "%Y%m%d%H%M%S.%f"))
+        time.sleep(0.02)
+    assert timedelta(0) < times[1] - times[0] < timedelta(seconds=2)
+    assert abs(datetime.now() - times[1]) < timedelta(seconds=2)
+
+
+def _when(value: object) -> datetime:
+    return datetime.strptime(str(value)[:14], "%Y%m%d%H%M%S")
 
 
 def _never(*_: object) -> None:
