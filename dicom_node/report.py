@@ -477,8 +477,9 @@ class ReportBuilder:
 
         Raises
         ------
-        ValueError
-            highdicom finds the content or the source invalid.
+        ValueError, TypeError
+            highdicom finds the content or the source invalid (a Patient's Name of
+            more than one value: TypeError).
         """
         if self._marked is None:
             sr = build_sr(source, result, self.card, sop_instance_uid, series_instance_uid,
@@ -524,21 +525,8 @@ class ReportBuilder:
         the source's own elements for what it copies, after the checks highdicom's
         SOP class makes of the values it is given -- encoded, and placed among the
         template's in tag order. Tests check the result equals :meth:`build`'s, and
-        :func:`build_sr`'s, apart from tracking UIDs and creation times.
-
-        Parameters
-        ----------
-        source
-            The classified image.
-        result
-            The class, the probabilities and the view.
-        sop_instance_uid, series_instance_uid
-            The SR's identity, minted when the job was created.
-
-        Raises
-        ------
-        ValueError
-            highdicom finds the content or the source invalid.
+        :func:`build_sr`'s, apart from tracking UIDs and creation times. Parameters
+        and exceptions: :meth:`build`'s.
         """
         header = source_header(source)
         charset = header.get("SpecificCharacterSet")
