@@ -278,8 +278,10 @@ def bound_pdu_reads(transport: Any, limit: int, seconds: float,
                 pieces.append(piece)
                 got += want
         finally:
-            if sock.fileno() != -1:
+            try:
                 sock.settimeout(previous)
+            except OSError:  # closed under the read (the node stopping): nothing to restore
+                pass
         return pieces[0] if len(pieces) == 1 else bytearray(b"".join(pieces))
 
     def recv(nr_bytes: int) -> bytearray:

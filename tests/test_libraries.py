@@ -247,6 +247,41 @@ def test_bounded_reads_end_quietly_when_the_node_closes_the_socket() -> None:
         assert bytes(transport.recv(10)) == b""
 
 
+class _ClosedAfterTheRead:
+    """A socket that another thread closes right after a read fills: the read's own
+    descriptor still looks open to it, and restoring the timeout meets EBADF (seen in
+    a fresh-clone CI run of the SIGTERM durability test)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.closed = data, False
+
+    def gettimeout(self) -> float | None:
+        return None
+
+    def settimeout(self, _: float | None) -> None:
+        if self.closed:
+            raise OSError(9, "Bad file descriptor")
+
+    def fileno(self) -> int:
+        return 5  # as the reading thread last saw it
+
+    def recv_into(self, view: memoryview, count: int) -> int:
+        taken, self.data = self.data[:count], self.data[count:]
+        view[:len(taken)] = taken
+        self.closed = not self.data
+        return len(taken)
+
+
+def test_bounded_reads_end_quietly_when_the_socket_closes_as_a_read_ends() -> None:
+    import struct
+
+    header = struct.pack(">BBL", 4, 0, 10)
+    transport = _Transport(_ClosedAfterTheRead(header + b"0123456789"))
+    libraries.bound_pdu_reads(transport, limit=1000, seconds=2)
+    assert bytes(transport.recv(6)) == header
+    assert bytes(transport.recv(10)) == b"0123456789"
+
+
 def test_bounded_reads_drop_a_peer_trickling_small_pdus() -> None:
     """Each PDU arrives within the deadline, but a few bytes a second: after ``seconds``
     spent waiting in reads at under MIN_BYTES_PER_SECOND, the peer is dropped."""
