@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -83,7 +84,12 @@ configure()
 
 def process_cpu(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def _cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds in a ``/proc`` stat file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -123,11 +129,10 @@ def _threads(pid: int) -> dict[str, tuple[str, float]]:
     found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            found[tid] = (Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip(),
+                          _cpu_seconds(Path(f"/proc/{pid}/task/{tid}/stat")))
         except OSError:  # it ended meanwhile
             continue
-        found[tid] = (name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
     return found
 
 
@@ -143,8 +148,6 @@ class ThreadCpu:
         self.groups: dict[str, float] = {}
 
     def start(self) -> ThreadCpu:
-        import threading
-
         self._process = process_cpu(self.pid)
         self._first = _threads(self.pid)
         self._last = dict(self._first)

@@ -533,7 +533,7 @@ class ReportBuilder:
         key = (str(header.SOPClassUID), (charset,) if isinstance(charset, str)
                else tuple(charset or ()))
         document = self._documents.get(key)
-        if document is None or self._marked is None:
+        if document is None:  # (kept only once build() has kept the content tree)
             sr = self.build(source, result, sop_instance_uid, series_instance_uid)
             encoded = _written(sr)
             self._documents[key] = _Document.of(sr, key[0])
@@ -556,8 +556,7 @@ class ReportBuilder:
         if other_studies:
             made.append((_OTHER_EVIDENCE, "SQ", Sequence(other_studies)))
         elements = [*document.constant,
-                    *((tag, _encoded(DataElement(tag, vr, value), encodings))
-                      for tag, vr, value in made),
+                    *((tag, _element(tag, vr, value, encodings)) for tag, vr, value in made),
                     *((tag, _encoded(header[tag], encodings))
                       for tag in document.copied if tag in header),
                     (_EQUIPMENT, self._equipment(header, encodings)),
@@ -583,14 +582,14 @@ class ReportBuilder:
         except Exception:  # as highdicom: the source's equipment left out
             acquisition = None
         if acquisition is not None:
-            items.append(_item_bytes_defined(acquisition, encodings))
+            items.append(_encoded_item(acquisition, encodings))
         when = contribution_time()
         model = self._model_items.get((when, encodings))
         if model is None:
             item = model_equipment(self.card, CONTRIBUTION, when)
             item.DeviceUID = self.card.device_uid
             self._model_items.clear()  # one second's item at a time
-            model = self._model_items[when, encodings] = _item_bytes_defined(item, encodings)
+            model = self._model_items[when, encodings] = _encoded_item(item, encodings)
         items.append(model)
         cut = self._highdicom_items.get(encodings)
         if cut is None:
@@ -800,9 +799,9 @@ def _encoded(element: DataElement, encodings: tuple[str, ...]) -> bytes:
     return encoded.getvalue()
 
 
-def _item_bytes_defined(item: Dataset, encodings: tuple[str, ...]) -> bytes:
-    """``item`` as pydicom writes a sequence item of defined length (Explicit VR Little
-    Endian, texts in ``encodings``)."""
+def _encoded_item(item: Dataset, encodings: tuple[str, ...]) -> bytes:
+    """``item`` as pydicom writes a sequence item (of defined length unless marked
+    otherwise; Explicit VR Little Endian, texts in ``encodings``)."""
     encoded = _explicit_little_endian()
     write_sequence_item(encoded, item, list(encodings))
     return encoded.getvalue()
@@ -824,7 +823,7 @@ class _HighdicomItem:
     @classmethod
     def of(cls, encodings: tuple[str, ...]) -> _HighdicomItem:
         item = hd.ContributingEquipment.for_highdicom(purpose_of_reference=None)
-        body = _item_bytes_defined(item, encodings)[8:]
+        body = _encoded_item(item, encodings)[8:]
         time = _encoded(item[_CONTRIBUTION_DATETIME], encodings)
         before, found, after = body.partition(time)
         if not found or time in after:
@@ -833,8 +832,7 @@ class _HighdicomItem:
 
     def now(self) -> bytes:
         """The item as highdicom makes it now."""
-        time = _encoded(DataElement(_CONTRIBUTION_DATETIME, "DT", DT(datetime.now())),
-                        self.encodings)
+        time = _element(_CONTRIBUTION_DATETIME, "DT", DT(datetime.now()), self.encodings)
         body = self.before + time + self.after
         return _ITEM_TAG + struct.pack("<L", len(body)) + body
 
@@ -894,16 +892,13 @@ def _item_bytes(item: Dataset, encodings: tuple[str, ...] = (default_encoding,))
     """``item`` as a sequence item of undefined length, Explicit VR Little Endian (the
     SR's encoding), its texts in ``encodings`` (Python codecs, as pydicom converts the
     SR's Specific Character Set)."""
-    encoded = _explicit_little_endian()
-    write_sequence_item(encoded, _undefined_lengths(item), list(encodings))
-    return encoded.getvalue()
+    return _encoded_item(_undefined_lengths(item), encodings)
 
 
-def _element(tag: BaseTag, vr: str, value: object) -> bytes:
+def _element(tag: BaseTag, vr: str, value: object,
+             encodings: tuple[str, ...] = (default_encoding,)) -> bytes:
     """One element as pydicom writes it, Explicit VR Little Endian."""
-    encoded = _explicit_little_endian()
-    write_data_element(encoded, DataElement(tag, vr, value))
-    return encoded.getvalue()
+    return _encoded(DataElement(tag, vr, value), encodings)
 
 
 def _marker(number: int) -> Dataset:
