@@ -21,10 +21,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import generate_uid
-from sqlalchemy import ColumnElement, Select, and_, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,6 +55,48 @@ from dicom_node.db import (
 )
 
 LOGGER = logging.getLogger(__name__)
+
+_JOBS = cast(Table, Job.__table__)  # a mapped class's table: a Table
+
+#: A classified job's result, for an ``executemany`` over a batch (built once: building
+#: an ``UPDATE`` took most of a batch's commit). The evidence UIDs are kept as they
+#: are where a result brings none. The lease is checked again, as the select that
+#: chose the rows did, so that the statement can never store a result it does not own.
+_COMPLETE = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.lease_owner == bindparam("b_owner"),
+           _JOBS.c.state == JobState.RUNNING)
+    .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None,
+            finished_at=bindparam("b_now", type_=_JOBS.c.finished_at.type),
+            updated_at=bindparam("b_now", type_=_JOBS.c.updated_at.type),
+            last_error=None,
+            label=bindparam("b_label", type_=_JOBS.c.label.type),
+            probabilities=bindparam("b_probabilities", type_=_JOBS.c.probabilities.type),
+            model_version=bindparam("b_model_version", type_=_JOBS.c.model_version.type),
+            sr_file=bindparam("b_sr_file", type_=_JOBS.c.sr_file.type),
+            evidence_file=bindparam("b_evidence_file", type_=_JOBS.c.evidence_file.type),
+            evidence_sop_instance_uid=func.coalesce(
+                bindparam("b_evidence_sop", type_=_JOBS.c.evidence_sop_instance_uid.type),
+                _JOBS.c.evidence_sop_instance_uid),
+            evidence_series_instance_uid=func.coalesce(
+                bindparam("b_evidence_series",
+                          type_=_JOBS.c.evidence_series_instance_uid.type),
+                _JOBS.c.evidence_series_instance_uid),
+            flags=bindparam("b_flags", type_=_JOBS.c.flags.type),
+            model_validated=bindparam("b_model_validated",
+                                      type_=_JOBS.c.model_validated.type))
+)
+
+
+def _completed(result: JobResult, owner: str, now: datetime) -> dict[str, Any]:
+    """``result``'s parameters for :data:`_COMPLETE`."""
+    evidence = result.evidence_uids or (None, None)
+    return dict(b_id=result.job_id, b_owner=owner, b_now=now, b_label=result.label,
+                b_probabilities=result.probabilities, b_model_version=result.model_version,
+                b_sr_file=result.sr_file, b_evidence_file=result.evidence_file,
+                b_evidence_sop=evidence[0], b_evidence_series=evidence[1],
+                b_flags=None if result.flags is None else list(result.flags),
+                b_model_validated=result.model_validated)
 
 
 @dataclass(frozen=True)
@@ -326,40 +379,31 @@ class JobStore:
     def complete_batch(self, owner: str, results: Sequence[JobResult]) -> list[bool]:
         """Store each result and queue one delivery per destination, all in one transaction.
 
-        One commit for a whole batch (one fsync on SQLite, not one per job). A job
-        ``owner`` no longer holds is left unchanged, and its entry is False; the
-        others are stored all the same.
+        One commit for a whole batch (one fsync on SQLite, not one per job), and two
+        statements whatever its size: the jobs ``owner`` still holds are selected
+        (locked, on PostgreSQL), then updated in one ``executemany`` of a statement
+        built once. A job ``owner`` no longer holds is left unchanged, and its entry
+        is False; the others are stored all the same.
         """
+        if not results:
+            return []
         now = utcnow()
-        stored = []
-        deliveries: list[dict[str, Any]] = []
+        held = (select(Job.id)
+                .where(Job.id.in_([result.job_id for result in results]),
+                       Job.lease_owner == owner, Job.state == JobState.RUNNING)
+                .with_for_update())  # SQLite: BEGIN IMMEDIATE holds the database already
         with self._sessions.begin() as session:
-            for result in results:
-                updated = session.execute(
-                    update(Job)
-                    .where(Job.id == result.job_id, Job.lease_owner == owner,
-                           Job.state == JobState.RUNNING)
-                    .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None,
-                            finished_at=now, updated_at=now, last_error=None,
-                            label=result.label, probabilities=result.probabilities,
-                            model_version=result.model_version, sr_file=result.sr_file,
-                            evidence_file=result.evidence_file,
-                            **({} if result.evidence_uids is None else {
-                                "evidence_sop_instance_uid": result.evidence_uids[0],
-                                "evidence_series_instance_uid": result.evidence_uids[1]}),
-                            flags=None if result.flags is None else list(result.flags),
-                            model_validated=result.model_validated)
-                    # No Job of this session to bring up to date: no evaluation of the
-                    # criteria against the session's objects.
-                    .execution_options(synchronize_session=False)
-                )
-                ours = int(getattr(updated, "rowcount", 0)) == 1
-                stored.append(ours)
-                if ours:
-                    deliveries += [dict(job_id=result.job_id, kind=route.kind,
-                                        destination=route.destination, item=route.item,
-                                        next_attempt_at=now)
-                                   for route in dict.fromkeys(result.routes)]
+            ours = set(session.scalars(held))
+            stored = [result.job_id in ours for result in results]
+            done = [result for result in results if result.job_id in ours]
+            if not done:
+                return stored
+            connection = session.connection()
+            connection.execute(_COMPLETE, [_completed(result, owner, now) for result in done])
+            deliveries = [dict(job_id=result.job_id, kind=route.kind,
+                               destination=route.destination, item=route.item,
+                               next_attempt_at=now)
+                          for result in done for route in dict.fromkeys(result.routes)]
             if deliveries:  # one executemany, not an ORM flush of an object a row
                 session.execute(insert(Delivery), deliveries)
         return stored
