@@ -46,6 +46,11 @@ LOGGER = logging.getLogger(__name__)
 #: installed model.
 IDLE_POLL_SECONDS = 1.0
 
+#: How many classified batches may wait for the result writer (one being written, the
+#: rest queued) before the loop waits for it: the bound on results held in memory, and
+#: the backpressure when SRs are written more slowly than the network classifies.
+WRITER_BEHIND = 2
+
 
 @dataclass(frozen=True)
 class BatchTimings:
@@ -97,10 +102,12 @@ class Worker(threading.Thread):
         # The next batch is claimed and decoded while the current one is in the network.
         self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feeder")
         self._next: Future[Batch] | None = None
-        # SRs of batch k are written (pure Python) while batch k+1 runs in the network;
-        # at most one batch is ever waiting to finish.
+        # SRs of batch k are written (pure Python) while later batches run in the
+        # network; the writer may fall WRITER_BEHIND batches behind before the loop
+        # waits for it, so that a lane done with its batch takes the next one at once
+        # rather than after the writer catches up.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="report")
-        self._finishing: Future[None] | None = None
+        self._finishing: deque[Future[None]] = deque()
         # Batches in the network, oldest first: one, or with an engine of several lanes
         # (OpenVINO on a CPU) up to that many, each called from a lane thread.
         self._inflight: deque[tuple[Batch, Future[Inferred], LoadedModel]] = deque()
@@ -246,9 +253,9 @@ class Worker(threading.Thread):
             raise
         metrics.BATCH_SIZE.observe(len(batch.prepared))
         metrics.BATCH_SECONDS.observe(inference)
-        self._drain()
-        self._finishing = self._finisher.submit(
-            self._finish, batch, probabilities, maps, loaded.reports, inference)
+        self._drain(keep=WRITER_BEHIND - 1)
+        self._finishing.append(self._finisher.submit(
+            self._finish, batch, probabilities, maps, loaded.reports, inference))
 
     def _settle_all(self) -> None:
         """Settle every batch in the network (before going idle or stopping)."""
@@ -275,11 +282,10 @@ class Worker(threading.Thread):
         if self._on_results is not None:
             self._on_results()
 
-    def _drain(self) -> None:
-        """Wait for the batch being finished, if any."""
-        if self._finishing is not None:
+    def _drain(self, keep: int = 0) -> None:
+        """Wait, oldest first, until at most ``keep`` batches are being written."""
+        while len(self._finishing) > keep:
             try:
-                self._finishing.result()
+                self._finishing.popleft().result()
             except Exception:
                 LOGGER.exception("finishing a batch failed; its jobs will be retried")
-            self._finishing = None

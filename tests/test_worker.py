@@ -389,3 +389,62 @@ def test_a_batch_that_fails_is_not_renewed_but_retried(
     done, _, reaped = _run_queue(_lease_settings(tmp_path), small_artifact, 4, 1)
     assert sum(reaped) == 2  # the failed batch's two jobs, once their leases ran out
     assert sorted(j.attempts for j in done) == [1, 1, 2, 2]
+
+
+def test_a_slow_result_writer_holds_the_network_back_only_past_its_bound(
+        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+        lanes: int) -> None:
+    """While the result writer is stuck on a batch (a slow disk), the network goes on:
+    a lane done with its batch takes the next one at once, until WRITER_BEHIND batches
+    wait for the writer; then the worker waits, so results held in memory are bounded.
+    Once the writer is freed every job is stored."""
+    import threading
+    import time
+
+    from dicom_node.results import ResultWriter
+    from model import engine
+
+    passes: list[int] = []
+    for name in ("predict", "predict_with_maps"):
+        counted_pass = getattr(engine.Engine, name)
+
+        def counting(self: engine.Engine, images: Any, _run: Any = counted_pass) -> Any:
+            passes.append(len(images))
+            return _run(self, images)
+
+        monkeypatch.setattr(engine.Engine, name, counting)
+    stuck, released = threading.Event(), threading.Event()
+    write_batch = ResultWriter.write_batch
+
+    def slow_disk(self: ResultWriter, *args: Any, **kwargs: Any) -> None:
+        if not stuck.is_set():
+            stuck.set()
+            assert released.wait(60)
+        write_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResultWriter, "write_batch", slow_disk)
+    settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True,
+                        port=free_port(), allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
+                        batch_size=1, max_batch_delay_ms=0)
+    receiving = Node(settings)
+    receiving.start()
+    try:
+        assert store(receiving, [chest_image(seed=i) for i in range(8)]) == [0] * 8
+    finally:
+        receiving.stop()
+    card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
+    with JobStore(settings.database_url) as jobs:
+        worker = Worker(settings, jobs, Spool(settings.storage_dir))
+        worker.start()
+        try:
+            bound = lanes + worker_module.WRITER_BEHIND  # in the lanes, and waiting
+            wait_until(lambda: len(passes) >= bound, timeout=60)
+            time.sleep(1.5)  # time for a pass past the bound, were there one
+            assert stuck.is_set() and len(passes) == bound
+            released.set()
+            wait_until(lambda: jobs.counts() == {"done": 8}, timeout=120)
+        finally:
+            released.set()
+            worker.stop()
+            worker.join(timeout=60)
+    assert sum(passes) == 8
