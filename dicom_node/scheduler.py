@@ -263,7 +263,9 @@ class Scheduler:
                                 next_run_time=datetime.now(tz=utcnow().tzinfo))
         self._scheduler.add_job(store.reap_expired_leases, "interval", seconds=30, id=REAP_JOB,
                                 max_instances=1, coalesce=True, misfire_grace_time=None)
-        self.studies = StudyBook(store, Messenger(settings, spool).on_close)
+        messenger = Messenger(settings, spool)
+        # No worklist destination: closing a study writes to the database only.
+        self.studies = StudyBook(store, messenger.on_close if messenger.targets else None)
         self._scheduler.add_job(self.studies.close_due, "interval",
                                 seconds=STUDIES_INTERVAL_SECONDS, id=STUDIES_JOB,
                                 max_instances=1, coalesce=True, misfire_grace_time=None)

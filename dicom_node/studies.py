@@ -168,7 +168,7 @@ class StudyBook:
 
     ``on_close(session, study, jobs)``, when given, runs in the transaction that
     closes each result (the worklist messages are added there, so a closed result
-    never lacks them).
+    never lacks them); None when there is nothing to add (no worklist destination).
     """
 
     def __init__(self, store: JobStore,
@@ -182,7 +182,6 @@ class StudyBook:
         classified (or failed), the longest due first, at most :data:`STUDIES_PER_RUN`;
         return the results closed."""
         now = now or utcnow()
-        closed: list[StudyResult] = []
         # An image of the study still in the queue: it closes once the network has seen
         # every image.
         waiting = select(Job.id).where(
@@ -205,23 +204,8 @@ class StudyBook:
             still_waiting = self._waiting(session, uids)
             # One query for all of them, not one a study: their images classified or failed.
             finished = self._finished(session, uids)
-            for study in due:
-                if study.study_instance_uid in still_waiting:
-                    continue
-                try:
-                    with session.begin_nested():  # one study's failure is its own
-                        jobs = finished.get(study.study_instance_uid, [])
-                        self._close(session, study, jobs, now)
-                        if self.on_close is not None:
-                            self.on_close(session, study, jobs)
-                except Exception as exc:
-                    # Not first in line again at the next run: enough results that keep
-                    # failing would fill every run and hold back those behind them.
-                    study.closes_at = now + timedelta(seconds=RETRY_SECONDS)
-                    LOGGER.error("study result %d could not be closed (%s); tried again "
-                                 "in %.0f s", study.id, type(exc).__name__, RETRY_SECONDS)
-                    continue
-                closed.append(study)
+            ready = [study for study in due if study.study_instance_uid not in still_waiting]
+            closed = self._close_all(session, ready, finished, now)
         for study in closed:
             LOGGER.info("study result %d (version %d) closed: %s%s, %d image(s)%s%s", study.id,
                         study.version, study.label or "no result",
@@ -232,6 +216,51 @@ class StudyBook:
                         "" if study.model_validated is not False
                         else f" -- {UNVALIDATED_WARNING}")
         return closed
+
+    def _close_all(self, session: Session, studies: list[StudyResult],
+                   finished: dict[str, list[Job]], now: datetime) -> list[StudyResult]:
+        """Close ``studies`` with their ``finished`` images; return those closed. One
+        study's failure is its own: it waits :data:`RETRY_SECONDS`, the others close.
+
+        Without ``on_close`` (no worklist destination), closing writes only to the
+        database: all are closed in one savepoint and one flush (their updates go as
+        one ``executemany``), and, should any fail, that savepoint is rolled back and
+        they are closed one by one. ``on_close`` writes message files, which a rolled-
+        back savepoint would leave without their rows: then each study is closed in
+        its own savepoint from the start.
+        """
+        if not studies:
+            return []
+        if self.on_close is None:
+            try:
+                with session.begin_nested():
+                    for study in studies:
+                        self._close_one(session, study, finished, now)
+                return studies
+            except Exception:  # which one, and why, is logged below
+                LOGGER.info("closing %d study results together failed: one by one now",
+                            len(studies))
+        closed = []
+        for study in studies:
+            try:
+                with session.begin_nested():
+                    self._close_one(session, study, finished, now)
+            except Exception as exc:
+                # Not first in line again at the next run: enough results that keep
+                # failing would fill every run and hold back those behind them.
+                study.closes_at = now + timedelta(seconds=RETRY_SECONDS)
+                LOGGER.error("study result %d could not be closed (%s); tried again "
+                             "in %.0f s", study.id, type(exc).__name__, RETRY_SECONDS)
+                continue
+            closed.append(study)
+        return closed
+
+    def _close_one(self, session: Session, study: StudyResult,
+                   finished: dict[str, list[Job]], now: datetime) -> None:
+        jobs = finished.get(study.study_instance_uid, [])
+        self._close(session, study, jobs, now)
+        if self.on_close is not None:
+            self.on_close(session, study, jobs)
 
     @staticmethod
     def _waiting(session: Session, study_instance_uids: list[str]) -> set[str]:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy import select
 
 from dicom_node import studies
-from dicom_node.db import JobState, StudyState, utcnow
+from dicom_node.db import Delivery, DeliveryItem, JobState, StudyState, utcnow
 from dicom_node.jobs import (
     STUDY_KEY_SECRET_FILE,
     JobResult,
@@ -244,6 +247,88 @@ def test_a_study_that_cannot_close_waits_and_holds_back_none_behind_it(
     assert book.close_due(now + timedelta(seconds=studies.RETRY_SECONDS - 1)) == []
     retried = book.close_due(now + timedelta(seconds=studies.RETRY_SECONDS))
     assert [s.study_instance_uid for s in retried] == uids[:2]
+
+
+def _open_studies(store: JobStore, count: int, first: int) -> list[str]:
+    """``count`` studies of one classified frontal image each."""
+    uids = [f"1.2.3.{first + s}" for s in range(count)]
+    for s, uid in enumerate(uids):
+        classify(store, {receive(store, first + s, study=uid): {
+            "normal": 0.1, "pneumonia": 0.2 + 0.01 * s, "covid": 0.7 - 0.01 * s}})
+    return uids
+
+
+def _statements(store: JobStore) -> list[str]:
+    executed: list[str] = []
+    sqlalchemy_event.listen(store.engine, "before_cursor_execute",
+                            lambda _c, _cur, sql, *_a: executed.append(sql))
+    return executed
+
+
+def test_without_messages_due_studies_close_together_and_one_failure_is_its_own(
+        store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No worklist destination: the due results close together, five in as many
+    statements as one; when one of them cannot close, the others still do in the
+    same run, and it waits its retry time with nothing of it written."""
+    executed = _statements(store)
+    [alone] = _open_studies(store, 1, 5000)
+    executed.clear()
+    assert [s.study_instance_uid for s in StudyBook(store).close_due(later())] == [alone]
+    one = len(executed)
+    uids = _open_studies(store, 5, 5100)
+    executed.clear()
+    closed = StudyBook(store).close_due(later())
+    assert [s.study_instance_uid for s in closed] == uids and len(executed) == one
+    for s, study in enumerate(closed):
+        assert study.state is StudyState.CLOSED and study.label == "covid"
+        assert study.probabilities["covid"]["probability"] == pytest.approx(0.7 - 0.01 * s)
+
+    uids = _open_studies(store, 3, 5200)
+    form = studies.form
+
+    def failing(jobs: list[studies.Job]) -> studies.Answer:
+        if jobs[0].study_instance_uid == uids[1]:
+            raise ValueError("a result that cannot be read")
+        return form(jobs)
+
+    monkeypatch.setattr(studies, "form", failing)
+    now = later()
+    closed = StudyBook(store).close_due(now)
+    assert [s.study_instance_uid for s in closed] == [uids[0], uids[2]]
+    [waiting] = StudyBook(store).list(study_instance_uid=uids[1])
+    assert waiting.state is StudyState.OPEN and waiting.label is None
+    assert waiting.closed_at is None and waiting.job_ids is None
+    assert waiting.closes_at == now + timedelta(seconds=studies.RETRY_SECONDS)
+    monkeypatch.setattr(studies, "form", form)
+    assert StudyBook(store).close_due(now) == []
+    [retried] = StudyBook(store).close_due(now + timedelta(seconds=studies.RETRY_SECONDS))
+    assert retried.study_instance_uid == uids[1] and retried.label == "covid"
+
+
+def test_with_messages_a_study_that_fails_keeps_nothing_and_the_others_close(
+        store: JobStore) -> None:
+    """With worklist messages, a study whose message fails halfway (its delivery row
+    already added) keeps none of it; the studies before and after it close with theirs."""
+    uids = _open_studies(store, 3, 5300)
+    added: list[str] = []
+
+    def on_close(session: Any, study: studies.StudyResult, jobs: object) -> None:
+        session.add(Delivery(study_result_id=study.id, kind="hl7", destination="RIS",
+                             item=DeliveryItem.ORU, message_id=study.study_instance_uid[-8:],
+                             next_attempt_at=utcnow()))
+        session.flush()
+        added.append(study.study_instance_uid)
+        if study.study_instance_uid == uids[1]:
+            raise OSError("the spool is full")
+
+    closed = StudyBook(store, on_close=on_close).close_due(later())
+    assert added == uids  # each once: no study was closed twice
+    assert [s.study_instance_uid for s in closed] == [uids[0], uids[2]]
+    with store.sessions() as session:
+        rows = session.scalars(select(Delivery).where(Delivery.study_result_id.is_not(None)))
+        assert sorted(d.study_result_id for d in rows) == sorted(s.id for s in closed)
+    [failed] = StudyBook(store).list(study_instance_uid=uids[1])
+    assert failed.state is StudyState.OPEN
 
 
 def test_study_key_depends_on_the_secret_and_the_study() -> None:
