@@ -12,8 +12,8 @@ none), MONOCHROME1 inverted, scaled to 0..255. PNG/JPEG files take the same
 from __future__ import annotations
 
 import functools
+import mmap
 import os
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,10 +39,6 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DEFER_BYTES = 256 * 1024
 _PIXEL_DATA = 0x7FE00010
 _NATIVE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-#: Each decoding thread's buffer for the first frame of a source read from disk, kept
-#: up to this size (a 4096 x 4096 frame of 16 bits).
-KEPT_FRAME_BYTES = 32 * 2**20
-_FRAME_BUFFERS = threading.local()
 
 
 class PreprocessError(ValueError):
@@ -128,36 +124,41 @@ def dicom_tensor(ds: Dataset, size: int,
 
     Bilinear resizing reads only the four source pixels each output pixel lies
     between, so only those go through the lookup table: a 2048 x 2048 radiograph
-    costs 4 x 300 x 300 lookups, not 4 M, gathered at once through flat indices
-    kept per (source shape, size).
+    costs 4 x 300 x 300 lookups, not 4 M. They are gathered as the rows, then the
+    columns, they lie on (indices kept per source shape and size); a frame left on
+    disk is mapped, so only the pages of those rows are read.
     """
     stored, lut = _decode_with_lut(ds)
     if lut is None:
         return to_tensor(stored, size, interpolation)
     if interpolation != "bilinear":
         return to_tensor(lut[stored], size, interpolation)
-    corners, xs, ys = _corners(*stored.shape, size)
-    # The four neighbours' gray values, (4, size, size): top-left, top-right,
-    # bottom-left, bottom-right; then _bilinear's arithmetic, operation for operation.
-    src = lut.take(np.ravel(stored).take(corners)).astype(np.float32)
-    top = src[0] * (1 - xs) + src[1] * xs
-    bottom = src[2] * (1 - xs) + src[3] * xs
+    rows, columns, xs, ys = _separable_taps(*stored.shape, size)
+    # The rows, then the columns, each output pixel lies between (2 size x 2 size,
+    # nearest rows and columns first), as gray: four blocks of its neighbours,
+    # top-left, top-right, bottom-left, bottom-right; then _bilinear's arithmetic,
+    # operation for operation.
+    near = np.take(np.take(stored, rows, axis=0), columns, axis=1)
+    src = np.take(lut.astype(np.float32), near)
+    top = src[:size, :size] * (1 - xs) + src[:size, size:] * xs
+    bottom = src[size:, :size] * (1 - xs) + src[size:, size:] * xs
     out = top * (1 - ys[:, None]) + bottom * ys[:, None]
     return _channels(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
 @functools.lru_cache(maxsize=8)
-def _corners(h: int, w: int, size: int
-             ) -> tuple[NDArray[np.intp], NDArray[np.float32], NDArray[np.float32]]:
-    """Flat indices into an ``h`` x ``w`` image of each output pixel's four bilinear
-    neighbours, (4, size, size), and the column and row weights."""
+def _separable_taps(h: int, w: int, size: int
+                    ) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.float32],
+                               NDArray[np.float32]]:
+    """The rows of an ``h`` x ``w`` image each output row lies between (the upper of
+    each pair, then the lower: 2 ``size``), the columns likewise, and the column and
+    row weights."""
     ys, y0, y1 = _taps(h, size)
     xs, x0, x1 = _taps(w, size)
-    corners = np.stack([y0[:, None] * w + x0, y0[:, None] * w + x1,
-                        y1[:, None] * w + x0, y1[:, None] * w + x1])
-    for array in (corners, xs, ys):
+    rows, columns = np.concatenate([y0, y1]), np.concatenate([x0, x1])
+    for array in (rows, columns, xs, ys):
         array.flags.writeable = False
-    return corners, xs, ys
+    return rows, columns, xs, ys
 
 
 def _decode_with_lut(ds: Dataset) -> tuple[NDArray[Any], NDArray[np.uint8] | None]:
@@ -250,9 +251,8 @@ def _native_frame(ds: Dataset) -> NDArray[Any] | None:
     8 or 16 bits whose attributes are all present and sane and whose pixel data are
     long enough; None for anything else (pydicom decodes it, or says why it cannot).
 
-    Pixel data left on disk by :func:`read_source` are read here, the first frame
-    only, into the calling thread's buffer: the array is valid until the thread's
-    next call, and its caller looks it up at once.
+    Pixel data left on disk by :func:`read_source` are mapped here (read-only), the
+    first frame only: pages are read as the array is.
     """
     try:
         return _read_native_frame(ds)
@@ -286,30 +286,22 @@ def _read_native_frame(ds: Dataset) -> NDArray[Any] | None:
                 or getattr(ds, "fileobj_type", None) is not open
                 or not isinstance(ds.filename, str)):
             return None
-        buffer = _frame_buffer(count * dtype.itemsize)
         with open(ds.filename, "rb", buffering=0) as file:
-            if os.fstat(file.fileno()).st_mtime != getattr(ds, "timestamp", None):
+            found = os.fstat(file.fileno())
+            if (found.st_mtime != getattr(ds, "timestamp", None)
+                    or found.st_size < element.value_tell + count * dtype.itemsize):
                 return None
-            file.seek(element.value_tell)
-            if file.readinto(buffer) != len(buffer):
-                return None
-        data: Any = buffer
-    else:
-        data = ds.PixelData
-        if not isinstance(data, bytes) or len(data) < frames * count * dtype.itemsize:
-            return None
+            # Mapped, not read: resizing reads a few hundred of a radiograph's rows, and
+            # only their pages are read (8 MB copied took a quarter of the decoding).
+            # The array keeps the mapping. Spool files are never truncated in place
+            # (retention unlinks them, which a mapping outlives).
+            mapped: Any = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(mapped, dtype, count=count, offset=element.value_tell
+                             ).reshape(rows, columns)
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) < frames * count * dtype.itemsize:
+        return None
     return np.frombuffer(data, dtype, count=count).reshape(rows, columns)
-
-
-def _frame_buffer(size: int) -> memoryview:
-    """``size`` bytes of the calling thread's buffer (grown when too small); a frame
-    over :data:`KEPT_FRAME_BYTES` gets a buffer of its own, not kept."""
-    if size > KEPT_FRAME_BYTES:
-        return memoryview(bytearray(size))
-    buffer: bytearray | None = getattr(_FRAME_BUFFERS, "buffer", None)
-    if buffer is None or len(buffer) < size:
-        buffer = _FRAME_BUFFERS.buffer = bytearray(size)
-    return memoryview(buffer)[:size]
 
 
 def _frames(ds: Dataset) -> int:

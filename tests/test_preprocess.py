@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import threading
 from io import BytesIO
 from pathlib import Path
 
@@ -538,15 +537,27 @@ def test_a_source_read_through_a_decompressing_file_is_left_to_pydicom(
                                       preprocess.dicom_tensor(dcmread(path), 16))
 
 
-def test_only_frames_up_to_a_bound_keep_their_thread_buffer(
-        tmp_path: Path, defer_small: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    small = preprocess.read_source(save(chest_image(rows=16, columns=16), tmp_path / "s.dcm"))
-    large = preprocess.read_source(save(chest_image(rows=64, columns=64), tmp_path / "l.dcm"))
-    monkeypatch.setattr(preprocess, "KEPT_FRAME_BYTES", 16 * 16 * 2)
-    monkeypatch.setattr(preprocess, "_FRAME_BUFFERS", threading.local())
-    assert preprocess._native_frame(small) is not None
-    kept = preprocess._FRAME_BUFFERS.buffer
-    assert len(kept) == 16 * 16 * 2
-    np.testing.assert_array_equal(preprocess._native_frame(large),
-                                  pixel_array(dcmread(large.filename)))
-    assert preprocess._FRAME_BUFFERS.buffer is kept and len(kept) == 16 * 16 * 2
+def test_a_frame_left_on_disk_is_mapped_read_only_and_outlives_its_file(
+        tmp_path: Path, defer_small: None) -> None:
+    """The first frame of a source read from disk is mapped, not copied: read-only, and
+    still the same values once retention has deleted the file."""
+    path = save(chest_image(rows=64, columns=48, seed=3), tmp_path / "source.dcm")
+    expected = pixel_array(dcmread(path), view_only=True, correct_unused_bits=False)
+    native = preprocess._native_frame(preprocess.read_source(path))
+    assert native is not None and not native.flags.writeable
+    path.unlink()
+    np.testing.assert_array_equal(native, expected)
+
+
+def test_a_source_cut_short_with_its_time_put_back_is_not_mapped_past_its_end(
+        tmp_path: Path, defer_small: None) -> None:
+    """Cut short, its modification time as it was: the node does not map beyond the
+    file's end (reading there would kill the process); pydicom reads it and refuses."""
+    path = save(chest_image(rows=64, columns=64), tmp_path / "source.dcm")
+    ds = preprocess.read_source(path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    os.utime(path, (ds.timestamp, ds.timestamp))
+    assert preprocess._native_frame(ds) is None
+    with pytest.raises(preprocess.PreprocessError):
+        preprocess.dicom_tensor(ds, 16)
+
