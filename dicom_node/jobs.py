@@ -394,8 +394,13 @@ class JobStore:
                 .with_for_update())  # SQLite: BEGIN IMMEDIATE holds the database already
         with self._sessions.begin() as session:
             ours = set(session.scalars(held))
-            stored = [result.job_id in ours for result in results]
-            done = [result for result in results if result.job_id in ours]
+            done = []
+            stored = []
+            for result in results:  # a job named twice is stored once
+                stored.append(result.job_id in ours)
+                if stored[-1]:
+                    done.append(result)
+                    ours.discard(result.job_id)
             if not done:
                 return stored
             connection = session.connection()

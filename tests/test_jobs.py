@@ -23,6 +23,8 @@ from dicom_node.jobs import (
     new_worker_id,
 )
 
+from helpers.store import a_batch_stores_every_field
+
 
 def instance(n: int, payload: bytes | None = None) -> ReceivedInstance:
     data = payload if payload is not None else f"instance {n}".encode()
@@ -148,44 +150,8 @@ def test_a_batch_is_stored_in_one_commit_except_jobs_whose_lease_was_lost(
 
 def test_a_batch_stores_every_field_of_each_result_in_as_many_statements_as_one_job(
         store: JobStore) -> None:
-    """Each field of a result lands on its job; the evidence UIDs minted at receipt are
-    kept where a result brings none (no evidence image). A batch of eight takes the
-    same statements as a batch of one: the update is one executemany."""
     fill(store, 9)
-    jobs = store.claim("w1", limit=9, lease_seconds=60)
-    minted = {job.id: (job.evidence_sop_instance_uid, job.evidence_series_instance_uid)
-              for job in jobs}
-    statements: list[str] = []
-    sqlalchemy_event.listen(store.engine, "before_cursor_execute",
-                            lambda _c, _cur, sql, *_a: statements.append(sql))
-
-    def result(n: int, job_id: int) -> JobResult:
-        with_evidence = n % 2 == 0
-        return JobResult(
-            job_id, ["normal", "pneumonia", "covid"][n % 3],
-            {"normal": 0.1 * n, "pneumonia": 0.05, "covid": 1.0 - 0.1 * n - 0.05},
-            f"model v{n}", f"sr/job-{job_id}.dcm", [Route("dicom", "PACS@127.0.0.1:104")],
-            evidence_file=f"sr/evidence-{job_id}.dcm" if with_evidence else None,
-            evidence_uids=(f"1.2.9.{n}", f"1.2.8.{n}") if with_evidence else None,
-            flags=[None, (), ("covid",)][n % 3], model_validated=[None, False, True][n % 3])
-
-    assert store.complete_batch("w1", [result(0, jobs[0].id)]) == [True]
-    one = len(statements)
-    statements.clear()
-    batch = [result(n, job.id) for n, job in enumerate(jobs[1:], start=1)]
-    assert store.complete_batch("w1", batch) == [True] * 8
-    assert len(statements) == one
-    for n, job in enumerate(jobs):
-        done, wanted = store.get(job.id), result(n, job.id)
-        assert done is not None and done.state is JobState.DONE and done.lease_owner is None
-        assert done.lease_expires_at is None and done.last_error is None and done.finished_at
-        assert (done.label, done.probabilities, done.model_version, done.sr_file,
-                done.evidence_file, done.model_validated) == (
-            wanted.label, wanted.probabilities, wanted.model_version, wanted.sr_file,
-            wanted.evidence_file, wanted.model_validated)
-        assert done.flags == (None if wanted.flags is None else list(wanted.flags))
-        assert (done.evidence_sop_instance_uid, done.evidence_series_instance_uid) == (
-            wanted.evidence_uids or minted[job.id])
+    a_batch_stores_every_field(store, "w1")
 
 
 def test_delivery_outcomes_of_an_association_are_recorded_together(store: JobStore) -> None:

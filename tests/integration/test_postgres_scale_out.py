@@ -52,6 +52,7 @@ from helpers.environment import wait_until
 from helpers.files import sop_instance_uid
 from helpers.postgres import PostgresServer
 from helpers.processes import FAST_DELIVERY, NodeProcess, terminate
+from helpers.store import a_batch_stores_every_field
 from peers import Storescp, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -198,6 +199,19 @@ def test_due_study_results_close_a_run_at_a_time_skipping_what_another_holds(
             sr_file="sr2")]) == [True]
         [last] = book.close_due(later)
         assert last.study_instance_uid == "1.2.5.2" and last.job_ids == [2]
+
+
+def test_a_batch_stores_every_field_of_each_result_on_postgresql(
+        postgres: PostgresServer) -> None:
+    """The batch's results on PostgreSQL, as on SQLite (tests/test_jobs.py): the held
+    jobs selected FOR UPDATE, one executemany through psycopg, JSON and COALESCE."""
+    with JobStore(postgres.create_database("batch_fields")) as store:
+        for n in range(9):
+            assert store.record(ReceivedInstance(
+                "1.2.840.10008.5.1.4.1.1.1.1", f"1.2.3.{n}", "1.2.3.100", f"1.2.3.{1000 + n}",
+                "1.2.840.10008.1.2.1", "STORESCU", "127.0.0.1", f"{n:064x}", 10),
+                f"ab/{n:032x}.dcm", JobState.QUEUED, "test")
+        a_batch_stores_every_field(store, "w1")
 
 
 def test_an_image_queued_as_its_study_is_being_closed_keeps_it_open(
