@@ -1,11 +1,12 @@
-"""The inference worker: a thread that keeps three batches in flight.
+"""The inference worker: a thread that keeps three batches or more in flight.
 
 Each step takes the batch claimed and decoded ahead (:mod:`dicom_node.batches`),
 runs it through the network of the active model (:mod:`dicom_node.model_holder`)
 in one forward pass, and hands the probabilities to the result writer
 (:mod:`dicom_node.results`). While batch k is in the network (native code, GIL
 released), batch k+1 is claimed and decoded and the SRs of batch k-1 are
-written, so the network waits for neither. An engine of several lanes (OpenVINO
+written (the writer may fall :data:`WRITER_BEHIND` batches behind), so the network
+waits for neither. An engine of several lanes (OpenVINO
 on a CPU, :attr:`model.engine.Engine.lanes`) takes batch k+1 while batch k is
 still in it, each called from a lane thread: its streams go on to the next batch
 instead of waiting for each other at the end of one. Without a model, jobs simply wait; a
@@ -286,6 +287,7 @@ class Worker(threading.Thread):
         """Wait, oldest first, until at most ``keep`` batches are being written."""
         while len(self._finishing) > keep:
             try:
-                self._finishing.popleft().result()
+                self._finishing[0].result()  # counted as being written until it is done
             except Exception:
                 LOGGER.exception("finishing a batch failed; its jobs will be retried")
+            self._finishing.popleft()
