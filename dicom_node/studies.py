@@ -237,9 +237,9 @@ class StudyBook:
                     for study in studies:
                         self._close_one(session, study, finished, now)
                 return studies
-            except Exception:  # which one, and why, is logged below
-                LOGGER.info("closing %d study results together failed: one by one now",
-                            len(studies))
+            except Exception as exc:  # which one is logged below, if it fails again
+                LOGGER.info("closing %d study results together failed (%s): one by one now",
+                            len(studies), type(exc).__name__)
         closed = []
         for study in studies:
             try:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select
 
 from dicom_node import studies
@@ -23,6 +22,8 @@ from dicom_node.jobs import (
     study_key_secret,
 )
 from dicom_node.studies import StudyBook, describe
+
+from helpers.store import statements
 
 STUDY = "1.2.3.1000"
 SECRET = b"s" * 32
@@ -258,19 +259,12 @@ def _open_studies(store: JobStore, count: int, first: int) -> list[str]:
     return uids
 
 
-def _statements(store: JobStore) -> list[str]:
-    executed: list[str] = []
-    sqlalchemy_event.listen(store.engine, "before_cursor_execute",
-                            lambda _c, _cur, sql, *_a: executed.append(sql))
-    return executed
-
-
 def test_without_messages_due_studies_close_together_and_one_failure_is_its_own(
         store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """No worklist destination: the due results close together, five in as many
     statements as one; when one of them cannot close, the others still do in the
     same run, and it waits its retry time with nothing of it written."""
-    executed = _statements(store)
+    executed = statements(store.engine)
     [alone] = _open_studies(store, 1, 5000)
     executed.clear()
     assert [s.study_instance_uid for s in StudyBook(store).close_due(later())] == [alone]
@@ -303,6 +297,31 @@ def test_without_messages_due_studies_close_together_and_one_failure_is_its_own(
     assert StudyBook(store).close_due(now) == []
     [retried] = StudyBook(store).close_due(now + timedelta(seconds=studies.RETRY_SECONDS))
     assert retried.study_instance_uid == uids[1] and retried.label == "covid"
+
+
+def test_without_messages_a_study_the_database_refuses_holds_back_none(
+        store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closed together, the database refuses one study's update when the others' have
+    gone (at the flush): all of it is rolled back, and one by one the others close, the
+    refused one keeping none of its change and waiting its retry time."""
+    uids = _open_studies(store, 3, 5400)
+    close = StudyBook._close
+
+    def refused(session: Any, study: studies.StudyResult, jobs: list[studies.Job],
+                now: datetime) -> None:
+        close(session, study, jobs, now)
+        if study.study_instance_uid == uids[1]:
+            study.version = None  # type: ignore[assignment]  # NOT NULL: the flush fails
+
+    monkeypatch.setattr(StudyBook, "_close", staticmethod(refused))
+    now = later()
+    closed = StudyBook(store).close_due(now)
+    assert [s.study_instance_uid for s in closed] == [uids[0], uids[2]]
+    assert all(s.state is StudyState.CLOSED and s.version == 1 for s in closed)
+    [waiting] = StudyBook(store).list(study_instance_uid=uids[1])
+    assert waiting.state is StudyState.OPEN and waiting.version == 1
+    assert waiting.label is None and waiting.closed_at is None
+    assert waiting.closes_at == now + timedelta(seconds=studies.RETRY_SECONDS)
 
 
 def test_with_messages_a_study_that_fails_keeps_nothing_and_the_others_close(
