@@ -89,10 +89,10 @@ def read_source(path: Path, force: bool = False) -> Dataset:
     """A DICOM file read for classification: its header in memory, its pixel data (any
     element over :data:`DEFER_BYTES`) left on disk until used.
 
-    :func:`dicom_tensor` then reads only the first frame of uncompressed pixel data,
-    into a buffer its thread keeps, instead of the whole element into fresh memory (a
-    2048 x 2048 source is 8 MB); anything else that uses the pixels (pydicom's
-    ``pixel_array``, the evidence image) reads them from the file as pydicom does.
+    :func:`dicom_tensor` then maps only the first frame of uncompressed pixel data,
+    instead of reading the whole element into fresh memory (a 2048 x 2048 source is
+    8 MB); anything else that uses the pixels (pydicom's ``pixel_array``, the evidence
+    image) reads them from the file as pydicom does.
     """
     return dcmread(path, force=force, defer_size=DEFER_BYTES)
 
@@ -126,7 +126,8 @@ def dicom_tensor(ds: Dataset, size: int,
     between, so only those go through the lookup table: a 2048 x 2048 radiograph
     costs 4 x 300 x 300 lookups, not 4 M. They are gathered as the rows, then the
     columns, they lie on (indices kept per source shape and size); a frame left on
-    disk is mapped, so only the pages of those rows are read.
+    disk is mapped, not copied (a source without a window is still read whole, for
+    the range it is stretched over).
     """
     stored, lut = _decode_with_lut(ds)
     if lut is None:
@@ -291,10 +292,14 @@ def _read_native_frame(ds: Dataset) -> NDArray[Any] | None:
             if (found.st_mtime != getattr(ds, "timestamp", None)
                     or found.st_size < element.value_tell + count * dtype.itemsize):
                 return None
-            # Mapped, not read: resizing reads a few hundred of a radiograph's rows, and
-            # only their pages are read (8 MB copied took a quarter of the decoding).
-            # The array keeps the mapping. Spool files are never truncated in place
-            # (retention unlinks them, which a mapping outlives).
+            # Mapped, not copied: resizing reads a few hundred of a radiograph's rows
+            # (8 MB copied took a quarter of the decoding, and pushed the network's
+            # data out of the caches). The array keeps the mapping, which outlives an
+            # unlinked file (retention). A file cut short in place while mapped, or a
+            # disk's read error, ends the process (SIGBUS) where a read would have
+            # raised: the node's spool files are written once and renamed, never
+            # changed in place, and a job whose worker died is retried, then failed
+            # after max_attempts.
             mapped: Any = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(mapped, dtype, count=count, offset=element.value_tell
                              ).reshape(rows, columns)
