@@ -66,25 +66,17 @@ _COMPLETE = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.lease_owner == bindparam("b_owner"),
            _JOBS.c.state == JobState.RUNNING)
-    .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None,
-            finished_at=bindparam("b_now", type_=_JOBS.c.finished_at.type),
-            updated_at=bindparam("b_now", type_=_JOBS.c.updated_at.type),
-            last_error=None,
-            label=bindparam("b_label", type_=_JOBS.c.label.type),
-            probabilities=bindparam("b_probabilities", type_=_JOBS.c.probabilities.type),
-            model_version=bindparam("b_model_version", type_=_JOBS.c.model_version.type),
-            sr_file=bindparam("b_sr_file", type_=_JOBS.c.sr_file.type),
-            evidence_file=bindparam("b_evidence_file", type_=_JOBS.c.evidence_file.type),
-            evidence_sop_instance_uid=func.coalesce(
-                bindparam("b_evidence_sop", type_=_JOBS.c.evidence_sop_instance_uid.type),
-                _JOBS.c.evidence_sop_instance_uid),
-            evidence_series_instance_uid=func.coalesce(
-                bindparam("b_evidence_series",
-                          type_=_JOBS.c.evidence_series_instance_uid.type),
-                _JOBS.c.evidence_series_instance_uid),
-            flags=bindparam("b_flags", type_=_JOBS.c.flags.type),
-            model_validated=bindparam("b_model_validated",
-                                      type_=_JOBS.c.model_validated.type))
+    # Each parameter takes its column's type (JSON, UTC times), as a value would.
+    .values(state=JobState.DONE, lease_owner=None, lease_expires_at=None, last_error=None,
+            finished_at=bindparam("b_now"), updated_at=bindparam("b_now"),
+            label=bindparam("b_label"), probabilities=bindparam("b_probabilities"),
+            model_version=bindparam("b_model_version"), sr_file=bindparam("b_sr_file"),
+            evidence_file=bindparam("b_evidence_file"),
+            evidence_sop_instance_uid=func.coalesce(bindparam("b_evidence_sop"),
+                                                    _JOBS.c.evidence_sop_instance_uid),
+            evidence_series_instance_uid=func.coalesce(bindparam("b_evidence_series"),
+                                                       _JOBS.c.evidence_series_instance_uid),
+            flags=bindparam("b_flags"), model_validated=bindparam("b_model_validated"))
 )
 
 

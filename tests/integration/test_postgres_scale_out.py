@@ -206,11 +206,8 @@ def test_a_batch_stores_every_field_of_each_result_on_postgresql(
     """The batch's results on PostgreSQL, as on SQLite (tests/test_jobs.py): the held
     jobs selected FOR UPDATE, one executemany through psycopg, JSON and COALESCE."""
     with JobStore(postgres.create_database("batch_fields")) as store:
-        for n in range(9):
-            assert store.record(ReceivedInstance(
-                "1.2.840.10008.5.1.4.1.1.1.1", f"1.2.3.{n}", "1.2.3.100", f"1.2.3.{1000 + n}",
-                "1.2.840.10008.1.2.1", "STORESCU", "127.0.0.1", f"{n:064x}", 10),
-                f"ab/{n:032x}.dcm", JobState.QUEUED, "test")
+        for n in range(1, 10):
+            assert store.record(instance(n), f"file{n}", JobState.QUEUED, "test")
         a_batch_stores_every_field(store, "w1")
 
 
