@@ -453,8 +453,9 @@ class ReportBuilder:
         self._variants: dict[tuple[object, ...], bytes] = {}
         #: Per source SOP Class and character set: the document's template.
         self._documents: dict[tuple[str, tuple[str, ...]], _Document] = {}
-        #: The model's Contributing Equipment item, encoded, for the second it names.
-        self._model_items: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        #: The model's Contributing Equipment item, encoded, and the second and character
+        #: set it was made for.
+        self._model_item: tuple[tuple[str, tuple[str, ...]], bytes] | None = None
         #: highdicom's own item, per character set, cut at its time.
         self._highdicom_items: dict[tuple[str, ...], _HighdicomItem] = {}
         #: The root :meth:`build` gives highdicom for a later image, and :meth:`encode`
@@ -583,14 +584,12 @@ class ReportBuilder:
             acquisition = None
         if acquisition is not None:
             items.append(_encoded_item(acquisition, encodings))
-        when = contribution_time()
-        model = self._model_items.get((when, encodings))
-        if model is None:
-            item = model_equipment(self.card, CONTRIBUTION, when)
+        made_for = (contribution_time(), encodings)
+        if self._model_item is None or self._model_item[0] != made_for:
+            item = model_equipment(self.card, CONTRIBUTION, made_for[0])
             item.DeviceUID = self.card.device_uid
-            self._model_items.clear()  # one second's item at a time
-            model = self._model_items[when, encodings] = _encoded_item(item, encodings)
-        items.append(model)
+            self._model_item = (made_for, _encoded_item(item, encodings))
+        items.append(self._model_item[1])
         cut = self._highdicom_items.get(encodings)
         if cut is None:
             cut = self._highdicom_items[encodings] = _HighdicomItem.of(encodings)
