@@ -268,13 +268,9 @@ def test_the_last_results_go_at_once_when_the_worker_runs_out_of_work(
         running.stop()
 
 
-def _run_queue(settings: Settings, artifact: Path, count: int, workers: int
-               ) -> tuple[list[Any], list[Worker], list[int]]:
-    """Queue ``count`` chest images (a node with no model receives them), then run
-    ``workers`` workers on them with expired leases reaped every 0.1 s, until every job
-    is done; the jobs, the workers, and how many leases were reaped."""
-    import threading
-
+def _queue(settings: Settings, artifact: Path, count: int) -> None:
+    """Queue ``count`` chest images (a node with no model receives them), then install
+    ``artifact`` for the workers a test starts."""
     receiving = Node(settings)
     receiving.start()
     try:
@@ -282,6 +278,16 @@ def _run_queue(settings: Settings, artifact: Path, count: int, workers: int
     finally:
         receiving.stop()
     card.install(artifact, settings.model_dir, allow_unvalidated=True)
+
+
+def _run_queue(settings: Settings, artifact: Path, count: int, workers: int
+               ) -> tuple[list[Any], list[Worker], list[int]]:
+    """Queue ``count`` chest images (a node with no model receives them), then run
+    ``workers`` workers on them with expired leases reaped every 0.1 s, until every job
+    is done; the jobs, the workers, and how many leases were reaped."""
+    import threading
+
+    _queue(settings, artifact, count)
     reaped: list[int] = []
     stop = threading.Event()
     with JobStore(settings.database_url) as jobs:
@@ -426,13 +432,7 @@ def test_a_slow_result_writer_holds_the_network_back_only_past_its_bound(
     settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True,
                         port=free_port(), allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
                         batch_size=1, max_batch_delay_ms=0)
-    receiving = Node(settings)
-    receiving.start()
-    try:
-        assert store(receiving, [chest_image(seed=i) for i in range(8)]) == [0] * 8
-    finally:
-        receiving.stop()
-    card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
+    _queue(settings, small_artifact, 8)
     with JobStore(settings.database_url) as jobs:
         worker = Worker(settings, jobs, Spool(settings.storage_dir))
         worker.start()
