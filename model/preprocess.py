@@ -288,9 +288,7 @@ def _read_native_frame(ds: Dataset) -> NDArray[Any] | None:
                 or not isinstance(ds.filename, str)):
             return None
         with open(ds.filename, "rb", buffering=0) as file:
-            found = os.fstat(file.fileno())
-            if (found.st_mtime != getattr(ds, "timestamp", None)
-                    or found.st_size < element.value_tell + count * dtype.itemsize):
+            if os.fstat(file.fileno()).st_mtime != getattr(ds, "timestamp", None):
                 return None
             # Mapped, not copied: resizing reads a few hundred of a radiograph's rows
             # (8 MB copied took a quarter of the decoding, and pushed the network's
@@ -301,6 +299,7 @@ def _read_native_frame(ds: Dataset) -> NDArray[Any] | None:
             # changed in place, and a job whose worker died is retried, then failed
             # after max_attempts.
             mapped: Any = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        # A file shorter than its header says: ValueError, and pydicom decides.
         return np.frombuffer(mapped, dtype, count=count, offset=element.value_tell
                              ).reshape(rows, columns)
     data = ds.PixelData
