@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from copy import deepcopy
@@ -13,12 +14,15 @@ from typing import Any
 
 import highdicom as hd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, DS, DT, TM
 
 from dicom_node import report
 from dicom_node.report import Classification, ReportBuilder, build_sr
@@ -290,6 +294,31 @@ def test_encoded_srs_are_what_highdicom_gives(card: ModelCard, shared_dicom: Pat
                     gap = abs(_when(mine.ContributionDateTime)
                               - _when(theirs.ContributionDateTime))
                     assert gap < timedelta(seconds=2), (mine.ContributionDateTime, gap)
+
+
+#: UIDs as pydicom takes them (components without leading zeros, at most 64 characters).
+_UID_TEXT = st.lists(st.integers(0, 10**20), min_size=1, max_size=12).map(
+    lambda parts: ".".join(map(str, parts))).filter(lambda uid: len(uid) <= 64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(uid=_UID_TEXT, moment=st.datetimes(min_value=datetime(1900, 1, 1)),
+       number=st.floats(allow_nan=True, allow_infinity=True),
+       probability=st.floats(min_value=0.0, max_value=1.0))
+def test_each_srs_own_values_are_encoded_as_pydicom_writes_them(
+        uid: str, moment: datetime, number: float, probability: float) -> None:
+    """The values made for each SR (UIDs, dates and times, probabilities) that
+    ``report`` encodes itself are the bytes pydicom writes for them, whatever the
+    value; the rest (here an integer, not a double) is pydicom's own."""
+    tag = report.Tag("UID")
+    rounded = report._rounded(probability)
+    cases = [("UI", uid), ("DA", DA(moment.date())), ("TM", TM(moment.time())),
+             ("DT", DT(moment)), ("FD", number), ("FD", rounded),
+             ("DS", DS(rounded, auto_format=True)), ("DS", DS(number, auto_format=True))
+             if math.isfinite(number) else ("FD", -number), ("FD", 3)]
+    for vr, value in cases:
+        expected = report._encoded(DataElement(tag, vr, value), ("iso8859",))
+        assert report._element(tag, vr, value) == expected, (vr, value)
 
 
 def test_highdicoms_equipment_item_says_when_each_sr_was_made() -> None:
