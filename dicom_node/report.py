@@ -96,7 +96,7 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
+from pydicom.uid import UID, DigitalXRayImageStorageForPresentation, generate_uid
 from pydicom.valuerep import DA, DS, DT, TM, DSfloat
 
 from dicom_node import __version__
@@ -922,7 +922,7 @@ def _element(tag: BaseTag, vr: str, value: object,
         return _SHORT_HEADER.pack(tag.group, tag.element, b"FD", 8) + _DOUBLE.pack(value)
     padding = _TEXT_PADDING.get(vr)
     if padding is not None:
-        text = value if vr == "UI" and type(value) is str else (
+        text = str(value) if vr == "UI" and type(value) in (str, UID) else (
             getattr(value, "original_string", None) if type(value) in _TEXT_TYPES[vr]
             else None)
         if type(text) is str and text.isascii() and len(text) < 0xFFFF:

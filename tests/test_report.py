@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import DA, DS, DT, TM
 
 from dicom_node import report
@@ -312,7 +312,7 @@ def test_each_srs_own_values_are_encoded_as_pydicom_writes_them(
     value; the rest (here an integer, not a double) is pydicom's own."""
     tag = report.Tag("UID")
     rounded = report._rounded(probability)
-    cases = [("UI", uid), ("DA", DA(moment.date())), ("TM", TM(moment.time())),
+    cases = [("UI", uid), ("UI", UID(uid)), ("DA", DA(moment.date())), ("TM", TM(moment.time())),
              ("DT", DT(moment)), ("FD", number), ("FD", rounded),
              ("DS", DS(rounded, auto_format=True)), ("DS", DS(number, auto_format=True))
              if math.isfinite(number) else ("FD", -number), ("FD", 3)]
