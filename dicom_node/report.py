@@ -84,7 +84,7 @@ from highdicom.valuerep import check_person_name
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import (
@@ -532,6 +532,8 @@ class ReportBuilder:
         charset = header.get("SpecificCharacterSet")
         key = (str(header.SOPClassUID), (charset,) if isinstance(charset, str)
                else tuple(charset or ()))
+        if not sop_instance_uid:  # as writing the file meta refuses it
+            raise ValueError("an SR needs its SOP Instance UID")
         document = self._documents.get(key)
         if document is None:  # (kept only once build() has kept the content tree)
             sr = self.build(source, result, sop_instance_uid, series_instance_uid)
@@ -751,8 +753,8 @@ class _Document:
     constant: tuple[tuple[BaseTag, bytes], ...]
     #: What highdicom copies from a source of this SOP Class.
     copied: tuple[BaseTag, ...]
-    #: Its file meta information as written, but its group length: the elements before
-    #: the Media Storage SOP Instance UID, and those after it, encoded.
+    #: Its file meta information as pydicom writes it, but its group length: the
+    #: elements before the Media Storage SOP Instance UID, and those after it, encoded.
     meta_before: bytes
     meta_after: bytes
     #: Python codecs of its Specific Character Set.
@@ -767,8 +769,10 @@ class _Document:
         encodings = tuple(convert_encodings(sr.get("SpecificCharacterSet")))
         constant = tuple((element.tag, _encoded(element, encodings))
                          for element in sr if element.tag not in made)
-        meta = [element for element in FileMetaDataset(sr.file_meta)
-                 if element.tag not in (_GROUP_LENGTH_TAG, _MEDIA_STORAGE_SOP_INSTANCE_UID)]
+        written = FileMetaDataset(sr.file_meta)
+        validate_file_meta(written, enforce_standard=True)  # as writing the file does
+        meta = [element for element in written
+                if element.tag not in (_GROUP_LENGTH_TAG, _MEDIA_STORAGE_SOP_INSTANCE_UID)]
         before, after = (b"".join(_encoded(element, (default_encoding,)) for element in meta
                                   if (element.tag < _MEDIA_STORAGE_SOP_INSTANCE_UID) == first)
                          for first in (True, False))
@@ -925,7 +929,10 @@ def _element(tag: BaseTag, vr: str, value: object,
         text = str(value) if vr == "UI" and type(value) in (str, UID) else (
             getattr(value, "original_string", None) if type(value) in _TEXT_TYPES[vr]
             else None)
-        if type(text) is str and text.isascii() and len(text) < 0xFFFF:
+        # (pydicom strips a UID of whitespace, each value of it: one with none to
+        # strip, and one value, is written as it is)
+        if (type(text) is str and text.isascii() and len(text) < 0xFFFF
+                and (vr != "UI" or ("\\" not in text and text == text.strip()))):
             raw = text.encode("ascii")
             if len(raw) % 2:
                 raw += padding

@@ -7,7 +7,7 @@ import subprocess
 import time
 from copy import deepcopy
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -297,28 +297,58 @@ def test_encoded_srs_are_what_highdicom_gives(card: ModelCard, shared_dicom: Pat
 
 
 #: UIDs as pydicom takes them (components without leading zeros, at most 64 characters).
-_UID_TEXT = st.lists(st.integers(0, 10**20), min_size=1, max_size=12).map(
-    lambda parts: ".".join(map(str, parts))).filter(lambda uid: len(uid) <= 64)
+_UID_TEXT = st.lists(st.integers(0, 10**15), min_size=1, max_size=4).map(
+    lambda parts: ".".join(map(str, parts)))
+#: Texts a UI element could be given that pydicom changes (strips) or refuses.
+_ODD_TEXT = st.text(alphabet=" \t\\\0\u00e9.1", max_size=8)
+_OFFSET = st.integers(-720, 840).map(lambda minutes: timezone(timedelta(minutes=minutes)))
 
 
 @settings(max_examples=300, deadline=None)
-@given(uid=_UID_TEXT, moment=st.datetimes(min_value=datetime(1900, 1, 1)),
+@given(uid=_UID_TEXT, odd=_ODD_TEXT,
+       moment=st.datetimes(min_value=datetime(1900, 1, 1)), offset=_OFFSET,
        number=st.floats(allow_nan=True, allow_infinity=True),
        probability=st.floats(min_value=0.0, max_value=1.0))
 def test_each_srs_own_values_are_encoded_as_pydicom_writes_them(
-        uid: str, moment: datetime, number: float, probability: float) -> None:
-    """The values made for each SR (UIDs, dates and times, probabilities) that
-    ``report`` encodes itself are the bytes pydicom writes for them, whatever the
-    value; the rest (here an integer, not a double) is pydicom's own."""
+        uid: str, odd: str, moment: datetime, offset: timezone, number: float,
+        probability: float) -> None:
+    """The values made for each SR (UIDs, dates and times, probabilities) are encoded
+    by ``report`` itself, without pydicom's element (the first cases: pydicom's
+    ``DataElement`` is not reached), as the bytes pydicom writes for them, whatever
+    the value; anything else -- a UID with whitespace pydicom strips, a text beyond
+    ASCII, an integer where a double goes -- as pydicom writes it."""
     tag = report.Tag("UID")
     rounded = report._rounded(probability)
-    cases = [("UI", uid), ("UI", UID(uid)), ("DA", DA(moment.date())), ("TM", TM(moment.time())),
-             ("DT", DT(moment)), ("FD", number), ("FD", rounded),
-             ("DS", DS(rounded, auto_format=True)), ("DS", DS(number, auto_format=True))
-             if math.isfinite(number) else ("FD", -number), ("FD", 3)]
-    for vr, value in cases:
-        expected = report._encoded(DataElement(tag, vr, value), ("iso8859",))
-        assert report._element(tag, vr, value) == expected, (vr, value)
+    own = [("UI", uid), ("UI", UID(uid)), ("UI", ""), ("DA", DA(moment.date())),
+           ("DA", DA(moment.strftime("%Y%m%d"))), ("TM", TM(moment.time())),
+           ("TM", TM(moment.strftime("%H%M%S"))), ("DT", DT(moment)),
+           ("DT", DT(moment.replace(tzinfo=offset))), ("FD", number), ("FD", rounded),
+           ("DS", DS(rounded, auto_format=True))]
+    if math.isfinite(number):
+        own.append(("DS", DS(number, auto_format=True)))
+    others = [("UI", odd), ("UI", f"{uid} "), ("UI", f"{uid} \\{uid}"), ("FD", 3),
+              ("DA", "20240229"), ("UI", "1." + "2" * 0xFFFF)]
+
+    def not_reached(*args: Any) -> None:
+        raise AssertionError("pydicom's element was built")
+
+    with pydicom_config.disable_value_validation():
+        for vr, value in [*own, *others]:
+            expected = report._encoded(DataElement(tag, vr, value), ("iso8859",))
+            with pytest.MonkeyPatch.context() as patched:
+                if (vr, value) in own:
+                    patched.setattr(report, "DataElement", not_reached)
+                assert report._element(tag, vr, value) == expected, (vr, value)
+
+
+def test_an_sr_without_its_sop_instance_uid_is_refused() -> None:
+    """An SR is never written without its SOP Instance UID, from the template as from
+    highdicom (whose file meta refuses it)."""
+    builder = ReportBuilder(CARD)
+    builder.warm_up()
+    for uid in ("", None):
+        with pytest.raises(ValueError, match="SOP Instance UID"):
+            builder.encode(dx_16bit(), RESULT, uid, generate_uid())  # type: ignore[arg-type]
 
 
 def test_highdicoms_equipment_item_says_when_each_sr_was_made() -> None:
