@@ -924,11 +924,10 @@ def _element(tag: BaseTag, vr: str, value: object,
     """
     if vr == "FD" and type(value) is float:
         return _SHORT_HEADER.pack(tag.group, tag.element, b"FD", 8) + _DOUBLE.pack(value)
-    padding = _TEXT_PADDING.get(vr)
-    if padding is not None:
-        text = str(value) if vr == "UI" and type(value) in (str, UID) else (
-            getattr(value, "original_string", None) if type(value) in _TEXT_TYPES[vr]
-            else None)
+    types, padding = _TEXTS.get(vr, ((), b""))
+    if type(value) in types:
+        # A UID is its own text; a date, time or number written as its original string.
+        text = str(value) if vr == "UI" else getattr(value, "original_string", None)
         # (pydicom strips a UID of whitespace, each value of it: one with none to
         # strip, and one value, is written as it is)
         if (type(text) is str and text.isascii() and len(text) < 0xFFFF
@@ -944,11 +943,11 @@ def _element(tag: BaseTag, vr: str, value: object,
 #: An element's tag, VR and 2-byte length (Explicit VR Little Endian, a short VR).
 _SHORT_HEADER = struct.Struct("<HH2sH")
 _DOUBLE = struct.Struct("<d")
-#: The texts :func:`_element` encodes itself: their padding, as pydicom pads them.
-_TEXT_PADDING = {"UI": b"\0", "DA": b" ", "TM": b" ", "DT": b" ", "DS": b" "}
-#: ...and the values each is taken from (pydicom writes their ``original_string``).
-_TEXT_TYPES: dict[str, tuple[type, ...]] = {"UI": (), "DA": (DA,), "TM": (TM,), "DT": (DT,),
-                                            "DS": (DSfloat,)}
+#: The texts :func:`_element` encodes itself, by VR: the types of value it takes, and
+#: the padding pydicom gives them.
+_TEXTS: dict[str, tuple[tuple[type, ...], bytes]] = {
+    "UI": ((str, UID), b"\0"), "DA": ((DA,), b" "), "TM": ((TM,), b" "),
+    "DT": ((DT,), b" "), "DS": ((DSfloat,), b" ")}
 
 
 def _marker(number: int) -> Dataset:
