@@ -471,6 +471,13 @@ def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_si
     return sustained, cpu, threads, stages, before, after
 
 
+def _run_ratio(run: tuple[float, CpuMeter, ThreadCpu, dict[str, float], float, float]
+               ) -> float:
+    """A :func:`queued_run`'s sustained rate over the engine's around it."""
+    sustained, _, _, _, before, after = run
+    return sustained / ((before + after) / 2)
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     try:
@@ -570,12 +577,11 @@ def run(work: Path) -> None:
             rate, _, _, _, run_before, run_after = plain_runs[-1]
             print(f"  evidence off, run {run_number + 1}: {rate:.2f} img/s, engine "
                   f"{run_before:.2f} before and {run_after:.2f} after: ratio "
-                  f"{rate / ((run_before + run_after) / 2):.3f}", flush=True)
+                  f"{_run_ratio(plain_runs[-1]):.3f}", flush=True)
     finally:
         pacs.stop()
-    plain_runs.sort(key=lambda run: run[0] / ((run[4] + run[5]) / 2))
-    plain_ratios = [rate / ((run_before + run_after) / 2)
-                    for rate, _, _, _, run_before, run_after in plain_runs]
+    plain_runs.sort(key=_run_ratio)
+    plain_ratios = [_run_ratio(run) for run in plain_runs]
     plain, cpu_plain, threads, plain_stages, plain_before, plain_after = (
         plain_runs[len(plain_runs) // 2])  # the median run (of an odd number)
     parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in stages.items())
