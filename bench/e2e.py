@@ -48,6 +48,7 @@ Usage: python bench/e2e.py [--quick] [--model DIR] [--int8] [--batch-size N]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -84,6 +85,8 @@ DX = DigitalXRayImageStorageForPresentation
 #: How many runs of the queue with evidence images off give the target's figure (their
 #: median); ``--quick``: one.
 NO_EVIDENCE_RUNS = 3
+#: How long the node, then the bare engine, runs in each turn of :func:`interleaved_run`.
+TURN_SECONDS = 2.0
 #: The share of a queue's first results the steady rate leaves out (:func:`steady_rate`).
 STEADY_SKIP = 0.1
 #: How often the bench looks for the PACS's files (their modification times are the
@@ -186,6 +189,34 @@ class ThreadCpu:
         groups["short-lived"] = max(spent - sum(groups.values()), 0.0)
         self.groups = groups
         return self
+class Looker:
+    """Called: when each of the source images ``uids`` had its results (the SR, and
+    the evidence image when the node makes them) stored at the PACS, by source SOP
+    Instance UID; None while any is missing. What it has seen is kept between calls."""
+
+    def __init__(self, folder: Path, node: Node, uids: list[str]) -> None:
+        self.folder, self.node, self.uids = folder, node, uids
+        self.made: dict[str, tuple[str, ...]] = {}
+        self.stored: dict[str, str] = {}  # storescp names a file <modality>.<SOP Instance UID>
+
+    def __call__(self) -> dict[str, float] | None:
+        if len(self.made) < len(self.uids):
+            self.made.update(self.node.result_uids(self.uids))
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if "." in entry.name:
+                    self.stored.setdefault(entry.name.split(".", 1)[1], entry.name)
+        if self.done() < len(self.uids):
+            return None
+        time.sleep(0.05)  # the last file's write is complete
+        return {source: max(os.stat(self.folder / self.stored[u]).st_mtime for u in us)
+                for source, us in self.made.items()}
+
+    def done(self) -> int:
+        """How many of the source images have all their results stored."""
+        return sum(all(u in self.stored for u in us) for us in self.made.values())
+
+
 class TimingPACS:
     """DCMTK ``storescp`` as the PACS (a C peer, as a real PACS would be, and cheap on
     the 2 cores it shares with the node). When an SR was stored is its file's
@@ -206,28 +237,20 @@ class TimingPACS:
         them) of the source images ``uids`` are stored; return when each image's last
         one was, by source SOP Instance UID."""
         deadline = time.monotonic() + timeout
-        made: dict[str, tuple[str, ...]] = {}
-        # storescp names a file <modality>.<SOP Instance UID>
-        stored: dict[str, str] = {}
+        look = self.looker(node, uids)
         # When each file was stored is its modification time, so how often this looks
         # changes none of the figures; it only takes CPU from the node it measures
         # (on 2 cores, looking every 20 ms through a folder of 1,500 files took 3 %;
         # every 100 ms, the job store's rows read each time, 1 %).
-        while True:
-            if len(made) < len(uids):
-                made.update(node.result_uids(uids))
-            with os.scandir(self.folder) as entries:
-                for entry in entries:
-                    if "." in entry.name:
-                        stored.setdefault(entry.name.split(".", 1)[1], entry.name)
-            if len(made) == len(uids) and all(u in stored for us in made.values() for u in us):
-                time.sleep(0.05)  # the last file's write is complete
-                return {source: max(os.stat(self.folder / stored[u]).st_mtime for u in us)
-                        for source, us in made.items()}
+        while (found := look()) is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{sum(all(u in stored for u in us) for us in made.values())}"
-                                   f"/{len(uids)} images' results stored")
+                raise TimeoutError(f"{look.done()}/{len(uids)} images' results stored")
             time.sleep(POLL_SECONDS)
+        return found
+
+    def looker(self, node: Node, uids: list[str]) -> Looker:
+        """A look at the PACS's folder for the results of ``uids``, taken when called."""
+        return Looker(self.folder, node, uids)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -442,8 +465,8 @@ class Node:
 
 
 class QueuedRun(NamedTuple):
-    """One :func:`queued_run`: its rates (images/s), the node's CPU, and the bare engine
-    around it."""
+    """One :func:`queued_run`: its steady rate and the whole queue's (images/s), the
+    node's CPU, and the bare engine before and after it."""
 
     steady: float
     drain: float
@@ -452,16 +475,6 @@ class QueuedRun(NamedTuple):
     stages: dict[str, float]
     before: float
     after: float
-    first_result_s: float
-
-    @property
-    def ratio(self) -> float:
-        """The steady rate over the engine's around it: the target's figure."""
-        return self.steady / ((self.before + self.after) / 2)
-
-    @property
-    def drain_ratio(self) -> float:
-        return self.drain / ((self.before + self.after) / 2)
 
 
 def steady_rate(times: list[float], skip: float = STEADY_SKIP) -> float:
@@ -513,7 +526,136 @@ def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_si
         node.stop()
         shutil.rmtree(node.data, ignore_errors=True)  # its spool: 8 MB an image
     return QueuedRun(steady_rate(list(arrived.values())), drain, cpu, threads, stages,
-                     before, after, min(arrived.values()) - ready)
+                     before, after)
+
+
+class InterleavedRun(NamedTuple):
+    """One :func:`interleaved_run`: the node's steady rate over its own turns, the bare
+    engine's over its turns (images/s), the node's CPU, and how many turns each had."""
+
+    steady: float
+    engine: float
+    cpu: CpuMeter
+    threads: ThreadCpu
+    stages: dict[str, float]
+    turns: int
+
+    @property
+    def ratio(self) -> float:
+        """The node's steady rate over the engine's in the same spells: the target's
+        figure."""
+        return self.steady / self.engine
+
+
+def _stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (SIGSTOP has taken)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        if stat[stat.rindex(")") + 2] not in "Tt":
+            return False
+    return True
+
+
+def engine_turn(engine: Any, batch: int, seconds: float) -> tuple[int, float]:
+    """The bare engine called from each of its lanes at once (as :func:`_engine_calls`)
+    until ``seconds`` have passed; (images classified, seconds it took)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = np.random.default_rng(0).random((batch, engine.input_size, engine.input_size, 3),
+                                        dtype=np.float32)
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def lane() -> int:
+        calls = 0
+        while time.perf_counter() < deadline:
+            engine.predict(x)
+            calls += 1
+        return calls
+
+    with ThreadPoolExecutor(max_workers=engine.lanes) as lanes:
+        calls = sum(f.result() for f in [lanes.submit(lane) for _ in range(engine.lanes)])
+    return calls * batch, time.perf_counter() - start
+
+
+def node_time(stamps: list[float], turns: list[tuple[float, float]]) -> list[float]:
+    """Each wall-clock moment in ``stamps`` as seconds of the node's own turns
+    (``turns``: its (start, end), in order) before it; a moment between two turns (a
+    file the PACS finished writing after the node was stopped) counts as its turn's end."""
+    starts = np.array([start for start, _ in turns])
+    lengths = np.array([end - start for start, end in turns])
+    before = np.concatenate([[0.0], np.cumsum(lengths)])
+    out = []
+    for stamp in stamps:
+        turn = max(int(np.searchsorted(starts, stamp, side="right")) - 1, 0)
+        out.append(float(before[turn] + min(max(stamp - starts[turn], 0.0), lengths[turn])))
+    return out
+
+
+def interleaved_run(work: Path, name: str, pacs: TimingPACS, artifact: Path,
+                    batch_size: int | None, files: list[tuple[str, Path]], engine: Any,
+                    node_batch: int) -> InterleavedRun:
+    """A queue of images with evidence images off, then the model; the node and the bare
+    engine (same model, the node's batch size, in this process) take turns of
+    :data:`TURN_SECONDS` until every result is stored, the node stopped (SIGSTOP) while
+    the engine runs. Both are measured in the same spells of this VM, whose speed moves
+    by a fifth within a minute: an engine measured before and after a run can miss the
+    spell the run had (0.77-0.92 for the same code in one bench). The node's rate is
+    :func:`steady_rate` over the time of its own turns."""
+    node = Node(work, name, pacs, None, batch_size, evidence=False)
+    pid = node.process.pid
+    try:
+        sender = Sender(node.port)
+        for _, path in files:
+            sender.send(path)
+        sender.close()
+        engine_turn(engine, node_batch, 1.0)  # warm, as the node's model is when ready
+        uids = [uid for uid, _ in files]
+        look = pacs.looker(node, uids)
+        # Each job has its results' UIDs from when it was received: read now, so that
+        # looking while the node is stopped never reads its job store.
+        assert look() is None and len(look.made) == len(uids), len(look.made)
+        offset = len(node.log())
+        node.install(artifact, force=True)
+        ready, logged_batch = node.ready_at(600)
+        assert logged_batch == node_batch, (logged_batch, node_batch)
+        cpu = CpuMeter(pid, pacs.proc.pid).start()
+        threads = ThreadCpu(pid).start()
+        turns: list[tuple[float, float]] = []
+        images, seconds = 0, 0.0
+        start = ready
+        deadline = time.monotonic() + 1800
+        while True:
+            time.sleep(max(start + TURN_SECONDS - time.time(), 0.0))
+            os.kill(pid, signal.SIGSTOP)
+            stopped_by = time.monotonic() + 5
+            while not _stopped(pid) and time.monotonic() < stopped_by:
+                time.sleep(0.001)
+            turns.append((start, time.time()))
+            arrived = look()
+            if arrived is not None or time.monotonic() > deadline:
+                os.kill(pid, signal.SIGCONT)
+                break
+            classified, took = engine_turn(engine, node_batch, TURN_SECONDS)
+            images, seconds = images + classified, seconds + took
+            os.kill(pid, signal.SIGCONT)
+            start = time.time()
+        if arrived is None:
+            raise TimeoutError(f"{look.done()}/{len(uids)} images' results stored")
+        threads.stop()
+        cpu.stop()
+        time.sleep(0.5)
+        stages = breakdown(node.data, node.log()[offset:], uids)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # never leave it stopped
+        node.stop()
+        shutil.rmtree(node.data, ignore_errors=True)  # its spool: 8 MB an image
+    steady = steady_rate(node_time(list(arrived.values()), turns))
+    return InterleavedRun(steady, images / seconds, cpu, threads, stages, len(turns))
 
 
 def main() -> None:
@@ -604,42 +746,39 @@ def run(work: Path) -> None:
                             engine, node_batch, evidence=True)
         sustained, cpu_queued, stages = queued.steady, queued.cpu, queued.stages
         before, after = queued.before, queued.after
-        # The target's figure: this VM's speed drifts by a third within minutes, and
-        # the engine bracketing a run does not always share its spell; the median of
-        # NO_EVIDENCE_RUNS runs (each on a node of its own, with its own bracket), each
-        # printed, is the figure, and the median run gives the details below.
+        # The target's figure: this VM's speed moves by a fifth within a minute, so the
+        # node and the engine take turns (interleaved_run); the median of
+        # NO_EVIDENCE_RUNS runs, each on a node of its own and each printed, is the
+        # figure, and the median run gives the details below.
         plain_runs = []
         for run_number in range(1 if args.quick else NO_EVIDENCE_RUNS):
-            plain_runs.append(one := queued_run(
+            plain_runs.append(one := interleaved_run(
                 work, f"queued-no-evidence-{run_number}", pacs, artifact, args.batch_size,
-                plain_files, engine, node_batch, evidence=False))
-            print(f"  evidence off, run {run_number + 1}: steady {one.steady:.2f} img/s, "
-                  f"engine {one.before:.2f} before and {one.after:.2f} after: ratio "
-                  f"{one.ratio:.3f}; the whole queue from the model's ready moment "
-                  f"{one.drain:.2f} img/s ({one.drain_ratio:.3f}), its first result "
-                  f"{one.first_result_s:.2f} s after it", flush=True)
+                plain_files, engine, node_batch))
+            print(f"  evidence off, run {run_number + 1}: steady {one.steady:.2f} img/s over "
+                  f"the node's turns, engine {one.engine:.2f} img/s over its own ({one.turns} "
+                  f"turns each): ratio {one.ratio:.3f}", flush=True)
     finally:
         pacs.stop()
     plain_runs.sort(key=lambda run: run.ratio)
     plain_ratios = [run.ratio for run in plain_runs]
-    drain_ratios = sorted(run.drain_ratio for run in plain_runs)
     median = plain_runs[len(plain_runs) // 2]  # the median run (of an odd number)
     plain, cpu_plain, threads, plain_stages = (
         median.steady, median.cpu, median.threads, median.stages)
-    plain_before, plain_after = median.before, median.after
+    plain_bare = median.engine
     parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in stages.items())
     print(f"sustained, queue of {burst}, evidence images on: {sustained:.2f} img/s steady "
           f"({queued.drain:.2f} over the whole queue; {cpu_queued}); per image: {parts}",
           flush=True)
     bare = (before + after) / 2
-    plain_bare = (plain_before + plain_after) / 2
     # The evidence image's extra cost per image (maps, render, Secondary Capture, its
     # send) in forward passes: each run's time per image in units of the bare engine's
-    # time per image measured around it, so drift of the machine's speed cancels.
+    # time per image measured around it (evidence on) or beside it (off), so drift of
+    # the machine's speed cancels.
     extra = bare / sustained - plain_bare / plain
     plain_parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in plain_stages.items())
     print(f"sustained, queue of {burst}, evidence images off: {plain:.2f} img/s (engine "
-          f"{plain_bare:.2f} img/s around it; {cpu_plain}); per image: {plain_parts}; "
+          f"{plain_bare:.2f} img/s in its turns; {cpu_plain}); per image: {plain_parts}; "
           f"evidence image extra cost {extra:.2f} forward passes per image (target < 1)",
           flush=True)
     # On a saturated CPU the pipeline can reach at most the engine's share of the CPU
@@ -687,8 +826,8 @@ def run(work: Path) -> None:
           f"img/s, measured afterwards): {best_ratio:.2f}; live / engine = "
           f"{live / bare:.2f}; with evidence images off (the target >= 0.85): "
           f"{plain / plain_bare:.3f}, the median of {len(plain_ratios)} "
-          f"({', '.join(f'{r:.3f}' for r in plain_ratios)}; over the whole queue from "
-          f"the model's ready moment {median.drain_ratio:.3f}); p50 target <= 1 s")
+          f"({', '.join(f'{r:.3f}' for r in plain_ratios)}; node and engine taking "
+          f"turns of {TURN_SECONDS:.0f} s); p50 target <= 1 s")
     print(f"model: {engine.card.name} {engine.card.display_version} ({engine.backend} on "
           f"{engine.device})")
     print(f"bench: latency_p50_s={percentile(latencies, 50):.3f} "
@@ -700,8 +839,7 @@ def run(work: Path) -> None:
           f"no_evidence_img_s={plain:.3f} no_evidence_ratio={plain / plain_bare:.3f} "
           f"no_evidence_runs={len(plain_ratios)} no_evidence_ratio_min={plain_ratios[0]:.3f} "
           f"no_evidence_ratio_max={plain_ratios[-1]:.3f} "
-          f"no_evidence_drain_ratio={statistics.median(drain_ratios):.3f} "
-          f"no_evidence_first_result_s={median.first_result_s:.3f} "
+          f"no_evidence_engine_img_s={plain_bare:.3f} no_evidence_turns={median.turns} "
           f"drain_img_s={queued.drain:.3f} "
           f"evidence_extra_forward={extra:.3f} "
           f"int8={int(engine.backend == 'openvino-int8')} batch={node_batch} "

@@ -4,7 +4,12 @@ fill and tail of a finite queue."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +52,46 @@ def test_a_slower_second_half_lowers_the_steady_rate(e2e) -> None:  # type: igno
     slow = dispatched(10.0, 150, 0.5, start=max(fast))
     rate = e2e.steady_rate(fast + slow)
     assert 12.0 < rate < 16.0  # between the two, weighted by time, not the faster one
+
+
+def test_node_time_counts_only_the_nodes_turns(e2e) -> None:  # type: ignore[no-untyped-def]
+    turns = [(100.0, 102.0), (104.0, 106.0), (108.0, 110.0)]
+    stamps = [100.5, 102.0, 103.0, 104.0, 105.5, 109.0, 111.0]
+    # in its first turn; at its end; between turns (a file finished after the stop):
+    # the turn's end; the second turn's start; within it; the third; after the last.
+    assert e2e.node_time(stamps, turns) == [0.5, 2.0, 2.0, 2.0, 3.5, 5.0, 6.0]
+
+
+def test_interleaved_arrivals_give_the_nodes_own_rate(e2e) -> None:  # type: ignore[no-untyped-def]
+    # A node classifying 20 images a second of its own time, stopped every 2 s for 2 s.
+    own = dispatched(20.0, 300, 0.5, start=0.4)
+    turns = [(4.0 * k, 4.0 * k + 2.0) for k in range(10)]
+    wall = [4.0 * int(t // 2.0) + t % 2.0 for t in own]  # own time -> wall clock
+    assert e2e.steady_rate(wall) < 11.0  # over the wall clock: about half
+    assert e2e.steady_rate(e2e.node_time(wall, turns)) == pytest.approx(20.0, rel=0.02)
+
+
+def test_a_stopped_process_is_seen_stopped(e2e) -> None:  # type: ignore[no-untyped-def]
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); "
+                             "time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"\n"
+        time.sleep(0.2)  # asleep, not stopped
+        assert not e2e._stopped(proc.pid)
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert settles(lambda: e2e._stopped(proc.pid))
+        os.kill(proc.pid, signal.SIGCONT)
+        assert settles(lambda: not e2e._stopped(proc.pid))
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def settles(check: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Whether ``check`` comes true within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return False
