@@ -19,15 +19,17 @@ unless --model is given) sending its SRs to DCMTK ``storescp``. Measures:
   queue with evidence images off gives their extra cost per image, in forward
   passes of the bare engine (target: under one), and the figure the target is
   about: sustained with evidence images off over the bare engine, the median of
-  three runs (one with ``--quick``), each on a node of its own and bracketed by
-  the engine, each printed;
+  three runs (one with ``--quick``), each on a node of its own, each printed. In
+  those runs the node and the bare engine take turns of two seconds, the node
+  stopped (SIGSTOP) while the engine runs, so that both are measured in the same
+  spells of this VM (:func:`interleaved_run`);
 * the same burst received while it is being classified ("live"): on this
   2-core machine receiving 8 MB images takes CPU from the network, so this
   figure shows what a PACS pushing at full speed costs;
 * the bare engine's throughput on the same model in the same run at the node's
-  batch size, measured right before and right after the sustained phase (this
-  shared VM's speed drifts by several per cent over minutes; the ratio the
-  target is about uses their mean) and, stricter, at the engine's best batch
+  batch size, measured right before and right after the sustained phase with
+  evidence images on (this shared VM's speed drifts by several per cent over
+  minutes; that phase's ratio uses their mean) and, stricter, at the engine's best batch
   size of 1..16 (measured afterwards; both ratios printed), called from each of
   the engine's lanes at once (two for OpenVINO on a CPU), as the node's worker
   calls it, so that the engine is measured at its best;
