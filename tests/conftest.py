@@ -114,6 +114,28 @@ def small_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def serving_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained Xception network at 96x96 -- the paper's head on one backbone, the
+    same card name and version as ``small_artifact`` -- saved as an artifact (built once).
+
+    For the tests of what a node does around its model (queue, leases, study results,
+    delivery, audit, metrics), where the architecture is beside the point: a node loads
+    and warms it up in about 3 s on 2 cores, the concatenated network in about 9, and
+    these tests load a model some thirty times. The concatenated network is served by
+    the engine's tests and by a node end to end with ``small_artifact``
+    (tests/integration/test_pipeline.py).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from model import card, network
+
+    out = tmp_path_factory.mktemp("artifact") / "xception96"
+    built = network.build("xception", 96, seed=7)
+    card.save_artifact(built, out, {"version": "0.0.1", "architecture": "xception",
+                                    "input_size": 96, "trained": False})
+    return out
+
+
 @pytest.fixture
 def global_policy() -> Iterator[None]:
     """Leaves Keras' global dtype policy as it found it (tests that build under

@@ -40,7 +40,7 @@ def events(folder: Path) -> list[tuple[str, str, int, str]]:
 
 
 def test_a_run_leaves_every_event_with_uids_and_ae_titles_and_no_patient_data(
-        make_node: Any, small_artifact: Path, tmp_path: Path) -> None:
+        make_node: Any, serving_artifact: Path, tmp_path: Path) -> None:
     collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     collector.bind(("127.0.0.1", 0))
     collector.settimeout(10)
@@ -52,7 +52,7 @@ def test_a_run_leaves_every_event_with_uids_and_ae_titles_and_no_patient_data(
         chest, broken = chest_image(), window_not_a_number()
         assert store(node, [chest, broken]) == [0, 0xA900]
         assert associate(node.settings.port, [chest], calling="STRANGER").is_rejected
-        card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
+        card.install(serving_artifact, node.settings.model_dir, allow_unvalidated=True)
         wait_until(lambda: node.store.delivery_counts() == {"done": 2}, timeout=120,
                    what="the SR and the evidence image delivered")
         job = node.store.list()[0]
@@ -148,9 +148,9 @@ def test_model_install_and_audit_tail_as_a_user_runs_them(small_artifact: Path,
     assert table.returncode == 0 and "Software Configuration" in table.stdout
 
 
-def test_serve_with_a_model_records_its_install(small_artifact: Path, tmp_path: Path) -> None:
+def test_serve_with_a_model_records_its_install(serving_artifact: Path, tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "var", extra_args=["--allow-calling-ae", CALLING_AE,
-                                                     "--model", str(small_artifact)]).start()
+                                                     "--model", str(serving_artifact)]).start()
     try:
         wait_until(lambda: "ready (batches" in node.log, timeout=120, what="the model loaded")
     finally:

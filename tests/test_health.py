@@ -66,7 +66,7 @@ def value(samples: Samples, metric: str, **labels: str) -> float:
 
 
 def test_metrics_count_what_a_node_received_classified_and_delivered(
-        make_node: Any, small_artifact: Path, tmp_path: Path) -> None:
+        make_node: Any, serving_artifact: Path, tmp_path: Path) -> None:
     pacs = Storescp(tmp_path / "pacs", free_port())
     try:
         node = make_node(metrics_port=free_port(), max_pixels=300 * 300,
@@ -87,7 +87,7 @@ def test_metrics_count_what_a_node_received_classified_and_delivered(
         refused = associate(node.settings.port, [head], calling="STRANGER")
         assert refused.is_rejected
 
-        card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
+        card.install(serving_artifact, node.settings.model_dir, allow_unvalidated=True)
         wait_until(lambda: node.store.delivery_counts() == {"done": 4}, timeout=120,
                    what="two SRs and two evidence images delivered")
         after = scrape(port)
@@ -118,7 +118,7 @@ def test_metrics_count_what_a_node_received_classified_and_delivered(
     assert value(after, "dicom_node_model_loaded") == 1
     assert value(after, "dicom_node_model_info", name="cxr-covid-pneumonia",
                  version="0.0.1-untrained",
-                 architecture="concatenated", validation="unvalidated") == 1
+                 architecture="xception", validation="unvalidated") == 1
     assert value(after, "dicom_node_disk_free_bytes") > 0
     assert value(after, "process_resident_memory_bytes") > 0
 
@@ -136,12 +136,12 @@ def test_metrics_count_what_a_node_received_classified_and_delivered(
 
 
 def test_readyz_names_a_destination_failing_for_too_long(make_node: Any,
-                                                         small_artifact: Path) -> None:
+                                                         serving_artifact: Path) -> None:
     closed = free_port()  # nobody listens there
     node = make_node(metrics_port=free_port(), destinations=[f"GONE@127.0.0.1:{closed}"],
                      allow_unvalidated_models=True, evidence_image=False,
                      retry_base_seconds=30, ready_destination_failing_seconds=1)
-    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
+    card.install(serving_artifact, node.settings.model_dir, allow_unvalidated=True)
     assert store(node, [chest_image()]) == [0]
     wait_until(lambda: verdict(node.settings.metrics_port, "/readyz")[0] == 503
                and failing(verdict(node.settings.metrics_port, "/readyz")[1])

@@ -89,7 +89,7 @@ def node(tmp_path: Path, pacs: FakePACS) -> Iterator[Node]:
 
 
 def test_jobs_wait_for_a_model_then_flow_to_the_pacs(node: Node, pacs: FakePACS,
-                                                     small_artifact: Path) -> None:
+                                                     serving_artifact: Path) -> None:
     sources = [dx_16bit(), cr_monochrome1(), chest_image()]
     assert store(node, sources) == [0, 0, 0]
     # Two more idle passes: the second began after the jobs were queued and found no model.
@@ -97,7 +97,7 @@ def test_jobs_wait_for_a_model_then_flow_to_the_pacs(node: Node, pacs: FakePACS,
     wait_until(lambda: node.worker.idle_passes >= passes + 2, timeout=30)
     assert node.store.counts() == {"queued": 3}  # no model: nothing runs, nothing is lost
 
-    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
+    card.install(serving_artifact, node.settings.model_dir, allow_unvalidated=True)
     wait_until(lambda: len(pacs.received) == 3)
     wait_until(lambda: node.store.delivery_counts() == {"done": 3})
     jobs = node.store.list()
@@ -121,12 +121,12 @@ def test_jobs_wait_for_a_model_then_flow_to_the_pacs(node: Node, pacs: FakePACS,
 
 
 def test_poison_input_fails_and_the_queue_drains(node: Node, pacs: FakePACS,
-                                                 small_artifact: Path) -> None:
+                                                 serving_artifact: Path) -> None:
     good, bad = chest_image(), chest_image()
     assert store(node, [good, bad]) == [0, 0]
     poisoned = next(j for j in node.store.list() if j.sop_instance_uid == bad.SOPInstanceUID)
     node.spool.path(poisoned.spool_file).write_bytes(b"\0" * 300)  # disk corruption
-    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
+    card.install(serving_artifact, node.settings.model_dir, allow_unvalidated=True)
     wait_until(lambda: node.store.counts().get("failed") == 1
                and node.store.counts().get("done") == 1)
     failed = node.store.get(poisoned.id)
@@ -136,9 +136,9 @@ def test_poison_input_fails_and_the_queue_drains(node: Node, pacs: FakePACS,
 
 
 def test_permanent_refusal_is_dead_then_retry_on_request(node: Node, pacs: FakePACS,
-                                                         small_artifact: Path) -> None:
+                                                         serving_artifact: Path) -> None:
     pacs.status = 0xA900
-    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
+    card.install(serving_artifact, node.settings.model_dir, allow_unvalidated=True)
     assert store(node, [chest_image()]) == [0]
     wait_until(lambda: node.store.delivery_counts() == {"dead": 1})
     (job,) = node.store.list()
@@ -151,9 +151,9 @@ def test_permanent_refusal_is_dead_then_retry_on_request(node: Node, pacs: FakeP
 
 
 def test_out_of_resources_is_retried_with_the_same_sr(node: Node, pacs: FakePACS,
-                                                      small_artifact: Path) -> None:
+                                                      serving_artifact: Path) -> None:
     pacs.status = 0xA700
-    card.install(small_artifact, node.settings.model_dir, allow_unvalidated=True)
+    card.install(serving_artifact, node.settings.model_dir, allow_unvalidated=True)
     assert store(node, [chest_image()]) == [0]
     wait_until(lambda: any(d.attempts >= 2 for ds in node.store.deliveries(
         [j.id for j in node.store.list()]).values() for d in ds))
@@ -164,7 +164,7 @@ def test_out_of_resources_is_retried_with_the_same_sr(node: Node, pacs: FakePACS
 
 
 def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS,
-                                                  small_artifact: Path) -> None:
+                                                  serving_artifact: Path) -> None:
     """The batch decoded ahead of time is finished on stop, not left under a lease."""
     settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
@@ -174,7 +174,7 @@ def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS
     running.start()
     try:
         assert store(running, [chest_image(seed=i) for i in range(12)]) == [0] * 12
-        card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
+        card.install(serving_artifact, settings.model_dir, allow_unvalidated=True)
         wait_until(lambda: running.store.counts().get("done", 0) >= 2)
     finally:
         running.stop()
@@ -189,7 +189,7 @@ def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS
 
 
 def test_a_new_model_is_picked_up_and_the_old_one_freed(
-        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, serving_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loaded model is exempted from garbage collection (gc.freeze) while it
     serves; a model installed later replaces it, and the old one -- a Keras model
     is full of reference cycles -- is then collected."""
@@ -207,15 +207,15 @@ def test_a_new_model_is_picked_up_and_the_old_one_freed(
 
     monkeypatch.setattr(engine.Engine, "_served", recording)
     other = tmp_path / "other"
-    card.save_artifact(network.build("concatenated", 96, seed=8), other,
-                       {"version": "0.0.2", "architecture": "concatenated", "input_size": 96,
+    card.save_artifact(network.build("xception", 96, seed=8), other,
+                       {"version": "0.0.2", "architecture": "xception", "input_size": 96,
                         "trained": False})
     settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True,
                         min_free_disk_mb=0)
     with JobStore(settings.database_url) as jobs:
         worker = Worker(settings, jobs, Spool(settings.storage_dir))
         try:
-            card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
+            card.install(serving_artifact, settings.model_dir, allow_unvalidated=True)
             assert _serving(worker) == "0.0.1"
             assert gc.get_freeze_count() > 0
             card.install(other, settings.model_dir, allow_unvalidated=True)
@@ -227,7 +227,7 @@ def test_a_new_model_is_picked_up_and_the_old_one_freed(
 
 
 def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
-                                                small_artifact: Path,
+                                                serving_artifact: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The receive path wakes the worker: with the idle poll far longer than the wait
     below, the image is classified and its SR delivered all the same."""
@@ -236,7 +236,7 @@ def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
                         destinations=[sr_only(pacs)],
                         dispatch_interval_seconds=300)
-    card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
+    card.install(serving_artifact, settings.model_dir, allow_unvalidated=True)
     running = Node(settings)
     running.start()
     try:
@@ -250,7 +250,7 @@ def test_a_received_image_wakes_the_idle_worker(tmp_path: Path, pacs: FakePACS,
 
 
 def test_the_last_results_go_at_once_when_the_worker_runs_out_of_work(
-        tmp_path: Path, pacs: FakePACS, small_artifact: Path) -> None:
+        tmp_path: Path, pacs: FakePACS, serving_artifact: Path) -> None:
     """Results wait for the dispatch gap only while more are coming: once the queue is
     empty the worker has them sent, a minute's gap and a regular dispatch every five
     minutes notwithstanding."""
@@ -262,7 +262,7 @@ def test_the_last_results_go_at_once_when_the_worker_runs_out_of_work(
     running.start()  # its first dispatch (nothing due) starts the gap now
     try:
         assert store(running, [chest_image(seed=i) for i in range(3)]) == [0] * 3
-        card.install(small_artifact, settings.model_dir, allow_unvalidated=True)
+        card.install(serving_artifact, settings.model_dir, allow_unvalidated=True)
         wait_until(lambda: len(pacs.received) == 3, timeout=40)
     finally:
         running.stop()
@@ -338,7 +338,7 @@ def lanes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> in
 
 
 def test_a_batch_slower_than_its_lease_is_classified_once(
-        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, serving_artifact: Path, monkeypatch: pytest.MonkeyPatch,
         lanes: int) -> None:
     """Two workers on one job store, a lease of 1 s, and a network that takes 2.5 s a
     batch (a slow GPU, a paused VM) while expired leases are reaped every 0.1 s: each
@@ -365,7 +365,7 @@ def test_a_batch_slower_than_its_lease_is_classified_once(
 
     monkeypatch.setattr(Spool, "write_report", counted)
     settings = _lease_settings(tmp_path)
-    done, workers, reaped = _run_queue(settings, small_artifact, 6, 2)
+    done, workers, reaped = _run_queue(settings, serving_artifact, 6, 2)
     assert sorted(reports) == [j.id for j in done]  # one SR each, none built twice
     assert [j.attempts for j in done] == [1] * 6
     assert sum(reaped) == 0
@@ -375,7 +375,7 @@ def test_a_batch_slower_than_its_lease_is_classified_once(
 
 
 def test_a_batch_that_fails_is_not_renewed_but_retried(
-        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, serving_artifact: Path, monkeypatch: pytest.MonkeyPatch,
         lanes: int) -> None:
     """The first forward pass fails (a GPU error): that batch's leases are no longer
     renewed, so they expire, the jobs are reaped and classified again; the others once
@@ -392,13 +392,13 @@ def test_a_batch_that_fails_is_not_renewed_but_retried(
             return _working(self, images)
 
         monkeypatch.setattr(engine.Engine, name, failing_once)
-    done, _, reaped = _run_queue(_lease_settings(tmp_path), small_artifact, 4, 1)
+    done, _, reaped = _run_queue(_lease_settings(tmp_path), serving_artifact, 4, 1)
     assert sum(reaped) == 2  # the failed batch's two jobs, once their leases ran out
     assert sorted(j.attempts for j in done) == [1, 1, 2, 2]
 
 
 def test_a_slow_result_writer_holds_the_network_back_only_past_its_bound(
-        tmp_path: Path, small_artifact: Path, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, serving_artifact: Path, monkeypatch: pytest.MonkeyPatch,
         lanes: int) -> None:
     """While the result writer is stuck on a batch (a slow disk), the network goes on:
     a lane done with its batch takes the next one at once, until WRITER_BEHIND batches
@@ -432,7 +432,7 @@ def test_a_slow_result_writer_holds_the_network_back_only_past_its_bound(
     settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True,
                         port=free_port(), allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
                         batch_size=1, max_batch_delay_ms=0)
-    _queue(settings, small_artifact, 8)
+    _queue(settings, serving_artifact, 8)
     with JobStore(settings.database_url) as jobs:
         worker = Worker(settings, jobs, Spool(settings.storage_dir))
         worker.start()

@@ -89,9 +89,9 @@ def received(folder: Path, evidence: bool = False) -> list[Dataset]:
 
 
 def test_a_lateral_image_is_ignored_with_its_reason(tmp_path: Path,
-                                                    small_artifact: Path) -> None:
+                                                    serving_artifact: Path) -> None:
     pacs = Storescp(tmp_path / "pacs", free_port())
-    node = node_with(tmp_path, small_artifact, pacs.port, allow=True).start()
+    node = node_with(tmp_path, serving_artifact, pacs.port, allow=True).start()
     study = generate_uid()
     frontal = save(chest_image(StudyInstanceUID=study, ViewPosition="PA"), tmp_path / "pa.dcm")
     lateral = save(chest_image(StudyInstanceUID=study, ViewPosition="LL", seed=1),
@@ -114,14 +114,14 @@ def test_a_lateral_image_is_ignored_with_its_reason(tmp_path: Path,
 
 
 def test_an_unvalidated_model_does_not_start_a_node_unless_allowed(
-        tmp_path: Path, small_artifact: Path) -> None:
-    given = node_with(tmp_path, small_artifact, free_port(), allow=False, name="given")
+        tmp_path: Path, serving_artifact: Path) -> None:
+    given = node_with(tmp_path, serving_artifact, free_port(), allow=False, name="given")
     with pytest.raises(RuntimeError, match="exited with 2"):
         given.start()  # serve --model refuses to install it
     assert "not validated" in given.log and "allow" in given.log
 
     installed = node_with(tmp_path, None, free_port(), allow=False, name="installed")
-    forced = cli("model", "install", str(small_artifact), "--allow-unvalidated",
+    forced = cli("model", "install", str(serving_artifact), "--allow-unvalidated",
                  "--data-dir", str(installed.data_dir))
     assert forced.returncode == 0, forced.stderr
     with pytest.raises(RuntimeError, match="exited with 2"):
@@ -131,13 +131,13 @@ def test_an_unvalidated_model_does_not_start_a_node_unless_allowed(
 
 
 def test_an_unvalidated_model_installed_later_delivers_nothing(
-        tmp_path: Path, small_artifact: Path) -> None:
+        tmp_path: Path, serving_artifact: Path) -> None:
     pacs = Storescp(tmp_path / "pacs", free_port())
     node = node_with(tmp_path, None, pacs.port, allow=False).start()
     image = save(chest_image(), tmp_path / "pa.dcm")
     try:
         assert storescu(node.port, [image]).all_success
-        forced = cli("model", "install", str(small_artifact), "--allow-unvalidated",
+        forced = cli("model", "install", str(serving_artifact), "--allow-unvalidated",
                      "--data-dir", str(node.data_dir))
         assert forced.returncode == 0, forced.stderr
         wait_until(lambda: "will not serve" in node.log, what="the worker's refusal")
@@ -151,9 +151,9 @@ def test_an_unvalidated_model_installed_later_delivers_nothing(
 
 
 def test_an_allowed_unvalidated_model_says_so_in_every_object(
-        tmp_path: Path, small_artifact: Path) -> None:
+        tmp_path: Path, serving_artifact: Path) -> None:
     pacs = Storescp(tmp_path / "pacs", free_port())
-    node = node_with(tmp_path, small_artifact, pacs.port, allow=True).start()
+    node = node_with(tmp_path, serving_artifact, pacs.port, allow=True).start()
     files = [save(chest_image(seed=i), tmp_path / f"{i}.dcm") for i in range(2)]
     try:
         assert storescu(node.port, files).all_success
@@ -176,8 +176,8 @@ def test_an_allowed_unvalidated_model_says_so_in_every_object(
 
 
 def test_a_validated_model_gives_thresholds_and_one_result_per_study(
-        tmp_path: Path, small_artifact: Path) -> None:
-    artifact = validated_copy(small_artifact, tmp_path / "validated")
+        tmp_path: Path, serving_artifact: Path) -> None:
+    artifact = validated_copy(serving_artifact, tmp_path / "validated")
     pacs = Storescp(tmp_path / "pacs", free_port())
     node = node_with(tmp_path, artifact, pacs.port, allow=False).start()
     study = generate_uid()

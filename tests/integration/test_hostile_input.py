@@ -44,13 +44,13 @@ OWN_NAMES = re.compile(
 
 
 def test_identifiers_reach_the_results_not_the_log_and_hostile_strings_reach_nothing(
-        tmp_path: Path, small_artifact: Path) -> None:
+        tmp_path: Path, serving_artifact: Path) -> None:
     pacs = Storescp(tmp_path / "pacs", free_port())
     (tmp_path / "in").mkdir()
     files = [save(chest_image(seed=i, **IDENTIFIERS, **HOSTILE), tmp_path / "in" / f"{i}.dcm")
              for i in range(2)]
     node = NodeProcess(tmp_path / "var", extra_args=[
-        "--allow-calling-ae", CALLING_AE, "--model", str(small_artifact),
+        "--allow-calling-ae", CALLING_AE, "--model", str(serving_artifact),
         "--destination", f"PACS@127.0.0.1:{pacs.port}"],
         env={**FAST_DELIVERY, "DICOM_NODE_LOG_LEVEL": "DEBUG"}).start()
     try:

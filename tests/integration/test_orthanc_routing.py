@@ -43,13 +43,13 @@ def lua_constant(name: str) -> str:
 
 
 @pytest.fixture
-def routed(tmp_path: Path, small_artifact: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
+def routed(tmp_path: Path, serving_artifact: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
     """Orthanc as shipped, routing to a node as shipped; only ports, folders and hosts
     are the test's (and the node's destination, which names the compose service)."""
     shipped = json.loads(ORTHANC_JSON.read_text())
     node_entry = lua_constant("NODE")
     node = NodeProcess(tmp_path / "var", extra_args=[
-        "--config", str(NODE_TOML), "--model", str(small_artifact)], env=FAST_DELIVERY)
+        "--config", str(NODE_TOML), "--model", str(serving_artifact)], env=FAST_DELIVERY)
     modalities: dict[str, Any] = {
         node_entry: {**shipped["DicomModalities"][node_entry], "Host": "127.0.0.1",
                      "Port": node.port},

@@ -82,9 +82,9 @@ def test_orthanc_receives_one_sr_per_image_in_the_right_study(
 
 
 def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
-                                                   small_artifact: Path) -> None:
+                                                   serving_artifact: Path) -> None:
     port = free_port()
-    node = start_node(tmp_path, small_artifact, f"PACS@127.0.0.1:{port}")
+    node = start_node(tmp_path, serving_artifact, f"PACS@127.0.0.1:{port}")
     files = [save(ds, tmp_path / f"{i}.dcm") for i, ds in
              enumerate([dx_16bit(), cr_monochrome1(), chest_image()])]
     try:
@@ -123,9 +123,9 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
 # (test_durability) and a worker with jobs and deliveries held (PostgreSQL scale-out).
 @pytest.mark.long
 def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
-                                                    small_artifact: Path) -> None:
+                                                    serving_artifact: Path) -> None:
     port = free_port()
-    node = start_node(tmp_path, small_artifact, f"PACS@127.0.0.1:{port}")
+    node = start_node(tmp_path, serving_artifact, f"PACS@127.0.0.1:{port}")
     files = [save(chest_image(seed=i, rows=400, columns=400), tmp_path / f"{i}.dcm")
              for i in range(8)]
     try:
@@ -154,14 +154,14 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
         node.stop()
 
 
-def test_sr_returns_to_the_calling_ae(tmp_path: Path, small_artifact: Path) -> None:
+def test_sr_returns_to_the_calling_ae(tmp_path: Path, serving_artifact: Path) -> None:
     # The sender runs its own Storage SCP (DCMTK storescp, AE title = its calling AE)
     # on the port calling_ae_ports gives for it; no destination is configured.
     port = free_port()
     sender = Storescp(tmp_path / "sender", port, ae_title=CALLING_AE)
     node = NodeProcess(tmp_path / "var", extra_args=[
         "--allow-calling-ae", CALLING_AE, "--allow-calling-ae", "NO_PORT_SCU",
-        "--model", str(small_artifact)], env={
+        "--model", str(serving_artifact)], env={
         **FAST_RETRY, "DICOM_NODE_RETURN_TO_CALLING_AE": "true",
         "DICOM_NODE_CALLING_AE_PORTS": json.dumps({CALLING_AE: port})}).start()
     mine = save(chest_image(), tmp_path / "mine.dcm")

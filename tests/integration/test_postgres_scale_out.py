@@ -272,12 +272,12 @@ def sending(store: JobStore) -> int:
     pytest.param(300, False, id="300-lease-expired", marks=pytest.mark.long),
 ])
 def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
-        tmp_path: Path, postgres: PostgresServer, small_artifact: Path, count: int,
+        tmp_path: Path, postgres: PostgresServer, serving_artifact: Path, count: int,
         restart: bool) -> None:
     started = time.monotonic()
     url = postgres.create_database(f"scale_out_{count}")
     models = tmp_path / "models"
-    card.install(small_artifact, models, allow_unvalidated=True)
+    card.install(serving_artifact, models, allow_unvalidated=True)
     pacs_port = free_port()
     common = {
         **FAST_DELIVERY,

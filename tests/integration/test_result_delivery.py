@@ -54,11 +54,11 @@ def settled(node: NodeProcess, images: int, expected: int) -> bool:
 
 
 def test_results_reach_pacs_by_cstore_and_stow_and_the_worklist_by_hl7_and_fhir(
-        tmp_path: Path, small_artifact: Path, shared_dicom: Path) -> None:
+        tmp_path: Path, serving_artifact: Path, shared_dicom: Path) -> None:
     pacs = Orthanc(tmp_path / "pacs")
     web = Orthanc(tmp_path / "web", dicomweb=True)
     with MllpReceiver(Mode.ACCEPT) as ris, FhirServer("created") as fhir:
-        node = start(tmp_path, small_artifact, [
+        node = start(tmp_path, serving_artifact, [
             {"address": f"{pacs.ae_title}@127.0.0.1:{pacs.dicom_port}"},
             {"kind": "dicomweb", "url": web.stow_url},
             {"kind": "hl7", "address": f"127.0.0.1:{ris.port}", "receiving_application": "RIS"},
@@ -161,7 +161,7 @@ PresentationContexts = SROnly
 
 
 def test_a_refused_evidence_image_a_nak_and_a_bad_request_hold_back_nothing_else(
-        tmp_path: Path, small_artifact: Path) -> None:
+        tmp_path: Path, serving_artifact: Path) -> None:
     (tmp_path / "sr-only.cfg").write_text(SR_ONLY)
     (tmp_path / "in").mkdir()
     sr_only = Storescp(tmp_path / "pacs", free_port(),
@@ -171,7 +171,7 @@ def test_a_refused_evidence_image_a_nak_and_a_bad_request_hold_back_nothing_else
                  tmp_path / "in" / "a.dcm")
     with MllpReceiver(Mode.ERROR, error_text="Unknown order") as ris, \
             FhirServer("invalid") as fhir:
-        node = start(tmp_path, small_artifact, [
+        node = start(tmp_path, serving_artifact, [
             {"address": f"PACS@127.0.0.1:{sr_only.port}"},
             {"kind": "hl7", "address": f"127.0.0.1:{ris.port}"},
             {"kind": "fhir", "url": fhir.url}], DICOM_NODE_DELIVERY_MAX_ATTEMPTS="1000")

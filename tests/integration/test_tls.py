@@ -100,7 +100,7 @@ def _sr_deliveries(node: NodeProcess) -> dict[str, Delivery]:
 
 @pytest.mark.slow
 def test_the_sr_goes_to_a_tls_storescp_and_nowhere_unverified(
-        tmp_path: Path, small_artifact: Path, pki: Pki) -> None:
+        tmp_path: Path, serving_artifact: Path, pki: Pki) -> None:
     """The node's own SR to three storescps, each configured with our CA: one that
     verifies our client certificate gets it; one whose certificate another CA signed
     (and that would take anyone) and one without TLS get nothing, and their
@@ -122,7 +122,7 @@ def test_the_sr_goes_to_a_tls_storescp_and_nowhere_unverified(
         addresses = {"secure": f"PACS@127.0.0.1:{secure.port}",
                      "impostor": f"IMPOSTOR@127.0.0.1:{impostor.port}",
                      "plain": f"PLAIN@127.0.0.1:{plain.port}"}
-        node = running = _start_node(tmp_path, small_artifact, [
+        node = running = _start_node(tmp_path, serving_artifact, [
             {"address": addresses["secure"], "objects": ["sr"], "tls_ca_certificates": ca,
              **client},
             {"address": addresses["impostor"], "objects": ["sr"], "tls_ca_certificates": ca},
