@@ -89,6 +89,11 @@ DX = DigitalXRayImageStorageForPresentation
 NO_EVIDENCE_RUNS = 3
 #: How long the node, then the bare engine, runs in each turn of :func:`interleaved_run`.
 TURN_SECONDS = 2.0
+#: After the engine's turn, before the node's: the engine's threads spin a while.
+SETTLE_SECONDS = 0.2
+#: Fewer of the node's turns than this and its rate is the whole queue's, not a steady
+#: one (too few dispatches for a slope).
+MIN_STEADY_TURNS = 3
 #: The share of a queue's first results the steady rate leaves out (:func:`steady_rate`).
 STEADY_SKIP = 0.1
 #: How often the bench looks for the PACS's files (their modification times are the
@@ -191,6 +196,8 @@ class ThreadCpu:
         groups["short-lived"] = max(spent - sum(groups.values()), 0.0)
         self.groups = groups
         return self
+
+
 class Looker:
     """Called: when each of the source images ``uids`` had its results (the SR, and
     the evidence image when the node makes them) stored at the PACS, by source SOP
@@ -473,7 +480,6 @@ class QueuedRun(NamedTuple):
     steady: float
     drain: float
     cpu: CpuMeter
-    threads: ThreadCpu
     stages: dict[str, float]
     before: float
     after: float
@@ -485,10 +491,12 @@ def steady_rate(times: list[float], skip: float = STEADY_SKIP) -> float:
 
     A queue drained from the model's ready moment to its last result also counts the
     pipeline's fill (the first batch read, classified and sent before the first result
-    lands) and its tail (the last results wait for the dispatcher's next pass), about
-    half a second that is latency, not throughput: over 300 images at 20 a second, 3 %
-    of the figure. The results land in bursts, one a dispatch; over a regular staircase
-    the slope is exactly its rate, whichever image of a burst is counted first."""
+    lands: 0.3-0.7 s) and its tail (the last results wait for the dispatcher's next
+    pass), latency rather than throughput: over 300 images at 20 a second, up to a few
+    per cent of the figure. The results land in bursts, one a dispatch; over a regular
+    staircase the slope is its rate (within 1 % for dispatches every 0.37-1.3 s,
+    ``tests/test_bench_e2e.py``). If the rate changes within the run, the slope is a
+    least-squares compromise, not the mean rate."""
     stamps = np.sort(np.asarray(times, dtype=np.float64))
     first = int(len(stamps) * skip)
     counts = np.arange(first + 1, len(stamps) + 1, dtype=np.float64)
@@ -496,14 +504,13 @@ def steady_rate(times: list[float], skip: float = STEADY_SKIP) -> float:
 
 
 def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_size: int | None,
-               files: list[tuple[str, Path]], engine: Any, node_batch: int, evidence: bool
-               ) -> QueuedRun:
-    """A queue of images, then the model: the pipeline's sustained throughput, with the
-    bare engine (same model, the node's batch size) measured in this process right
-    before and right after it (this shared VM's speed drifts by several per cent over
-    minutes, so the baseline brackets the run it is compared with), and the node's CPU
-    thread by thread."""
-    node = Node(work, name, pacs, None, batch_size, evidence)
+               files: list[tuple[str, Path]], engine: Any, node_batch: int) -> QueuedRun:
+    """A queue of images, then the model, evidence images on: the pipeline's sustained
+    throughput, with the bare engine (same model, the node's batch size) measured in
+    this process right before and right after it (this shared VM's speed drifts by
+    several per cent over minutes, so the baseline brackets the run it is compared
+    with)."""
+    node = Node(work, name, pacs, None, batch_size)
     try:
         sender = Sender(node.port)
         for _, path in files:
@@ -515,11 +522,9 @@ def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_si
         ready, logged_batch = node.ready_at(600)
         assert logged_batch == node_batch, (logged_batch, node_batch)
         cpu = CpuMeter(node.process.pid, pacs.proc.pid).start()
-        threads = ThreadCpu(node.process.pid).start()
         uids = [uid for uid, _ in files]
         arrived = pacs.wait_for(node, uids, 1800)
         drain = len(files) / (max(arrived.values()) - ready)
-        threads.stop()
         cpu.stop()
         after = engine_rate(engine, node_batch, 64)
         time.sleep(0.5)
@@ -527,13 +532,13 @@ def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_si
     finally:
         node.stop()
         shutil.rmtree(node.data, ignore_errors=True)  # its spool: 8 MB an image
-    return QueuedRun(steady_rate(list(arrived.values())), drain, cpu, threads, stages,
-                     before, after)
+    return QueuedRun(steady_rate(list(arrived.values())), drain, cpu, stages, before, after)
 
 
 class InterleavedRun(NamedTuple):
     """One :func:`interleaved_run`: the node's steady rate over its own turns, the bare
-    engine's over its turns (images/s), the node's CPU, and how many turns each had."""
+    engine's over its turns (images/s), the node's CPU, and how many turns the node had
+    (the engine one fewer, or one if the queue was done in the node's first)."""
 
     steady: float
     engine: float
@@ -541,6 +546,9 @@ class InterleavedRun(NamedTuple):
     threads: ThreadCpu
     stages: dict[str, float]
     turns: int
+    #: Fewer than :data:`MIN_STEADY_TURNS` turns (a short queue, a fast GPU): the rate is
+    #: the whole queue's over the node's turns, not a steady one.
+    whole_queue: bool
 
     @property
     def ratio(self) -> float:
@@ -563,24 +571,28 @@ def _stopped(pid: int) -> bool:
 
 def engine_turn(engine: Any, batch: int, seconds: float) -> tuple[int, float]:
     """The bare engine called from each of its lanes at once (as :func:`_engine_calls`)
-    until ``seconds`` have passed; (images classified, seconds it took)."""
+    until ``seconds`` have passed: (images classified, seconds of the engine's
+    throughput they stand for). Each lane's rate is its images over its own time from its
+    first call to the end of its last, and the engine's the sum of its lanes': a turn's
+    start and its lanes' last calls ending apart are the turn's, not the engine's (the
+    node, stopped and continued, has neither)."""
     from concurrent.futures import ThreadPoolExecutor
 
     x = np.random.default_rng(0).random((batch, engine.input_size, engine.input_size, 3),
                                         dtype=np.float32)
-    start = time.perf_counter()
-    deadline = start + seconds
+    deadline = time.perf_counter() + seconds
 
-    def lane() -> int:
-        calls = 0
+    def lane() -> tuple[int, float]:
+        calls, begun = 0, time.perf_counter()
         while time.perf_counter() < deadline:
             engine.predict(x)
             calls += 1
-        return calls
+        return calls * batch, time.perf_counter() - begun
 
     with ThreadPoolExecutor(max_workers=engine.lanes) as lanes:
-        calls = sum(f.result() for f in [lanes.submit(lane) for _ in range(engine.lanes)])
-    return calls * batch, time.perf_counter() - start
+        done = [f.result() for f in [lanes.submit(lane) for _ in range(engine.lanes)]]
+    images = sum(n for n, _ in done)
+    return images, images / sum(n / took for n, took in done)
 
 
 def node_time(stamps: list[float], turns: list[tuple[float, float]]) -> list[float]:
@@ -604,9 +616,9 @@ def interleaved_run(work: Path, name: str, pacs: TimingPACS, artifact: Path,
     engine (same model, the node's batch size, in this process) take turns of
     :data:`TURN_SECONDS` until every result is stored, the node stopped (SIGSTOP) while
     the engine runs. Both are measured in the same spells of this VM, whose speed moves
-    by a fifth within a minute: an engine measured before and after a run can miss the
-    spell the run had (0.77-0.92 for the same code in one bench). The node's rate is
-    :func:`steady_rate` over the time of its own turns."""
+    by up to a fifth within two minutes: an engine measured before and after a run can
+    miss the spell the run had (bracketed runs of the same code within one hour gave
+    0.77-0.92). The node's rate is :func:`steady_rate` over the time of its own turns."""
     node = Node(work, name, pacs, None, batch_size, evidence=False)
     pid = node.process.pid
     try:
@@ -619,7 +631,8 @@ def interleaved_run(work: Path, name: str, pacs: TimingPACS, artifact: Path,
         look = pacs.looker(node, uids)
         # Each job has its results' UIDs from when it was received: read now, so that
         # looking while the node is stopped never reads its job store.
-        assert look() is None and len(look.made) == len(uids), len(look.made)
+        first = look()
+        assert first is None and len(look.made) == len(uids), len(look.made)
         offset = len(node.log())
         node.install(artifact, force=True)
         ready, logged_batch = node.ready_at(600)
@@ -632,21 +645,28 @@ def interleaved_run(work: Path, name: str, pacs: TimingPACS, artifact: Path,
         deadline = time.monotonic() + 1800
         while True:
             time.sleep(max(start + TURN_SECONDS - time.time(), 0.0))
+            if node.process.poll() is not None:
+                raise RuntimeError(f"the node exited ({node.process.returncode})")
             os.kill(pid, signal.SIGSTOP)
             stopped_by = time.monotonic() + 5
-            while not _stopped(pid) and time.monotonic() < stopped_by:
+            while not _stopped(pid):
+                if time.monotonic() > stopped_by:
+                    raise RuntimeError("the node did not stop within 5 s")
                 time.sleep(0.001)
             turns.append((start, time.time()))
             arrived = look()
-            if arrived is not None or time.monotonic() > deadline:
-                os.kill(pid, signal.SIGCONT)
-                break
-            classified, took = engine_turn(engine, node_batch, TURN_SECONDS)
-            images, seconds = images + classified, seconds + took
+            if arrived is None and time.monotonic() > deadline:
+                raise TimeoutError(f"{look.done()}/{len(uids)} images' results stored")
+            if arrived is None or not images:  # the engine has a turn at least
+                classified, took = engine_turn(engine, node_batch, TURN_SECONDS)
+                images, seconds = images + classified, seconds + took
+                # OpenVINO's threads spin for tens of milliseconds after their last
+                # call (docs/performance.md): not into the node's turn.
+                time.sleep(SETTLE_SECONDS)
             os.kill(pid, signal.SIGCONT)
+            if arrived is not None:
+                break
             start = time.time()
-        if arrived is None:
-            raise TimeoutError(f"{look.done()}/{len(uids)} images' results stored")
         threads.stop()
         cpu.stop()
         time.sleep(0.5)
@@ -656,8 +676,12 @@ def interleaved_run(work: Path, name: str, pacs: TimingPACS, artifact: Path,
             os.kill(pid, signal.SIGCONT)  # never leave it stopped
         node.stop()
         shutil.rmtree(node.data, ignore_errors=True)  # its spool: 8 MB an image
-    steady = steady_rate(node_time(list(arrived.values()), turns))
-    return InterleavedRun(steady, images / seconds, cpu, threads, stages, len(turns))
+    own = node_time(list(arrived.values()), turns)
+    whole_queue = len(turns) < MIN_STEADY_TURNS
+    # From the ready moment (the start of the node's first turn) to its last result.
+    rate = len(own) / max(own) if whole_queue else steady_rate(own)
+    return InterleavedRun(rate, images / seconds, cpu, threads, stages, len(turns),
+                          whole_queue)
 
 
 def main() -> None:
@@ -745,25 +769,26 @@ def run(work: Path) -> None:
     engine.warmup()
     try:
         queued = queued_run(work, "queued", pacs, artifact, args.batch_size, queued_files,
-                            engine, node_batch, evidence=True)
+                            engine, node_batch)
         sustained, cpu_queued, stages = queued.steady, queued.cpu, queued.stages
         before, after = queued.before, queued.after
-        # The target's figure: this VM's speed moves by a fifth within a minute, so the
-        # node and the engine take turns (interleaved_run); the median of
-        # NO_EVIDENCE_RUNS runs, each on a node of its own and each printed, is the
+        # The target's figure: this VM's speed moves by up to a fifth within two
+        # minutes, so the node and the engine take turns (interleaved_run); the median
+        # of NO_EVIDENCE_RUNS runs, each on a node of its own and each printed, is the
         # figure, and the median run gives the details below.
         plain_runs = []
         for run_number in range(1 if args.quick else NO_EVIDENCE_RUNS):
             plain_runs.append(one := interleaved_run(
                 work, f"queued-no-evidence-{run_number}", pacs, artifact, args.batch_size,
                 plain_files, engine, node_batch))
-            print(f"  evidence off, run {run_number + 1}: steady {one.steady:.2f} img/s over "
-                  f"the node's turns, engine {one.engine:.2f} img/s over its own ({one.turns} "
-                  f"turns each): ratio {one.ratio:.3f}", flush=True)
+            how = "the whole queue" if one.whole_queue else "steady"
+            print(f"  evidence off, run {run_number + 1}: {how} {one.steady:.2f} img/s over "
+                  f"the node's {one.turns} turns, engine {one.engine:.2f} img/s over its "
+                  f"own: ratio {one.ratio:.3f}", flush=True)
     finally:
         pacs.stop()
-    plain_runs.sort(key=lambda run: run.ratio)
-    plain_ratios = [run.ratio for run in plain_runs]
+    plain_runs.sort(key=lambda one: one.ratio)
+    plain_ratios = [one.ratio for one in plain_runs]
     median = plain_runs[len(plain_runs) // 2]  # the median run (of an odd number)
     plain, cpu_plain, threads, plain_stages = (
         median.steady, median.cpu, median.threads, median.stages)
@@ -780,7 +805,8 @@ def run(work: Path) -> None:
     extra = bare / sustained - plain_bare / plain
     plain_parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in plain_stages.items())
     print(f"sustained, queue of {burst}, evidence images off: {plain:.2f} img/s (engine "
-          f"{plain_bare:.2f} img/s in its turns; {cpu_plain}); per image: {plain_parts}; "
+          f"{plain_bare:.2f} img/s in its turns; CPU s: node {cpu_plain.node:.1f}, PACS "
+          f"{cpu_plain.pacs:.1f}); per image: {plain_parts}; "
           f"evidence image extra cost {extra:.2f} forward passes per image (target < 1)",
           flush=True)
     # On a saturated CPU the pipeline can reach at most the engine's share of the CPU
