@@ -173,16 +173,17 @@ def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS
     running = Node(settings)
     running.start()
     try:
-        assert store(running, [chest_image(seed=i) for i in range(12)]) == [0] * 12
+        assert store(running, [chest_image(seed=i) for i in range(40)]) == [0] * 40
         card.install(serving_artifact, settings.model_dir, allow_unvalidated=True)
-        wait_until(lambda: running.store.counts().get("done", 0) >= 2)
+        wait_until(lambda: running.store.counts().get("done", 0) >= 2, interval=0.01)
     finally:
         running.stop()
     with JobStore(settings.database_url) as after:  # as the node left it: nothing recovered
         jobs = after.list()
         done = [j.id for j in jobs if j.state is JobState.DONE]
         deliveries = after.deliveries(done)
-    assert len(jobs) == 12
+    assert len(jobs) == 40
+    assert any(j.state is JobState.QUEUED for j in jobs)  # stopped mid-queue indeed
     assert {j.state for j in jobs} <= {JobState.QUEUED, JobState.DONE}
     assert all(j.lease_owner is None for j in jobs if j.state is JobState.QUEUED)
     assert all(len(d) == 1 for d in deliveries.values())
