@@ -571,28 +571,27 @@ def _stopped(pid: int) -> bool:
 
 def engine_turn(engine: Any, batch: int, seconds: float) -> tuple[int, float]:
     """The bare engine called from each of its lanes at once (as :func:`_engine_calls`)
-    until ``seconds`` have passed: (images classified, seconds of the engine's
-    throughput they stand for). Each lane's rate is its images over its own time from its
-    first call to the end of its last, and the engine's the sum of its lanes': a turn's
-    start and its lanes' last calls ending apart are the turn's, not the engine's (the
-    node, stopped and continued, has neither)."""
+    until ``seconds`` have passed: (images classified, seconds from the first call's
+    start to the last one's end). One lane's call alone fills every stream, so the
+    lanes' last calls ending apart leave no stream idle (a lane's rate over its own time,
+    summed, would count that tail twice)."""
     from concurrent.futures import ThreadPoolExecutor
 
     x = np.random.default_rng(0).random((batch, engine.input_size, engine.input_size, 3),
                                         dtype=np.float32)
-    deadline = time.perf_counter() + seconds
 
-    def lane() -> tuple[int, float]:
+    def lane() -> tuple[int, float, float]:
         calls, begun = 0, time.perf_counter()
         while time.perf_counter() < deadline:
             engine.predict(x)
             calls += 1
-        return calls * batch, time.perf_counter() - begun
+        return calls * batch, begun, time.perf_counter()
 
     with ThreadPoolExecutor(max_workers=engine.lanes) as lanes:
+        deadline = time.perf_counter() + seconds
         done = [f.result() for f in [lanes.submit(lane) for _ in range(engine.lanes)]]
-    images = sum(n for n, _ in done)
-    return images, images / sum(n / took for n, took in done)
+    return (sum(n for n, _, _ in done),
+            max(end for _, _, end in done) - min(begun for _, begun, _ in done))
 
 
 def node_time(stamps: list[float], turns: list[tuple[float, float]]) -> list[float]:
