@@ -358,14 +358,19 @@ def breakdown(data: Path, log: str, uids: list[str]) -> dict[str, float]:
             "preprocess": preprocess, "inference": inference, "sr": report, "send": send}
 
 
+def _engine_input(engine: Any, batch: int) -> np.ndarray:
+    """A batch of ``batch`` random images of the engine's input size."""
+    return np.random.default_rng(0).random((batch, engine.input_size, engine.input_size, 3),
+                                           dtype=np.float32)
+
+
 def _engine_calls(engine: Any, batch: int, calls: int) -> None:
     """``calls`` forward passes of ``batch`` images, from each of the engine's lanes at
     once (``engine.lanes``: two for OpenVINO on a CPU, as the node's worker drives it),
     so that the bare engine is measured at its best, never between its batches."""
     from concurrent.futures import ThreadPoolExecutor
 
-    x = np.random.default_rng(0).random((batch, engine.input_size, engine.input_size, 3),
-                                        dtype=np.float32)
+    x = _engine_input(engine, batch)
 
     def lane() -> None:
         for _ in range(calls):
@@ -468,6 +473,21 @@ class Node:
             time.sleep(0.2)
         raise TimeoutError("the model never became ready")
 
+    def queue(self, files: list[tuple[str, Path]]) -> None:
+        """Send ``files`` over one association (no model yet: each is queued)."""
+        sender = Sender(self.port)
+        for _, path in files:
+            sender.send(path)
+        sender.close()
+
+    def serve(self, artifact: Path, batch: int) -> float:
+        """Install ``artifact`` (``--force``: whatever an int8 model's recorded parity);
+        when the worker had it loaded and warm, at ``batch`` images a batch."""
+        self.install(artifact, force=True)
+        ready, logged_batch = self.ready_at(600)
+        assert logged_batch == batch, (logged_batch, batch)
+        return ready
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=120)
@@ -512,15 +532,10 @@ def queued_run(work: Path, name: str, pacs: TimingPACS, artifact: Path, batch_si
     with)."""
     node = Node(work, name, pacs, None, batch_size)
     try:
-        sender = Sender(node.port)
-        for _, path in files:
-            sender.send(path)
-        sender.close()
+        node.queue(files)
         before = engine_rate(engine, node_batch, 64)
         offset = len(node.log())
-        node.install(artifact, force=True)
-        ready, logged_batch = node.ready_at(600)
-        assert logged_batch == node_batch, (logged_batch, node_batch)
+        ready = node.serve(artifact, node_batch)
         cpu = CpuMeter(node.process.pid, pacs.proc.pid).start()
         uids = [uid for uid, _ in files]
         arrived = pacs.wait_for(node, uids, 1800)
@@ -577,8 +592,7 @@ def engine_turn(engine: Any, batch: int, seconds: float) -> tuple[int, float]:
     summed, would count that tail twice)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    x = np.random.default_rng(0).random((batch, engine.input_size, engine.input_size, 3),
-                                        dtype=np.float32)
+    x = _engine_input(engine, batch)
 
     def lane() -> tuple[int, float, float]:
         calls, begun = 0, time.perf_counter()
@@ -621,10 +635,7 @@ def interleaved_run(work: Path, name: str, pacs: TimingPACS, artifact: Path,
     node = Node(work, name, pacs, None, batch_size, evidence=False)
     pid = node.process.pid
     try:
-        sender = Sender(node.port)
-        for _, path in files:
-            sender.send(path)
-        sender.close()
+        node.queue(files)
         engine_turn(engine, node_batch, 1.0)  # warm, as the node's model is when ready
         uids = [uid for uid, _ in files]
         look = pacs.looker(node, uids)
@@ -633,9 +644,7 @@ def interleaved_run(work: Path, name: str, pacs: TimingPACS, artifact: Path,
         first = look()
         assert first is None and len(look.made) == len(uids), len(look.made)
         offset = len(node.log())
-        node.install(artifact, force=True)
-        ready, logged_batch = node.ready_at(600)
-        assert logged_batch == node_batch, (logged_batch, node_batch)
+        ready = node.serve(artifact, node_batch)
         cpu = CpuMeter(pid, pacs.proc.pid).start()
         threads = ThreadCpu(pid).start()
         turns: list[tuple[float, float]] = []
