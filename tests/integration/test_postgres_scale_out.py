@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -307,7 +308,16 @@ def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
         (tmp_path / "images").mkdir()
         files = [save(chest_image(seed=i), tmp_path / "images" / f"{i}.dcm")
                  for i in range(count)]
-        sent = storescu(node.port, files, timeout=60 + count)
+        # The whole queue first, the workers paused (SIGSTOP) meanwhile: two workers
+        # with the small network keep up with storescu, so that by its end little is
+        # left to kill one in the middle of (a CI run missed that window).
+        for worker in workers:
+            os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            sent = storescu(node.port, files, timeout=60 + count)
+        finally:
+            for worker in workers:
+                os.kill(worker.proc.pid, signal.SIGCONT)
         assert sent.all_success and len(sent.responses) == count, sent.output[-2000:]
 
         owners: set[str] = set()
@@ -330,9 +340,20 @@ def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
                     and any((j.lease_owner or "").startswith(victim.owner_prefix)
                             for j in running) and sending(store) == 0)
 
-        wait_until(victim_busy, timeout=120 + count, interval=0.05,
+        def victim_caught() -> bool:
+            # Paused as soon as it is seen busy, and looked at again while it cannot
+            # move: it may have finished its jobs between the look and the pause.
+            if not victim_busy():
+                return False
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            if victim_busy():
+                return True
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            return False
+
+        wait_until(victim_caught, timeout=120 + count, interval=0.05,
                    what="the victim worker holding jobs midway")
-        victim.proc.kill()
+        victim.proc.kill()  # SIGKILL ends a stopped process too
         victim.proc.wait(timeout=15)
         orphaned = {j.id for j in leased(store)
                     if (j.lease_owner or "").startswith(victim.owner_prefix)}
