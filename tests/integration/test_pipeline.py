@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from dicom_node.loopback import free_port
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit, save
 from helpers.environment import CALLING_AE, wait_until
 from helpers.files import sop_instance_uid
-from helpers.processes import FAST_DELIVERY, NodeProcess, all_delivered
+from helpers.processes import FAST_DELIVERY, NodeProcess, all_delivered, cli
 from helpers.sr import read_result
 from peers import Orthanc, Storescp, send_each, storescu
 
@@ -125,7 +128,11 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
 def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
                                                     serving_artifact: Path) -> None:
     port = free_port()
-    node = start_node(tmp_path, serving_artifact, f"PACS@127.0.0.1:{port}")
+    # No model yet: every image is queued before the first batch, so that the node is
+    # certainly caught with jobs in hand (it keeps up with storescu otherwise).
+    node = NodeProcess(tmp_path / "var", extra_args=[
+        "--allow-calling-ae", CALLING_AE, "--destination", f"PACS@127.0.0.1:{port}"],
+        env=FAST_RETRY).start()
     files = [save(chest_image(seed=i, rows=400, columns=400), tmp_path / f"{i}.dcm")
              for i in range(8)]
     try:
@@ -135,8 +142,31 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
             with node.job_store() as store:
                 return store.counts().get(state.value, 0) > 0
 
-        wait_until(lambda: some(JobState.RUNNING) or some(JobState.DONE), what="a batch")
-        node.kill9()  # mid-inference or just after: the PACS is down, so deliveries pend
+        installed = cli("model", "install", str(serving_artifact), "--allow-unvalidated",
+                        "--data-dir", str(node.data_dir))
+        assert installed.returncode == 0, installed.stderr
+
+        def running() -> int:
+            # A plain reader: the job store's transactions take the write lock, which
+            # the node may hold while it is paused.
+            with closing(sqlite3.connect(node.data_dir / "dicom-node.db", timeout=5)) as db:
+                return int(db.execute("SELECT count(*) FROM jobs WHERE state = ?",
+                                      (JobState.RUNNING.value,)).fetchone()[0])
+
+        def caught() -> bool:
+            # Paused once seen with a batch in hand, and looked at again while its
+            # database cannot change: it may have finished between the look and the pause.
+            if not running():
+                return False
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGSTOP)
+            if running():
+                return True
+            node.proc.send_signal(signal.SIGCONT)
+            return False
+
+        wait_until(caught, interval=0.02, what="the node with a batch in hand")
+        node.kill9()  # mid-batch: the PACS is down, so deliveries pend
         node.start()
         wait_until(lambda: not some(JobState.QUEUED) and not some(JobState.RUNNING),
                    what="all jobs done after restart")
