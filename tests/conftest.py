@@ -101,17 +101,24 @@ def shared_cxr(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                 make_cxr_dev, tmp_path_factory)
 
 
-@pytest.fixture(scope="session")
-def small_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained concatenated network at 96x96, saved as an artifact (built once)."""
+def _untrained_artifact(tmp_path_factory: pytest.TempPathFactory, architecture: str
+                        ) -> Path:
+    """An untrained ``architecture`` network at 96x96 with the paper's head, saved as an
+    artifact (card name and version the same for every architecture)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from model import card, network
 
-    out = tmp_path_factory.mktemp("artifact") / "concat96"
-    built = network.build("concatenated", 96, seed=7)
-    card.save_artifact(built, out, {"version": "0.0.1", "architecture": "concatenated",
-                                    "input_size": 96, "trained": False})
+    out = tmp_path_factory.mktemp("artifact") / f"{architecture}96"
+    card.save_artifact(network.build(architecture, 96, seed=7), out,
+                       {"version": "0.0.1", "architecture": architecture, "input_size": 96,
+                        "trained": False})
     return out
+
+
+@pytest.fixture(scope="session")
+def small_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained concatenated network at 96x96, saved as an artifact (built once)."""
+    return _untrained_artifact(tmp_path_factory, "concatenated")
 
 
 @pytest.fixture(scope="session")
@@ -126,14 +133,7 @@ def serving_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the engine's tests and by a node end to end with ``small_artifact``
     (tests/integration/test_pipeline.py).
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from model import card, network
-
-    out = tmp_path_factory.mktemp("artifact") / "xception96"
-    built = network.build("xception", 96, seed=7)
-    card.save_artifact(built, out, {"version": "0.0.1", "architecture": "xception",
-                                    "input_size": 96, "trained": False})
-    return out
+    return _untrained_artifact(tmp_path_factory, "xception")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,21 @@ def terminate(proc: subprocess.Popen[bytes], grace: float) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(timeout=15)
+
+
+def paused_while(proc: subprocess.Popen[bytes], condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` holds both before ``proc`` is paused (SIGSTOP) and after,
+    when what it looks at can no longer change: ``proc`` is left paused only then (it
+    may have moved on between the first look and the pause). For a test that must
+    catch a process in a passing state, and kill it there (SIGKILL ends a stopped
+    process too)."""
+    if not condition():
+        return False
+    proc.send_signal(signal.SIGSTOP)
+    if condition():
+        return True
+    proc.send_signal(signal.SIGCONT)
+    return False
 
 
 class NodeProcess:

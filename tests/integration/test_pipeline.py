@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -17,7 +16,7 @@ from dicom_node.loopback import free_port
 from dicom_factory import chest_image, cr_monochrome1, dx_16bit, save
 from helpers.environment import CALLING_AE, wait_until
 from helpers.files import sop_instance_uid
-from helpers.processes import FAST_DELIVERY, NodeProcess, all_delivered, cli
+from helpers.processes import FAST_DELIVERY, NodeProcess, all_delivered, cli, paused_while
 from helpers.sr import read_result
 from peers import Orthanc, Storescp, send_each, storescu
 
@@ -27,11 +26,14 @@ FAST_RETRY = {**FAST_DELIVERY, "DICOM_NODE_DELIVERY_MAX_ATTEMPTS": "1000"}
 
 
 
-def start_node(tmp_path: Path, artifact: Path, destination: str, name: str = "var"
+def start_node(tmp_path: Path, artifact: Path | None, destination: str, name: str = "var"
                ) -> NodeProcess:
+    """A node sending its results to ``destination``, serving ``artifact`` (None: no
+    model yet)."""
+    model = ["--model", str(artifact)] if artifact is not None else []
     return NodeProcess(tmp_path / name, extra_args=[
-        "--allow-calling-ae", CALLING_AE, "--model", str(artifact),
-        "--destination", destination], env=FAST_RETRY).start()
+        "--allow-calling-ae", CALLING_AE, *model, "--destination", destination],
+        env=FAST_RETRY).start()
 
 
 
@@ -130,42 +132,26 @@ def test_sigkill_during_jobs_and_pending_deliveries(tmp_path: Path,
     port = free_port()
     # No model yet: every image is queued before the first batch, so that the node is
     # certainly caught with jobs in hand (it keeps up with storescu otherwise).
-    node = NodeProcess(tmp_path / "var", extra_args=[
-        "--allow-calling-ae", CALLING_AE, "--destination", f"PACS@127.0.0.1:{port}"],
-        env=FAST_RETRY).start()
+    node = start_node(tmp_path, None, f"PACS@127.0.0.1:{port}")
     files = [save(chest_image(seed=i, rows=400, columns=400), tmp_path / f"{i}.dcm")
              for i in range(8)]
     try:
         assert storescu(node.port, files).all_success
 
         def some(state: JobState) -> bool:
-            with node.job_store() as store:
-                return store.counts().get(state.value, 0) > 0
+            # A plain reader: the job store's transactions take the write lock, which
+            # the node may hold while it is paused.
+            with closing(sqlite3.connect(node.data_dir / "dicom-node.db", timeout=5)) as db:
+                return bool(db.execute("SELECT count(*) FROM jobs WHERE state = ?",
+                                       (state.value,)).fetchone()[0])
 
         installed = cli("model", "install", str(serving_artifact), "--allow-unvalidated",
                         "--data-dir", str(node.data_dir))
         assert installed.returncode == 0, installed.stderr
-
-        def running() -> int:
-            # A plain reader: the job store's transactions take the write lock, which
-            # the node may hold while it is paused.
-            with closing(sqlite3.connect(node.data_dir / "dicom-node.db", timeout=5)) as db:
-                return int(db.execute("SELECT count(*) FROM jobs WHERE state = ?",
-                                      (JobState.RUNNING.value,)).fetchone()[0])
-
-        def caught() -> bool:
-            # Paused once seen with a batch in hand, and looked at again while its
-            # database cannot change: it may have finished between the look and the pause.
-            if not running():
-                return False
-            assert node.proc is not None
-            node.proc.send_signal(signal.SIGSTOP)
-            if running():
-                return True
-            node.proc.send_signal(signal.SIGCONT)
-            return False
-
-        wait_until(caught, interval=0.02, what="the node with a batch in hand")
+        proc = node.proc
+        assert proc is not None
+        wait_until(lambda: paused_while(proc, lambda: some(JobState.RUNNING)), interval=0.02,
+                   what="the node with a batch in hand")
         node.kill9()  # mid-batch: the PACS is down, so deliveries pend
         node.start()
         wait_until(lambda: not some(JobState.QUEUED) and not some(JobState.RUNNING),

@@ -52,7 +52,7 @@ from dicom_factory import chest_image, save
 from helpers.environment import wait_until
 from helpers.files import sop_instance_uid
 from helpers.postgres import PostgresServer
-from helpers.processes import FAST_DELIVERY, NodeProcess, terminate
+from helpers.processes import FAST_DELIVERY, NodeProcess, paused_while, terminate
 from helpers.store import a_batch_stores_every_field
 from peers import Storescp, storescu
 
@@ -340,20 +340,9 @@ def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
                     and any((j.lease_owner or "").startswith(victim.owner_prefix)
                             for j in running) and sending(store) == 0)
 
-        def victim_caught() -> bool:
-            # Paused as soon as it is seen busy, and looked at again while it cannot
-            # move: it may have finished its jobs between the look and the pause.
-            if not victim_busy():
-                return False
-            os.kill(victim.proc.pid, signal.SIGSTOP)
-            if victim_busy():
-                return True
-            os.kill(victim.proc.pid, signal.SIGCONT)
-            return False
-
-        wait_until(victim_caught, timeout=120 + count, interval=0.05,
-                   what="the victim worker holding jobs midway")
-        victim.proc.kill()  # SIGKILL ends a stopped process too
+        wait_until(lambda: paused_while(victim.proc, victim_busy), timeout=120 + count,
+                   interval=0.05, what="the victim worker holding jobs midway")
+        victim.proc.kill()
         victim.proc.wait(timeout=15)
         orphaned = {j.id for j in leased(store)
                     if (j.lease_owner or "").startswith(victim.owner_prefix)}
