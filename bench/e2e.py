@@ -117,6 +117,13 @@ def process_cpu(pid: int) -> float:
     return _cpu_seconds(Path(f"/proc/{pid}/stat"))
 
 
+def thread_on_cpu(pid: int) -> float:
+    """Seconds the main thread of a process has run, to the nanosecond
+    (``/proc/<pid>/schedstat``): for a one-thread peer's CPU over a short span, where
+    :func:`process_cpu`'s ticks of 10 ms are too coarse."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
 def _cpu_seconds(stat: Path) -> float:
     """User + system CPU seconds in a ``/proc`` stat file (a process's or a thread's)."""
     fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -431,18 +438,14 @@ def dcmtk_delivery_cpu(srs: list[Path], work: Path) -> tuple[float, float]:
     less what it spends on a single SR (starting, associating, releasing): delivering the
     SRs in compiled code, with the PACS on the same cores as in the runs. The sender's
     CPU is its own resource usage (``os.wait4``: no other child of this process can
-    count); the PACS's, one thread, its time on the CPU in nanoseconds
-    (``/proc/<pid>/schedstat``; ``stat`` counts ticks of 10 ms)."""
+    count); the PACS's, one thread, :func:`thread_on_cpu`."""
     if len(srs) < 2:
         raise RuntimeError(f"{len(srs)} SRs to send: at least 2 are needed")
     storescu = shutil.which("storescu") or "storescu"
     pacs = TimingPACS(work)
 
-    def on_cpu() -> float:
-        return int(Path(f"/proc/{pacs.proc.pid}/schedstat").read_text().split()[0]) / 1e9
-
     def send(paths: list[Path]) -> tuple[float, float]:
-        received = on_cpu()
+        received = thread_on_cpu(pacs.proc.pid)
         proc = subprocess.Popen([storescu, "-R", "-aec", "PACS", "127.0.0.1", str(pacs.port),
                                  *map(str, paths)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
@@ -455,7 +458,7 @@ def dcmtk_delivery_cpu(srs: list[Path], work: Path) -> tuple[float, float]:
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, proc.args)
-        return usage.ru_utime + usage.ru_stime, on_cpu() - received
+        return usage.ru_utime + usage.ru_stime, thread_on_cpu(pacs.proc.pid) - received
 
     try:
         ones = [send(srs[:1]) for _ in range(3)]
