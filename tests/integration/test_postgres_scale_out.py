@@ -308,18 +308,6 @@ def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
         (tmp_path / "images").mkdir()
         files = [save(chest_image(seed=i), tmp_path / "images" / f"{i}.dcm")
                  for i in range(count)]
-        # The whole queue first, the workers paused (SIGSTOP) meanwhile: two workers
-        # with the small network keep up with storescu, so that by its end little is
-        # left to kill one in the middle of (a CI run missed that window).
-        for worker in workers:
-            os.kill(worker.proc.pid, signal.SIGSTOP)
-        try:
-            sent = storescu(node.port, files, timeout=60 + count)
-        finally:
-            for worker in workers:
-                os.kill(worker.proc.pid, signal.SIGCONT)
-        assert sent.all_success and len(sent.responses) == count, sent.output[-2000:]
-
         owners: set[str] = set()
 
         def watch() -> list[Job]:
@@ -331,17 +319,45 @@ def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
             assert not greedy, f"a claim took more than one batch: {greedy}"
             return running
 
-        def victim_busy() -> bool:
-            # Midway: some jobs done and the victim holding others (a worker holds
-            # three batches while it works: 40 images last the two of them ~2 s); and
-            # no SR being sent (to the PACS, down: so that no delivery waits out a hold).
-            running = watch()
-            return (store.counts().get("done", 0) > 0
-                    and any((j.lease_owner or "").startswith(victim.owner_prefix)
-                            for j in running) and sending(store) == 0)
+        def holds(worker: WorkerProcess) -> bool:
+            return any((j.lease_owner or "").startswith(worker.owner_prefix)
+                       for j in watch())
 
-        wait_until(lambda: paused_while(victim.proc, victim_busy), timeout=120 + count,
-                   interval=0.05, what="the victim worker holding jobs midway")
+        # The whole queue first, the workers paused (SIGSTOP) meanwhile; then each let
+        # go in turn, the survivor paused again once it holds jobs until the victim
+        # holds some too. An idle worker looks for jobs once a second, and either of
+        # the two with the small network finishes 40 images alone in about that time:
+        # let go together, the victim could wake to an empty queue.
+        for worker in workers:
+            os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            sent = storescu(node.port, files, timeout=60 + count)
+            assert sent.all_success and len(sent.responses) == count, sent.output[-2000:]
+            os.kill(survivor.proc.pid, signal.SIGCONT)
+            wait_until(lambda: paused_while(survivor.proc, lambda: holds(survivor)),
+                       timeout=30, interval=0.02, what="the survivor taking jobs")
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            wait_until(lambda: holds(victim), timeout=30, interval=0.02,
+                       what="the victim taking jobs")
+        finally:
+            for worker in workers:
+                os.kill(worker.proc.pid, signal.SIGCONT)
+
+        # Midway: some jobs done and the victim holding others (it holds up to three
+        # batches while it works), paused there.
+        wait_until(lambda: paused_while(
+            victim.proc, lambda: store.counts().get("done", 0) > 0 and holds(victim)),
+            timeout=120 + count, interval=0.02, what="the victim worker holding jobs midway")
+        # The SRs are going to the PACS, which is down: an SR another process is sending
+        # is given back within its attempt (a refused association, about 0.1 s), one the
+        # victim holds stays held. Killed holding one, it waits out its hold (42 s here)
+        # before another process sends it: the test is slower, and as strict. (Waiting
+        # for a moment with no SR held before the pause, as this test did, could outlast
+        # the victim's work: three processes sending on busy cores left none.)
+        deadline = time.monotonic() + 2
+        while sending(store) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        held = sending(store)
         victim.proc.kill()
         victim.proc.wait(timeout=15)
         orphaned = {j.id for j in leased(store)
@@ -394,7 +410,8 @@ def test_two_workers_and_a_sigkill_classify_and_deliver_each_image_once(
             assert "lease expired:" in node.log + survivor.log
         for log in (node.log, survivor.log):
             assert "Traceback" not in log
-        print(f"scale-out of {count} images: {elapsed:.0f} s")
+        print(f"scale-out of {count} images: {elapsed:.0f} s; {held} SR(s) held for sending "
+              "at the kill")
     finally:
         store.close()
         for worker in workers:
