@@ -98,17 +98,25 @@ class Storescp:
     """DCMTK storescp as a (possibly faulty) PACS: ``faults`` are its switches."""
 
     def __init__(self, folder: Path, port: int, faults: list[str] | None = None,
-                 ae_title: str = "PACS") -> None:
+                 ae_title: str = "PACS", log: bool = False) -> None:
+        """``log``: its verbose log in ``log_path``, beside ``folder`` (what it was sent
+        and what it did about it); off, nothing is kept."""
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port
-        self.proc = subprocess.Popen(
-            [require_tool("storescp"), "-aet", ae_title, "-od", str(folder), *(faults or []),
-             str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, **DCMTK_ENV},
-        )
+        self.log_path = folder.parent / f"{folder.name}.log"
+        with (self.log_path.open("ab") if log else open(os.devnull, "wb")) as out:
+            self.proc = subprocess.Popen(
+                [require_tool("storescp"), *(["-v"] if log else []), "-aet", ae_title,
+                 "-od", str(folder), *(faults or []), str(port)],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **DCMTK_ENV},
+            )
         wait_for_port(port, proc=self.proc)
+
+    @property
+    def log(self) -> str:
+        """What it logged so far (with ``log``)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
         terminate(self.proc, 15)

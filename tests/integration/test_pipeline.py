@@ -101,12 +101,18 @@ def test_faulty_pacs_gets_exactly_one_sr_per_image(tmp_path: Path,
             return min((d.attempts for ds in found.values() for d in ds), default=0) \
                 if sum(len(ds) for ds in found.values()) == 6 else 0
 
-        seen = 0
-        for i, faults in enumerate([["--refuse"], ["--abort-after"],
-                                    ["--sleep-during", "6"]]):
-            faulty = Storescp(tmp_path / f"faulty{i}", port, faults)
-            wait_until(lambda s=seen: attempts() > s, what=f"a retry against {faults}")
-            seen = attempts()
+        # Each faulty PACS's log shows the node meeting its fault (a retry alone could be
+        # an attempt made while none listened, between two of them; the probe that
+        # waits for one to listen is refused too); then an attempt is recorded after it.
+        for i, (faults, sign, times) in enumerate([
+                (["--refuse"], "Refusing Association (forced", 2),
+                (["--abort-after"], "ABORT initiated (due to command line", 1),
+                (["--sleep-during", "6"], "Received Store Request", 1)]):
+            faulty = Storescp(tmp_path / f"faulty{i}", port, faults, log=True)
+            wait_until(lambda f=faulty, sign=sign, times=times: f.log.count(sign) >= times,
+                       what=f"the node meeting {faults}")
+            met = attempts()
+            wait_until(lambda m=met: attempts() > m, what=f"a retry against {faults}")
             faulty.stop()
         healthy = Storescp(tmp_path / "healthy", port)
         try:
