@@ -163,9 +163,29 @@ def test_out_of_resources_is_retried_with_the_same_sr(node: Node, pacs: FakePACS
     assert pacs.received[0].SOPInstanceUID == job.sr_sop_instance_uid
 
 
+def _slow_network(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Each forward pass (with the maps or without) takes ``seconds`` more."""
+    import time
+
+    from model import engine
+
+    for name in ("predict", "predict_with_maps"):
+        fast = getattr(engine.Engine, name)
+
+        def slow(self: engine.Engine, images: Any, _fast: Any = fast) -> Any:
+            time.sleep(seconds)
+            return _fast(self, images)
+
+        monkeypatch.setattr(engine.Engine, name, slow)
+
+
 def test_stopping_mid_queue_leaves_no_job_claimed(tmp_path: Path, pacs: FakePACS,
-                                                  serving_artifact: Path) -> None:
+                                                  serving_artifact: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch decoded ahead of time is finished on stop, not left under a lease."""
+    # A forward pass of 0.2 s: the small network could otherwise finish the queue while
+    # the node stops (its receive path first, up to half a second).
+    _slow_network(monkeypatch, 0.2)
     settings = Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True, port=free_port(),
                         allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
                         destinations=[sr_only(pacs)], batch_size=2,
@@ -345,18 +365,7 @@ def test_a_batch_slower_than_its_lease_is_classified_once(
     batch (a slow GPU, a paused VM) while expired leases are reaped every 0.1 s: each
     worker renews the leases of the batches it holds (in the network, claimed ahead,
     being written), so no job is reclaimed by the other and classified twice."""
-    import time
-
-    from model import engine
-
-    for name in ("predict", "predict_with_maps"):
-        fast = getattr(engine.Engine, name)
-
-        def slow(self: engine.Engine, images: Any, _fast: Any = fast) -> Any:
-            time.sleep(2.5)
-            return _fast(self, images)
-
-        monkeypatch.setattr(engine.Engine, name, slow)
+    _slow_network(monkeypatch, 2.5)
     reports: list[int] = []
     write_report = Spool.write_report
 
