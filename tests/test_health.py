@@ -90,6 +90,11 @@ def test_metrics_count_what_a_node_received_classified_and_delivered(
         card.install(serving_artifact, node.settings.model_dir, allow_unvalidated=True)
         wait_until(lambda: node.store.delivery_counts() == {"done": 4}, timeout=120,
                    what="two SRs and two evidence images delivered")
+        # Outcomes are counted just after they are committed: the scrape waits for them.
+        sent = "dicom_node_result_to_delivered_seconds_count"
+        wait_until(lambda: value(scrape(port), sent, kind="dicom")
+                   - value(before, sent, kind="dicom") >= 4, timeout=30,
+                   what="four deliveries counted")
         after = scrape(port)
     finally:
         pacs.stop()

@@ -127,6 +127,10 @@ def test_only_chest_radiographs_are_routed_and_no_result_comes_back(
     wait_until(lambda: uid(marker) in received(node), timeout=120, what="the marker image")
     assert received(node) == expected | {uid(marker)}
 
+    # Orthanc's script logs a send once the node has answered it and the association
+    # is released: after the marker's job is in the node's database.
+    wait_until(lambda: orthanc.log_text.count("autoroute: sent") >= 4, timeout=60,
+               what="Orthanc's log of the marker's routing")
     log = orthanc.log_text
     assert log.count("autoroute: sent") == 4, log
     assert "autoroute: FAILED" not in log
