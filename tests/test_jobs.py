@@ -219,15 +219,20 @@ def test_renewing_extends_only_the_owners_running_leases_it_names(store: JobStor
 
 
 def test_jobs_of_a_dead_local_process_are_recovered(store: JobStore, url: str) -> None:
-    fill(store, 3)
+    fill(store, 4)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     owner = new_worker_id().split(":")
     dead_owner = f"{owner[0]}:{dead.stdout.strip()}:deadbeef"
-    store.claim(dead_owner, limit=2, lease_seconds=3600)
+    first, *_ = store.claim(dead_owner, limit=3, lease_seconds=3600)
+    # What it finished before it died stays done: only the jobs it still held go back.
+    assert store.complete_batch(dead_owner, [JobResult(first.id, "normal", {"normal": 1.0},
+                                                       "v1", f"sr/job-{first.id}.dcm")])
     store.claim("otherhost:1:cafe", limit=1, lease_seconds=3600)
     assert store.recover_dead_local_workers() == (2, 0)
-    assert store.counts() == {"queued": 2, "running": 1}
+    assert store.counts() == {"done": 1, "queued": 2, "running": 1}
+    job = store.get(first.id)
+    assert job is not None and job.attempts == 1 and job.sr_file == f"sr/job-{first.id}.dcm"
 
 
 def test_concurrent_writers_do_not_fail(url: str) -> None:
