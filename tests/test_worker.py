@@ -338,7 +338,7 @@ def _run_queue(settings: Settings, artifact: Path, count: int, workers: int
 def _lease_settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "var", allow_unvalidated_models=True,
                     port=free_port(), allowed_calling_ae=["STORESCU"], min_free_disk_mb=0,
-                    lease_seconds=1.0, batch_size=2, max_batch_delay_ms=0)
+                    lease_seconds=2.0, batch_size=2, max_batch_delay_ms=0)
 
 
 @pytest.fixture(params=[1, 2], ids=["one lane", "two lanes"])
@@ -361,7 +361,7 @@ def lanes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> in
 def test_a_batch_slower_than_its_lease_is_classified_once(
         tmp_path: Path, serving_artifact: Path, monkeypatch: pytest.MonkeyPatch,
         lanes: int) -> None:
-    """Two workers on one job store, a lease of 1 s, and a network that takes 2.5 s a
+    """Two workers on one job store, a lease of 2 s, and a network that takes 2.5 s a
     batch (a slow GPU, a paused VM) while expired leases are reaped every 0.1 s: each
     worker renews the leases of the batches it holds (in the network, claimed ahead,
     being written), so no job is reclaimed by the other and classified twice."""
