@@ -30,6 +30,7 @@ from pydicom.uid import (
 from dicom_node.loopback import free_port, wait_for_port
 
 from helpers.environment import CALLING_AE, DCMTK_ENV, NODE_AE, missing, require_tool
+from helpers.files import log_so_far
 from helpers.processes import terminate
 
 #: storescu proposes uncompressed syntaxes unless told which compressed one to offer.
@@ -116,7 +117,7 @@ class Storescp:
     @property
     def log(self) -> str:
         """What it logged so far (with ``log``)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return log_so_far(self.log_path)
 
     def stop(self) -> None:
         terminate(self.proc, 15)

@@ -1,4 +1,4 @@
-"""Facts about DICOM files on disk."""
+"""Facts about files on disk: DICOM files, and the logs of the processes tests run."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ def dataset_sha256(path: Path) -> str:
 def sop_instance_uid(path: Path) -> str:
     """The SOP Instance UID of a DICOM file (with or without a File Meta group)."""
     return str(dcmread(path, stop_before_pixels=True, force=True).SOPInstanceUID)
+
+
+def log_so_far(path: Path) -> str:
+    """What a running process has written to its log file ``path`` so far ("" before
+    it has made the file)."""
+    return path.read_text(errors="replace") if path.exists() else ""

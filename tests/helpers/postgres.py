@@ -29,6 +29,7 @@ from typing import Any
 from dicom_node.loopback import free_port
 
 from helpers.environment import missing
+from helpers.files import log_so_far
 
 #: Where Debian's postgresql-<version> package puts the server's programs.
 DEBIAN_POSTGRESQL = Path("/usr/lib/postgresql")
@@ -148,7 +149,7 @@ class PostgresServer:
 
     @property
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return log_so_far(self.log_path)
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT: sessions ended, no wait for clients), bounded; then

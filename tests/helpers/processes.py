@@ -15,6 +15,7 @@ from dicom_node.jobs import JobStore
 from dicom_node.loopback import free_port, wait_for_port
 
 from helpers.environment import CALLING_AE
+from helpers.files import log_so_far
 
 #: Settings for tests that wait on deliveries: quick retries and dispatch, batches not
 #: held back, INFO logs (to check what they say).
@@ -109,7 +110,7 @@ class NodeProcess:
 
     @property
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return log_so_far(self.log_path)
 
 
 def all_delivered(node: NodeProcess, count: int) -> bool:
