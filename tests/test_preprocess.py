@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 from io import BytesIO
@@ -509,15 +510,23 @@ def test_a_source_rewritten_on_disk_after_it_was_read_is_read_as_pydicom_reads_i
     """The file changed under a read source (same length, other pixels): pydicom reads
     it, saying so, as it reads any element it left on disk -- the node does not read it
     as though nothing had happened."""
-    path = save(chest_image(rows=64, columns=64, seed=1), tmp_path / "source.dcm")
+    first = chest_image(rows=64, columns=64)
+    path = save(first, tmp_path / "source.dcm")
+    length = path.stat().st_size
+    before = preprocess.dicom_tensor(dcmread(path), 16)
     ds = preprocess.read_source(path)
-    other = chest_image(rows=64, columns=64, seed=2)
-    other.SOPInstanceUID = ds.SOPInstanceUID
+    # The same header, byte for byte, so the pixels lie where pydicom left them: a new
+    # image's own UIDs (generate_uid) may be two bytes longer or shorter.
+    other = copy.deepcopy(first)
+    other.PixelData = (4095 - first.pixel_array).astype(np.uint16).tobytes()  # inverted
     save(other, path)
+    assert path.stat().st_size == length
     os.utime(path, (ds.timestamp + 10, ds.timestamp + 10))
     assert preprocess._native_frame(ds) is None
     with pytest.warns(UserWarning, match="modification time"):
-        preprocess.dicom_tensor(ds, 16)
+        rewritten = preprocess.dicom_tensor(ds, 16)
+    np.testing.assert_array_equal(rewritten, preprocess.dicom_tensor(dcmread(path), 16))
+    assert not np.array_equal(rewritten, before)
 
 
 def test_a_source_read_through_a_decompressing_file_is_left_to_pydicom(
