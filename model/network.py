@@ -107,7 +107,11 @@ def build(
         cache) or a path to a ``.weights.h5`` / Keras 2 ``.h5`` file for the whole
         network.
     seed
-        Seed of the random initialisation.
+        Seed of the random initialisation of every layer (backbones, fusion and head)
+        and of the dropout: the same seed builds the same network. Keras draws those
+        from its global generator, so a seed sets it (``keras.utils.set_random_seed``,
+        which seeds Python's, NumPy's and TensorFlow's too, as training wants); without
+        one the draws are new and nothing global is touched.
 
     Raises
     ------
@@ -121,6 +125,8 @@ def build(
         raise ValueError(f"architecture: {architecture!r} is not one of {ARCHITECTURES}")
     if input_size < MIN_INPUT_SIZE:
         raise ValueError(f"input_size: {input_size} is below {MIN_INPUT_SIZE}")
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     backbone_weights = "imagenet" if weights == "imagenet" else "none"
     inputs = keras.Input((input_size, input_size, 3), name="image")
     if architecture == "concatenated":

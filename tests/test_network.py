@@ -68,6 +68,18 @@ def test_input_size_is_configurable_and_bounded() -> None:
         network.build("vgg16", 300)  # type: ignore[arg-type]
 
 
+def test_the_same_seed_builds_the_same_network_every_layer() -> None:
+    """``--seed`` makes a training run again: every weight (backbones and fusion, not
+    only the head) is drawn from it, and another seed draws others."""
+    first, again, other = (network.build("xception", 71, seed=s).get_weights()
+                           for s in (11, 11, 12))
+    assert len(first) == len(again) == len(other)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    kernels = [i for i, w in enumerate(first) if w.ndim == 4 and w.std() > 0]
+    assert len(kernels) > 10 and not any(np.array_equal(first[i], other[i]) for i in kernels)
+
+
 def test_weights_file_round_trip(tmp_path: Path) -> None:
     source = network.build("concatenated", 96, seed=3)
     path = tmp_path / "net.weights.h5"
