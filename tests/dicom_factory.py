@@ -78,14 +78,17 @@ def chest_image(
     transfer_syntax: UID = ExplicitVRLittleEndian,
     window: tuple[float, float] | None = (2048.0, 4096.0),
     seed: int = 0,
+    uids_from: str | None = None,
     **attributes: object,
 ) -> Dataset:
-    """A single-frame grayscale radiograph data set with a File Meta group."""
+    """A single-frame grayscale radiograph data set with a File Meta group; new UIDs,
+    or the same ones on every run made from ``uids_from`` (for inputs whose bytes must
+    not change between runs: a new UID's length varies)."""
     ds = Dataset()
     ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(ds, keyword, generate_uid() if uids_from is None
+                else generate_uid(entropy_srcs=[uids_from, keyword]))
     ds.PatientName = "Test^Synthetic"
     ds.PatientID = "SYN-0001"
     ds.PatientBirthDate = "19700101"
@@ -137,7 +140,7 @@ def chest_image(
     if transfer_syntax == ImplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     elif transfer_syntax != ExplicitVRLittleEndian:
-        ds.compress(transfer_syntax)
+        ds.compress(transfer_syntax, generate_instance_uid=uids_from is None)
     return ds
 
 
@@ -245,8 +248,8 @@ def transfer_syntax_not_a_syntax(**kw: object) -> bytes:
 
 def fuzz_seeds() -> dict[str, bytes]:
     """Valid files for the receive-path fuzzer to start from (tests/fuzz/receive.py):
-    a chest image in each transfer syntax the node takes."""
-    return {f"seed-{make.__name__}.dcm": part10_bytes(make())
+    a chest image in each transfer syntax the node takes, the same bytes on every run."""
+    return {f"seed-{make.__name__}.dcm": part10_bytes(make(uids_from=make.__name__))
             for make in (chest_image, dx_16bit, cr_monochrome1, jpeg2000, jpeg_ls, rle)}
 
 
@@ -255,10 +258,11 @@ def fuzz_regressions() -> dict[str, bytes]:
     (small, from synthetic images) rather than kept as files; the fuzzer replays them
     before it mutates anything."""
     makers = (rle_segment_overrun, jpeg_ls_offset_off_by_one, window_not_a_number)
-    found = {f"{make.__name__}.dcm": part10_bytes(make(rows=16, columns=16))
+    found = {f"{make.__name__}.dcm": part10_bytes(make(rows=16, columns=16,
+                                                        uids_from=make.__name__))
              for make in makers}
-    found["transfer_syntax_not_a_syntax.dcm"] = transfer_syntax_not_a_syntax(rows=16,
-                                                                             columns=16)
+    found["transfer_syntax_not_a_syntax.dcm"] = transfer_syntax_not_a_syntax(
+        rows=16, columns=16, uids_from="transfer_syntax_not_a_syntax")
     return found
 
 

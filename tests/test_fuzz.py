@@ -5,6 +5,7 @@ documented in the harness."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_the_crashes_found_so_far_then_a_short_fuzzing_run_find_nothing(tmp_path
         [sys.executable, "-c", LAUNCHER, str(HARNESS), f"-rss_limit_mb={RSS_LIMIT_MB}",
          "-timeout=20", "-seed=1", "-runs=600", "-max_total_time=120",
          f"-artifact_prefix={tmp_path}/", str(corpus), str(regressions)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONHASHSEED": "0"})  # the same paths through set and dict
     found = sorted(p.name for p in tmp_path.iterdir()
                    if p.name.startswith(("crash", "oom", "timeout", "slow-unit")))
     assert run.returncode == 0 and not found, (found, run.stderr[-3000:])
@@ -55,3 +57,10 @@ def test_the_crashes_found_so_far_then_a_short_fuzzing_run_find_nothing(tmp_path
     total = len(fuzz_seeds()) + len(fuzz_regressions())
     assert f"seed corpus: files: {total} " in run.stderr, run.stderr[-3000:]
     assert "Done" in run.stderr
+
+
+def test_the_fuzzers_inputs_are_the_same_bytes_on_every_run() -> None:
+    """The short run's fixed seed checks the same inputs everywhere only if the files it
+    starts from are the same bytes each time (new UIDs would move every offset)."""
+    assert fuzz_seeds() == fuzz_seeds()
+    assert fuzz_regressions() == fuzz_regressions()
