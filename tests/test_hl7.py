@@ -18,6 +18,7 @@ from dicom_node.loopback import free_port
 from model.card import UNVALIDATED_WARNING
 from model.classes import CLASSES, by_key
 
+from helpers.environment import wait_until
 from helpers.mllp import MllpReceiver, Mode
 
 CONTROL_ID = "MSG00042"
@@ -282,6 +283,8 @@ def test_hang_is_retried_within_the_timeout() -> None:
         started = time.monotonic()
         attempt = send_mllp(rx.host, rx.port, build(), timeout=0.5)
         elapsed = time.monotonic() - started
+        # Sent, though the receiver may not have taken it yet on busy cores.
+        wait_until(lambda: bool(control_ids(rx)), 10, "the receiver reading the message")
     assert attempt.state is DeliveryState.PENDING
     assert attempt.detail == "no ACK within 0.5 s"
     assert 0.5 <= elapsed < 2.0
