@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import settings as hypothesis_settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 # Nodes started by the tests (in this process and as children) serve no status endpoint
@@ -35,14 +34,6 @@ from dicom_factory import (
 )
 from helpers.environment import CALLING_AE, require_files
 from helpers.processes import NodeProcess
-
-# In CI the property tests draw the same examples every run (derandomized, no example
-# database): a counterexample there fails every run and can be replayed, not once in a
-# while. Elsewhere they draw new examples each run, to find what CI has not tried.
-hypothesis_settings.register_profile("ci", derandomize=True, database=None,
-                                     print_blob=True)
-if os.environ.get("CI") == "true":
-    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session", autouse=True)
