@@ -19,7 +19,7 @@ def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago, and not one this process was
     given before: two ports asked for before either is bound (a peer's HTTP and DICOM
     ports) are two ports. The kernel's pick is random, so without this they are the
-    same one in about 7 draws in 100,000."""
+    same one in 4 to 7 draws in 100,000 (measured; 7 in theory)."""
     with _handed_out_lock:
         for _ in range(100):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

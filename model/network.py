@@ -108,10 +108,10 @@ def build(
         network.
     seed
         Seed of the random initialisation of every layer (backbones, fusion and head)
-        and of the dropout: the same seed builds the same network. Keras draws those
-        from its global generator, so a seed sets it (``keras.utils.set_random_seed``,
-        which seeds Python's, NumPy's and TensorFlow's too, as training wants); without
-        one the draws are new and nothing global is touched.
+        and of the dropout: the same seed builds the same initial network. Keras draws
+        those from its global generator, so a seed sets it
+        (``keras.utils.set_random_seed``, which seeds Python's, NumPy's and
+        TensorFlow's too, as training wants); without one nothing global is set.
 
     Raises
     ------

@@ -69,8 +69,8 @@ def test_input_size_is_configurable_and_bounded() -> None:
 
 
 def test_the_same_seed_builds_the_same_network_every_layer() -> None:
-    """``--seed`` makes a training run again: every weight (backbones and fusion, not
-    only the head) is drawn from it, and another seed draws others."""
+    """``--seed`` builds the same initial network: every weight (backbones and fusion,
+    not only the head) is drawn from it, and another seed draws others."""
     first, again, other = (network.build("xception", 71, seed=s).get_weights()
                            for s in (11, 11, 12))
     assert len(first) == len(again) == len(other)
