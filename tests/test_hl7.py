@@ -287,7 +287,7 @@ def test_hang_is_retried_within_the_timeout() -> None:
         wait_until(lambda: bool(control_ids(rx)), 10, "the receiver reading the message")
     assert attempt.state is DeliveryState.PENDING
     assert attempt.detail == "no ACK within 0.5 s"
-    assert 0.5 <= elapsed < 2.0
+    assert 0.5 <= elapsed < 4.0  # well short of the receiver's own 5 s
     assert control_ids(rx) == [CONTROL_ID]
 
 
