@@ -143,7 +143,7 @@ def build(
     outputs = layers.Dense(
         NUM_CLASSES,
         activation="softmax",
-        kernel_initializer=keras.initializers.RandomNormal(0.0, HEAD_INIT_STDDEV, seed=seed),
+        kernel_initializer=keras.initializers.RandomNormal(0.0, HEAD_INIT_STDDEV),
         # Under mixed precision the softmax stays in float32 (Keras' guidance).
         dtype="float32" if mixed else None,
         name="predictions",
