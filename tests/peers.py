@@ -208,7 +208,7 @@ class Orthanc:
     @property
     def log_text(self) -> str:
         """What Orthanc has written to its log so far (its Lua scripts' print among it)."""
-        return self.log_path.read_text(errors="replace")
+        return log_so_far(self.log_path)
 
     def instances(self) -> list[Dataset]:
         """Every stored instance, parsed (header and content)."""

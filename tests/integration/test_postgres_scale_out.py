@@ -50,7 +50,7 @@ from model import card
 
 from dicom_factory import chest_image, save
 from helpers.environment import wait_until
-from helpers.files import sop_instance_uid
+from helpers.files import log_so_far, sop_instance_uid
 from helpers.postgres import PostgresServer
 from helpers.processes import FAST_DELIVERY, NodeProcess, paused_while, terminate
 from helpers.store import a_batch_stores_every_field
@@ -108,7 +108,7 @@ class WorkerProcess:
 
     @property
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return log_so_far(self.log_path)
 
 
 def instance(n: int) -> ReceivedInstance:
