@@ -233,6 +233,7 @@ def test_jobs_of_a_dead_local_process_are_recovered(store: JobStore, url: str) -
     assert store.counts() == {"done": 1, "queued": 2, "running": 1}
     job = store.get(first.id)
     assert job is not None and job.attempts == 1 and job.sr_file == f"sr/job-{first.id}.dcm"
+    assert job.lease_owner is None  # a finished job is nobody's, dead or alive
 
 
 def test_concurrent_writers_do_not_fail(url: str) -> None:
